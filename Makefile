@@ -1,0 +1,41 @@
+# Quick start: `make train` (creates .venv, installs, trains the default LIMoE), `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: install train dense test test-all lint format notebooks clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)  ## train the default LIMoE on the embedded shapes data (ARGS="key=value ...")
+	$(BIN)/limoe-train $(ARGS)
+
+dense: $(STAMP)  ## the dense one-tower arm with the same budget
+	$(BIN)/limoe-train model=dense $(ARGS)
+
+test: $(STAMP)  ## the test suite (skips tests marked slow)
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check limoe tests
+	$(BIN)/ruff format --check limoe tests
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix limoe tests
+	$(BIN)/ruff format limoe tests
+
+notebooks: $(STAMP)  ## JupyterLab on notebooks/ from the project's venv
+	$(BIN)/jupyter lab notebooks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,130 @@
+"""LightningDataModule for the embedded shapes dataset.
+
+Plain keyword arguments only, so Hydra can build it straight from ``conf/data/shapes.yaml``.
+The evaluation loaders carry attribute labels for zero-shot classification; ``eval_names``
+tells the LightningModule which metric prefix each evaluation loader gets.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+from open_clip.tokenizer import SimpleTokenizer
+from torch.utils.data import DataLoader
+
+from limoe.data.shapes import SPLITS, ShapesDataset, ZeroShotTask, zeroshot_tasks
+
+# Evaluation loaders per stage, as (split, metric prefix); the order is the dataloader_idx.
+_EVAL_SPLITS: dict[str, tuple[tuple[str, str], ...]] = {
+    "fit": (("val", "val"),),
+    "validate": (("val", "val"),),
+    "test": (("test", "test"), ("novel", "test_novel")),
+}
+
+
+class ShapesDataModule(L.LightningDataModule):
+    """Train/val/test/novel loaders over ShapesDataset, sharing one tokenizer."""
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        context_length: int = 32,
+        seed: int = 0,
+        train_size: int = 200_000,
+        val_size: int = 1_000,
+        test_size: int = 1_000,
+        novel_size: int = 1_000,
+        batch_size: int = 128,
+        eval_batch_size: int = 500,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_positive(
+            image_size=image_size,
+            context_length=context_length,
+            val_size=val_size,
+            test_size=test_size,
+            novel_size=novel_size,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+        )
+        if train_size < batch_size:
+            raise ValueError(f"train_size ({train_size}) must be >= batch_size ({batch_size})")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.save_hyperparameters(logger=False)
+        self.image_size = image_size
+        self.context_length = context_length
+        self.seed = seed
+        self.sizes = {"train": train_size, "val": val_size, "test": test_size, "novel": novel_size}
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.tokenizer = SimpleTokenizer(context_length=context_length)
+        self._datasets: dict[str, ShapesDataset] = {}
+
+    @property
+    def zeroshot_tasks(self) -> dict[str, ZeroShotTask]:
+        return zeroshot_tasks()
+
+    def dataset(self, split: str) -> ShapesDataset:
+        """The dataset of one split, built on first use (cheap: attributes are hashed)."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        if split not in self._datasets:
+            self._datasets[split] = ShapesDataset(
+                split,
+                self.sizes[split],
+                image_size=self.image_size,
+                seed=self.seed,
+                tokenizer=self.tokenizer,
+                context_length=self.context_length,
+                return_labels=split != "train",
+            )
+        return self._datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        for stage_key in ("fit", "test") if stage is None else (stage,):
+            if stage_key == "fit":
+                self.dataset("train")
+            for split, _ in _EVAL_SPLITS.get(stage_key, ()):
+                self.dataset(split)
+
+    def eval_names(self, stage: str) -> list[str]:
+        """Metric prefix of each evaluation loader of ``stage``, in dataloader_idx order."""
+        if stage not in _EVAL_SPLITS:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {tuple(_EVAL_SPLITS)}")
+        return [prefix for _, prefix in _EVAL_SPLITS[stage]]
+
+    def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
+        return DataLoader(
+            self.dataset(split),
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size, train=False)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [
+            self._loader(split, self.eval_batch_size, train=False) for split in ("test", "novel")
+        ]
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")

@@ -1,0 +1,163 @@
+"""The LightningModule: contrastive training of any open_clip-surface model, with evaluation.
+
+The module is built from plain config mappings (the model's, the optimiser's, the data's) and
+saves them as hyperparameters, so ``ContrastiveModule.load_from_checkpoint(path)`` rebuilds the
+same model, and ``limoe-eval`` the same evaluation data, from the checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from open_clip.loss import ClipLoss
+from torch import Tensor
+
+from limoe.eval import retrieval_metrics, topk_accuracy, zeroshot_classifier
+from limoe.lit.routing import routing_stats
+
+MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learned temperature at 1/100
+
+
+def no_weight_decay(name: str, param: Tensor) -> bool:
+    """Gains, biases (incl. per-expert ``b1``/``b2``) and the temperature are not decayed,
+    as in open_clip."""
+    return param.ndim < 2 or name.endswith(("bias", ".b1", ".b2")) or "logit_scale" in name
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warmup to 1, then cosine decay to ``min_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class ContrastiveModule(L.LightningModule):
+    def __init__(self, model: Mapping, optim: Mapping, data: Mapping | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = instantiate(model, _convert_="all")
+        self.optim = dict(optim)
+        self.clip_loss = ClipLoss()
+        self._eval_features: dict[int, list] = defaultdict(list)
+        self._classifiers: dict[str, Tensor] = {}
+
+    def setup(self, stage: str) -> None:
+        world_size = self.trainer.world_size
+        self.clip_loss = ClipLoss(
+            local_loss=world_size > 1,
+            gather_with_grad=world_size > 1,
+            cache_labels=True,
+            rank=self.global_rank,
+            world_size=world_size,
+        )
+
+    def forward(self, images: Tensor, tokens: Tensor) -> dict:
+        out = self.model(images, tokens)
+        if not isinstance(out, dict):
+            out = dict(zip(("image_features", "text_features", "logit_scale"), out))
+        return out
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, tokens = batch
+        out = self(images, tokens)
+        contrastive = self.clip_loss(
+            out["image_features"], out["text_features"], out["logit_scale"]
+        )
+        aux = out.get("aux_loss", contrastive.new_zeros(()))
+        loss = contrastive + aux
+        log = {
+            "train/loss": loss,
+            "train/contrastive_loss": contrastive,
+            "train/aux_loss": aux,
+            "train/temperature": 1.0 / out["logit_scale"].detach(),
+        }
+        if out.get("routing") and self._logging_step():
+            stats = routing_stats(out["routing"], self.model.moe_layers)
+            log.update({f"train/{k}": v for k, v in stats.items()})
+        self.log_dict(log, prog_bar=False, batch_size=images.shape[0])
+        self.log("loss", loss, prog_bar=True, logger=False, batch_size=images.shape[0])
+        return loss
+
+    def _logging_step(self) -> bool:
+        every = self.trainer.log_every_n_steps if self._trainer is not None else 1
+        return self.global_step % max(1, every) == 0
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+    # --- evaluation: zero-shot classification and retrieval over whole splits -------------
+
+    def _begin_eval(self) -> None:
+        dm = self.trainer.datamodule
+        self._eval_features = defaultdict(list)
+        self._classifiers = {
+            name: zeroshot_classifier(self.model, dm.tokenizer, task.classnames, task.templates)
+            for name, task in dm.zeroshot_tasks.items()
+        }
+
+    def _eval_step(self, batch, dataloader_idx: int) -> None:
+        images, tokens, labels = batch
+        image_features = self.model.encode_image(images, normalize=True)
+        text_features = self.model.encode_text(tokens, normalize=True)
+        self._eval_features[dataloader_idx].append((image_features, text_features, labels))
+
+    def _end_eval(self, stage: str) -> None:
+        names = self.trainer.datamodule.eval_names(stage)
+        for idx, batches in sorted(self._eval_features.items()):
+            image_features, text_features, labels = (torch.cat(t) for t in zip(*batches))
+            metrics = retrieval_metrics(image_features, text_features)
+            for j, (task, classifier) in enumerate(self._classifiers.items()):
+                logits = image_features.float() @ classifier.float()
+                top = topk_accuracy(logits, labels[:, j], ks=(1, 5))
+                metrics[f"{task}_zeroshot_top1"] = top[1]
+                metrics[f"{task}_zeroshot_top5"] = top[5]
+            self.log_dict({f"{names[idx]}/{k}": v for k, v in metrics.items()}, sync_dist=True)
+        self._eval_features = defaultdict(list)
+
+    def on_validation_epoch_start(self) -> None:
+        self._begin_eval()
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_eval("validate")
+
+    def on_test_epoch_start(self) -> None:
+        self._begin_eval()
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._end_eval("test")
+
+    # --- optimisation ------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for n, p in named if not no_weight_decay(n, p)],
+             "weight_decay": self.optim["weight_decay"]},
+            {"params": [p for n, p in named if no_weight_decay(n, p)], "weight_decay": 0.0},
+        ]  # fmt: skip
+        optimizer = torch.optim.AdamW(
+            groups, lr=self.optim["lr"], betas=tuple(self.optim["betas"]), eps=self.optim["eps"]
+        )
+        total = self.trainer.max_steps
+        if total is None or total < 0:
+            total = int(self.trainer.estimated_stepping_batches)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: warmup_cosine(
+                step, self.optim["warmup_steps"], total, self.optim["min_lr_ratio"]
+            ),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

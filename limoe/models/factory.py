@@ -1,0 +1,32 @@
+"""``create_model``: build a model by its config name (``limoe``, ``dense``) or from a config."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def model_config(name: str, overrides: list[str] | None = None) -> DictConfig:
+    """Compose ``conf/train.yaml`` with ``model=name`` and return its resolved ``model`` node."""
+    if not (CONF_DIR / "model" / f"{name}.yaml").exists():
+        known = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(known)}")
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={name}", *(overrides or [])])
+    return OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
+
+
+def create_model(
+    name_or_cfg: str | Mapping, overrides: list[str] | None = None, **kwargs
+) -> nn.Module:
+    """Build a model from a config name, with Hydra-style ``overrides`` (``["model.depth=2"]``),
+    or from a mapping that has a ``_target_``; ``kwargs`` override the config's arguments."""
+    cfg = model_config(name_or_cfg, overrides) if isinstance(name_or_cfg, str) else name_or_cfg
+    return instantiate(cfg, **kwargs, _convert_="all")

@@ -1,0 +1,249 @@
+"""The one-tower LIMoE encoder: image patches and text tokens share every block.
+
+Attention runs per modality (each has its own sequence length and, for text, a padding
+mask); in MoE blocks the MLP sees the tokens of both modalities as one flat set, so image
+and text tokens compete for the same experts, capacity and Batch Priority Routing.
+With ``moe_layers=[]`` the same class is the dense one-tower baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention, AttentionPoolLatent, DropPath, Mlp, PatchEmbed, trunc_normal_
+from torch import Tensor, nn
+
+from limoe.moe import MoELayer, Routing
+
+IMAGE, TEXT = 0, 1  # modality ids given to the MoE layers
+MODALITY_NAMES = ("image", "text")
+
+
+def text_padding_mask(tokens: Tensor) -> Tensor:
+    """True for real tokens (start .. end-of-text), False for padding.
+
+    The end-of-text token has the largest id of open_clip's vocabulary, so ``argmax`` finds it
+    (as open_clip's text pooling does); padding id 0 is also a real word, so it cannot be used.
+    """
+    eot = tokens.argmax(dim=-1, keepdim=True)
+    return torch.arange(tokens.shape[-1], device=tokens.device) <= eot
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block; the MLP is a dense timm ``Mlp`` or a sparse ``MoELayer``."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+        moe: dict | None = None,
+    ) -> None:
+        super().__init__()
+        hidden_dim = int(dim * mlp_ratio)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
+        self.norm2 = nn.LayerNorm(dim)
+        if moe is None:
+            self.mlp = Mlp(dim, hidden_dim)
+        else:
+            self.mlp = MoELayer(dim, hidden_dim, modality_names=MODALITY_NAMES, **moe)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.mlp, MoELayer)
+
+    def forward(
+        self, image: Tensor | None, text: Tensor | None, text_mask: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, Routing | None]:
+        if image is not None:
+            image = image + self.drop_path(self.attn(self.norm1(image)))
+        if text is not None:
+            bias = torch.zeros(text_mask.shape, dtype=text.dtype, device=text.device)
+            bias = bias.masked_fill(~text_mask, float("-inf"))[:, None, None, :]
+            text = text + self.drop_path(self.attn(self.norm1(text), attn_mask=bias))
+        if not self.is_moe:
+            image = None if image is None else image + self.drop_path(self.mlp(self.norm2(image)))
+            text = None if text is None else text + self.drop_path(self.mlp(self.norm2(text)))
+            return image, text, None
+        return self._moe_mlp(image, text, text_mask)
+
+    def _moe_mlp(self, image, text, text_mask):
+        """Route image patches and real text tokens together as one flat token set."""
+        parts, modality = [], []
+        if image is not None:
+            parts.append(self.norm2(image).flatten(0, 1))
+            modality.append(torch.full((parts[-1].shape[0],), IMAGE, device=image.device))
+        if text is not None:
+            parts.append(self.norm2(text)[text_mask])
+            modality.append(torch.full((parts[-1].shape[0],), TEXT, device=text.device))
+        y, routing = self.mlp(torch.cat(parts), torch.cat(modality))
+        y_image, y_text = y.split([p.shape[0] for p in parts]) if len(parts) == 2 else (y, y)
+        if image is not None:
+            image = image + self.drop_path(y_image.view_as(image))
+        if text is not None:
+            update = text.new_zeros(text.shape)
+            update[text_mask] = y_text.to(text.dtype)
+            text = text + self.drop_path(update)
+        return image, text, routing
+
+
+class LIMoE(nn.Module):
+    """One transformer tower for images and text with the open_clip model surface.
+
+    ``encode_image``, ``encode_text``, ``logit_scale`` and ``forward(images, tokens)`` behave
+    as in open_clip's ``CLIP``, so open_clip-style evaluation code runs on this model.
+    ``forward`` with ``output_dict=True`` also returns the routing records of the MoE blocks
+    and ``aux_loss``, the weighted sum of their auxiliary losses.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 128,
+        image_size: int = 32,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        width: int = 128,
+        depth: int = 6,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        context_length: int = 24,
+        vocab_size: int = 49408,
+        moe_layers: Sequence[int] = (3, 5),
+        moe: dict | None = None,
+        image_pool: str = "attn",
+        text_pool: str = "eot",
+        drop_path_rate: float = 0.0,
+        init_logit_scale: float = math.log(1 / 0.07),
+        output_dict: bool = False,
+    ) -> None:
+        super().__init__()
+        moe_layers = sorted(int(i) for i in moe_layers)
+        if any(not 0 <= i < depth for i in moe_layers):
+            raise ValueError(f"moe_layers must be block indices in [0, {depth}), got {moe_layers}")
+        if image_pool not in ("attn", "mean"):
+            raise ValueError(f"image_pool must be 'attn' or 'mean', got {image_pool!r}")
+        if text_pool not in ("eot", "mean"):
+            raise ValueError(f"text_pool must be 'eot' or 'mean', got {text_pool!r}")
+        if image_size % patch_size:
+            raise ValueError(
+                f"image_size {image_size} is not a multiple of patch_size {patch_size}"
+            )
+        self.image_size, self.context_length = image_size, context_length
+        self.moe_layers, self.output_dict = moe_layers, output_dict
+        self.image_pool, self.text_pool = image_pool, text_pool
+
+        self.patch_embed = PatchEmbed(image_size, patch_size, in_chans, width)
+        self.image_pos = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, width))
+        self.token_embed = nn.Embedding(vocab_size, width)
+        self.text_pos = nn.Parameter(torch.zeros(1, context_length, width))
+        self.modality_embed = nn.Parameter(torch.zeros(2, width))
+
+        drop_path = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(width, num_heads, mlp_ratio, drop_path=drop_path[i],
+                  moe=dict(moe or {}) if i in moe_layers else None)
+            for i in range(depth)
+        )  # fmt: skip
+        self.image_norm = nn.LayerNorm(width)
+        self.text_norm = nn.LayerNorm(width)
+        if image_pool == "attn":
+            self.image_attn_pool = AttentionPoolLatent(
+                width, num_heads=num_heads, mlp_ratio=mlp_ratio
+            )
+        self.image_proj = nn.Linear(width, embed_dim, bias=False)
+        self.text_proj = nn.Linear(width, embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for p in (self.image_pos, self.text_pos, self.modality_embed):
+            trunc_normal_(p, std=0.02)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def _check_images(self, images: Tensor) -> None:
+        want = (self.patch_embed.proj.in_channels, self.image_size, self.image_size)
+        if images.dim() != 4 or tuple(images.shape[1:]) != want:
+            raise ValueError(f"images must have shape [B, {', '.join(map(str, want))}], "
+                             f"got {list(images.shape)}")  # fmt: skip
+
+    def _check_tokens(self, tokens: Tensor) -> None:
+        if tokens.dim() != 2 or tokens.shape[1] > self.context_length:
+            raise ValueError(f"tokens must have shape [B, L] with L <= {self.context_length}, "
+                             f"got {list(tokens.shape)}")  # fmt: skip
+
+    def embed_images(self, images: Tensor) -> Tensor:
+        self._check_images(images)
+        return self.patch_embed(images) + self.image_pos + self.modality_embed[IMAGE]
+
+    def embed_text(self, tokens: Tensor) -> Tensor:
+        self._check_tokens(tokens)
+        pos = self.text_pos[:, : tokens.shape[1]]
+        return self.token_embed(tokens) + pos + self.modality_embed[TEXT]
+
+    def tower(
+        self, images: Tensor | None, tokens: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, list[Routing]]:
+        """Run the shared blocks; returns the unpooled image and text states and routing."""
+        image = None if images is None else self.embed_images(images)
+        text = None if tokens is None else self.embed_text(tokens)
+        text_mask = None if tokens is None else text_padding_mask(tokens)
+        routings = []
+        for block in self.blocks:
+            image, text, routing = block(image, text, text_mask)
+            if routing is not None:
+                routings.append(routing)
+        return image, text, routings
+
+    def pool_image(self, image: Tensor) -> Tensor:
+        image = self.image_norm(image)
+        pooled = self.image_attn_pool(image) if self.image_pool == "attn" else image.mean(1)
+        return self.image_proj(pooled)
+
+    def pool_text(self, text: Tensor, tokens: Tensor) -> Tensor:
+        text = self.text_norm(text)
+        if self.text_pool == "eot":
+            pooled = text[torch.arange(text.shape[0], device=text.device), tokens.argmax(-1)]
+        else:
+            mask = text_padding_mask(tokens).unsqueeze(-1).to(text.dtype)
+            pooled = (text * mask).sum(1) / mask.sum(1)
+        return self.text_proj(pooled)
+
+    def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:
+        image, _, _ = self.tower(images, None)
+        features = self.pool_image(image)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, tokens: Tensor, normalize: bool = False) -> Tensor:
+        _, text, _ = self.tower(None, tokens)
+        features = self.pool_text(text, tokens)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, images: Tensor, tokens: Tensor) -> dict | tuple:
+        if images.shape[0] != tokens.shape[0]:
+            raise ValueError(f"got {images.shape[0]} images but {tokens.shape[0]} token rows")
+        image, text, routings = self.tower(images, tokens)
+        image_features = F.normalize(self.pool_image(image), dim=-1)
+        text_features = F.normalize(self.pool_text(text, tokens), dim=-1)
+        logit_scale = self.logit_scale.exp()
+        if not self.output_dict:
+            return image_features, text_features, logit_scale
+        aux_loss = sum((r.aux_loss for r in routings), image_features.new_zeros(()))
+        return {
+            "image_features": image_features,
+            "text_features": text_features,
+            "logit_scale": logit_scale,
+            "aux_loss": aux_loss,
+            "routing": routings,
+        }

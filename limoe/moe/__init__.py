@@ -1,0 +1,42 @@
+"""Sparse Mixture-of-Experts MLP (LIMoE / V-MoE style); imports nothing else of the project.
+
+Pipeline of one ``MoELayer`` call, each step a function you can test on its own:
+``route`` (logits -> probs -> top-k) -> ``compute_capacity`` / ``assign_slots``
+(slot positions, drops, Batch Priority Routing) -> ``sort_by_expert`` ->
+``gather_tokens`` -> ``Experts`` (per-expert GEMMs) -> ``combine`` (``index_add_``),
+plus the auxiliary losses in ``losses``.
+"""
+
+from .dispatch import combine, gather_tokens, sort_by_expert
+from .experts import Experts
+from .layer import MoELayer
+from .losses import (
+    LOSS_NAMES,
+    compute_aux_losses,
+    global_entropy_loss,
+    importance_loss,
+    load_loss,
+    local_entropy_loss,
+    z_loss,
+)
+from .routing import Routing, add_gating_noise, assign_slots, compute_capacity, route
+
+__all__ = [
+    "LOSS_NAMES",
+    "Experts",
+    "MoELayer",
+    "Routing",
+    "add_gating_noise",
+    "assign_slots",
+    "combine",
+    "compute_aux_losses",
+    "compute_capacity",
+    "gather_tokens",
+    "global_entropy_loss",
+    "importance_loss",
+    "load_loss",
+    "local_entropy_loss",
+    "route",
+    "sort_by_expert",
+    "z_loss",
+]

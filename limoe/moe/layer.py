@@ -1,0 +1,179 @@
+"""MoELayer: the sparse MLP of LIMoE / V-MoE (router + capacity + BPR + experts + aux losses)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .dispatch import combine, gather_tokens, sort_by_expert
+from .experts import Experts
+from .losses import LOSS_NAMES, compute_aux_losses, weighted_sum
+from .routing import Routing, add_gating_noise, assign_slots, compute_capacity, route
+
+
+class MoELayer(nn.Module):
+    """Sparse Mixture-of-Experts MLP over a flat token set ``x [N, dim]``.
+
+    Each token goes to its ``top_k`` experts; an expert serves at most C tokens
+    (``compute_capacity``), Batch Priority Routing decides who is dropped when it
+    is full, and a dropped choice contributes 0 (the block's residual carries the
+    token). ``forward`` returns ``(y [N, dim], Routing)``; ``routing.aux_loss`` is
+    the weighted auxiliary loss for the trainer to add.
+
+    ``modality [N]`` (ids into ``modality_names``) only affects the aux losses,
+    which are computed per modality as in LIMoE; routing, capacity and BPR are
+    shared by all tokens so modalities compete for the same experts.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        num_experts: int,
+        top_k: int = 1,
+        capacity_factor: float | None = 1.0,
+        batch_priority: bool = True,
+        renormalize_gates: bool = False,
+        noisy_gating: bool = False,
+        min_capacity: int = 4,
+        importance_weight: float = 0.0,
+        load_weight: float = 0.0,
+        z_loss_weight: float = 0.0,
+        local_entropy_weight: float = 0.0,
+        global_entropy_weight: float = 0.0,
+        global_entropy_min_experts: float | Sequence[float] = 1.0,
+        modality_names: Sequence[str] = ("image", "text"),
+        act_layer: type[nn.Module] = nn.GELU,
+        drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _check_config(num_experts, top_k, capacity_factor, min_capacity)
+        self.dim = dim
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.capacity_factor = capacity_factor
+        self.batch_priority = batch_priority
+        self.renormalize_gates = renormalize_gates
+        self.noisy_gating = noisy_gating
+        self.min_capacity = min_capacity
+        self.modality_names = tuple(modality_names)
+        self.min_experts = _min_experts_per_modality(
+            global_entropy_min_experts, self.modality_names
+        )
+        weights = (importance_weight, load_weight, z_loss_weight)
+        weights += (local_entropy_weight, global_entropy_weight)
+        self.loss_weights = dict(zip(LOSS_NAMES, weights))
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        nn.init.trunc_normal_(self.router.weight, std=0.02)
+        self.experts = Experts(num_experts, dim, hidden_dim, act_layer=act_layer, drop=drop)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, top_k={self.top_k}, "
+            f"capacity_factor={self.capacity_factor}, batch_priority={self.batch_priority}"
+        )
+
+    def forward(self, x: Tensor, modality: Tensor | None = None) -> tuple[Tensor, Routing]:
+        """Route, dispatch, run experts, combine; returns ``(y [N, dim] in x.dtype, routing)``."""
+        self._check_inputs(x, modality)
+        logits = self.router_logits(x)
+        if self.noisy_gating and self.training:
+            logits = add_gating_noise(logits, self.num_experts)
+        probs, gates, expert_index = route(logits, self.top_k, self.renormalize_gates)
+        capacity = compute_capacity(
+            x.shape[0], self.num_experts, self.top_k, self.capacity_factor, self.min_capacity
+        )
+        # BPR priority: the raw top-1 router probability (with renormalised k=1 gates
+        # every gate is 1, so the raw probability is the only informative score).
+        priority = probs.amax(dim=-1) if self.batch_priority else None
+        _, dropped = assign_slots(expert_index, self.num_experts, capacity, priority)
+        y = self.dispatch(x, expert_index, gates, dropped)
+        # Aux losses see the routing actually used (noisy logits in training), as in vmoe.
+        aux_losses = compute_aux_losses(
+            logits, probs, expert_index, modality, self.modality_names, self.min_experts
+        )
+        routing = Routing(
+            expert_index=expert_index,
+            gates=gates,
+            dropped=dropped,
+            probs=probs,
+            modality=None if modality is None else modality.long(),
+            capacity=capacity,
+            aux_losses=aux_losses,
+            aux_loss=weighted_sum(aux_losses, self.loss_weights),
+        )
+        return y.to(x.dtype), routing
+
+    def router_logits(self, x: Tensor) -> Tensor:
+        """Router logits [N, E] in float32, outside autocast: routing decisions are brittle in bf16."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x.float(), self.router.weight.float())
+
+    def dispatch(self, x: Tensor, expert_index: Tensor, gates: Tensor, dropped: Tensor) -> Tensor:
+        """Kept choices -> sorted by expert -> expert GEMMs -> gate-weighted scatter back to tokens."""
+        choice_index, counts = sort_by_expert(expert_index, dropped, self.num_experts)
+        expert_in = gather_tokens(x, choice_index, self.top_k)
+        expert_out = self.experts(expert_in, counts.tolist())
+        return combine(expert_out, choice_index, gates, x.shape[0], self.top_k)
+
+    def _check_inputs(self, x: Tensor, modality: Tensor | None) -> None:
+        if x.dim() != 2 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape [N, dim={self.dim}], got {tuple(x.shape)}")
+        if modality is None:
+            return
+        if modality.dim() != 1:
+            raise ValueError(f"modality must be 1-D [N], got shape {tuple(modality.shape)}")
+        if modality.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"modality has {modality.shape[0]} entries but x has {x.shape[0]} tokens"
+            )
+        if modality.dtype.is_floating_point or modality.dtype == torch.bool:
+            raise ValueError(f"modality must hold integer ids, got dtype {modality.dtype}")
+        num = len(self.modality_names)
+        if modality.numel() and (modality.min() < 0 or modality.max() >= num):
+            raise ValueError(
+                f"modality ids must be in [0, {num}) for modality_names={self.modality_names}, "
+                f"got ids in [{int(modality.min())}, {int(modality.max())}]"
+            )
+
+
+def _check_config(
+    num_experts: int, top_k: int, capacity_factor: float | None, min_capacity: int
+) -> None:
+    for name, value in (
+        ("num_experts", num_experts),
+        ("top_k", top_k),
+        ("min_capacity", min_capacity),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    if capacity_factor is not None and not isinstance(capacity_factor, (int, float)):
+        raise ValueError(
+            f"capacity_factor must be a number or None (dropless), got {capacity_factor!r}"
+        )
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+    if capacity_factor is not None and capacity_factor <= 0:
+        raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
+    if min_capacity < 1:
+        raise ValueError(f"min_capacity must be >= 1, got {min_capacity}")
+
+
+def _min_experts_per_modality(
+    min_experts: float | Sequence[float], modality_names: tuple[str, ...]
+) -> tuple[float, ...]:
+    """S per modality id: a scalar applies to all; a sequence needs one entry per modality."""
+    values = (float(min_experts),) if isinstance(min_experts, (int, float)) else tuple(min_experts)
+    if len(values) not in (1, len(modality_names)):
+        raise ValueError(
+            f"global_entropy_min_experts must be a number or have one entry per modality "
+            f"{modality_names}, got {min_experts}"
+        )
+    if any(s <= 0 for s in values):
+        raise ValueError(f"global_entropy_min_experts must be > 0, got {min_experts}")
+    return values

@@ -1,0 +1,30 @@
+"""Shared fixtures: the real Hydra configs, composed with tiny sizes and paths in tmp_path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+# Two cores: more threads than that only contend (the suite runs under CI's 2 CPUs).
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def compose_train(overrides: list[str] | None = None) -> DictConfig:
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        return compose("train", overrides=overrides or [])
+
+
+@pytest.fixture
+def smoke_cfg(tmp_path: Path) -> DictConfig:
+    """``conf/train.yaml`` + ``experiment=smoke``, writing into ``tmp_path``, on CPU."""
+    cfg = compose_train(["experiment=smoke", "trainer=cpu"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+        cfg.paths.log_dir = str(tmp_path / "logs")
+    return cfg

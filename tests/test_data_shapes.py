@@ -1,0 +1,298 @@
+"""The embedded shapes dataset: determinism, splits, rendering, captions, tokens, datamodule."""
+
+from __future__ import annotations
+
+import csv
+import pickle
+from itertools import product
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from limoe.data import (
+    ShapesDataModule,
+    ShapesDataset,
+    ZeroShotTask,
+    export_csv,
+    shapes,
+    zeroshot_tasks,
+)
+from limoe.data.shapes import (
+    BACKGROUND_RGB,
+    BACKGROUNDS,
+    CAPTION_TEMPLATES,
+    COLOUR_RGB,
+    COLOURS,
+    NOISE_AMPLITUDE,
+    NOVEL_PAIRS,
+    POSITIONS,
+    SEEN_PAIRS,
+    SHAPES,
+    SIZES,
+    SPLITS,
+    Attributes,
+    render,
+    sample_attributes,
+    sample_table,
+    shape_mask,
+    split_seed,
+)
+
+
+@pytest.fixture(scope="module")
+def train_ds() -> ShapesDataset:
+    return ShapesDataset("train", 3000, return_labels=True)
+
+
+def _pairs(seed: int, split: str, n: int) -> set[tuple[int, int]]:
+    table = sample_table(seed, split, np.arange(n))
+    return set(zip(table["colour"].tolist(), table["shape"].tolist()))
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+def test_same_seed_and_index_give_identical_samples():
+    a, b = sample_attributes(0, 123), sample_attributes(0, 123)
+    assert a == b
+    assert render(a).tobytes() == render(b).tobytes()
+    assert a.caption() == b.caption()
+
+
+def test_samples_do_not_depend_on_dataset_size_or_order():
+    small, big = ShapesDataset("val", 10), ShapesDataset("val", 500)
+    for i in reversed(range(10)):
+        assert small.caption(i) == big.caption(i)
+        assert torch.equal(small[i][0], big[i][0])
+    assert small.attributes(7) == sample_attributes(0, 7, "val")
+
+
+def test_different_seeds_and_splits_give_different_samples():
+    captions = {
+        (seed, split): [sample_attributes(seed, i, split).caption() for i in range(50)]
+        for seed in (0, 1)
+        for split in ("train", "val", "test")
+    }
+    for (k1, c1), (k2, c2) in product(captions.items(), repeat=2):
+        if k1 != k2:
+            assert sum(x != y for x, y in zip(c1, c2)) > 35, (k1, k2)
+
+
+def test_split_seeds_never_collide():
+    seeds = [split_seed(seed, split) for seed in range(100) for split in SPLITS]
+    assert len(set(seeds)) == len(seeds)
+    with pytest.raises(ValueError):
+        split_seed(0, "nope")
+    with pytest.raises(ValueError):
+        split_seed(-1, "train")
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def test_novel_pairs_cover_every_colour_and_shape():
+    assert len(NOVEL_PAIRS) == 8
+    assert {c for c, _ in NOVEL_PAIRS} == set(range(len(COLOURS)))
+    assert {s for _, s in NOVEL_PAIRS} == set(range(len(SHAPES)))
+    assert set(SEEN_PAIRS) | set(NOVEL_PAIRS) == set(product(range(8), range(6)))
+    assert not set(SEEN_PAIRS) & set(NOVEL_PAIRS)
+
+
+def test_novel_pairs_never_occur_outside_the_novel_split():
+    for split in ("train", "val", "test"):
+        seen = _pairs(0, split, 4000)
+        assert not seen & set(NOVEL_PAIRS), split
+        assert seen == set(SEEN_PAIRS), split  # every seen pair does occur
+    assert _pairs(0, "novel", 1000) == set(NOVEL_PAIRS)
+
+
+def test_attributes_are_spread_over_all_values(train_ds):
+    table = train_ds._table
+    for name, values in [
+        ("size", SIZES),
+        ("position", POSITIONS),
+        ("background", BACKGROUNDS),
+        ("template", CAPTION_TEMPLATES),
+    ]:
+        counts = np.bincount(table[name], minlength=len(values))
+        assert counts.min() > 0.5 * len(train_ds) / len(values), name
+
+
+def test_test_split_captions_are_mostly_unique():
+    ds = ShapesDataset("test", 1000)
+    combos = {
+        (a.colour, a.shape, a.size, a.position, a.background)
+        for a in (ds.attributes(i) for i in range(len(ds)))
+    }
+    assert len(combos) >= 750
+    assert len({ds.caption(i) for i in range(len(ds))}) >= 800
+
+
+# --------------------------------------------------------------------------- captions and tokens
+
+
+def test_every_caption_names_all_its_attributes(train_ds):
+    for i in range(1000):
+        attrs = train_ds.attributes(i)
+        caption = train_ds.caption(i)
+        for word in attrs.names.values():
+            assert word in caption, (word, caption)
+
+
+def test_tokens_decode_back_to_the_caption(train_ds):
+    tokenizer = train_ds.tokenizer
+    sot, eot = tokenizer.sot_token_id, tokenizer.eot_token_id
+    for i in range(200):
+        tokens = train_ds[i][1].tolist()
+        assert tokens[0] == sot and eot in tokens  # nothing truncated
+        text = tokenizer.decode(tokens[1 : tokens.index(eot)])
+        assert "".join(text.split()) == "".join(train_ds.caption(i).lower().split())
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def test_shape_has_its_colour_and_corner_has_the_background(train_ds):
+    for i in range(300):
+        attrs = train_ds.attributes(i)
+        image = train_ds.image_uint8(i)
+        colour = np.array(COLOUR_RGB[COLOURS[attrs.colour]])
+        mask = shape_mask(attrs)
+        assert mask.sum() >= 20
+        assert (image[mask] == colour).all()
+        cx, cy = attrs.centre()
+        if SHAPES[attrs.shape] != "ring":  # a ring's centre is its hole
+            assert (image[int(cy), int(cx)] == colour).all()
+        far_y = 0 if cy > 16 else 31
+        far_x = 0 if cx > 16 else 31
+        background = np.array(BACKGROUND_RGB[BACKGROUNDS[attrs.background]])
+        assert np.abs(image[far_y, far_x].astype(int) - background).max() <= NOISE_AMPLITUDE
+
+
+def test_shape_centroid_lies_in_the_named_cell(train_ds):
+    for i in range(1000):
+        attrs = train_ds.attributes(i)
+        ys, xs = np.nonzero(shape_mask(attrs))
+        row, col = divmod(attrs.position, 3)
+        cell = 32 / 3
+        assert row * cell <= ys.mean() + 0.5 < (row + 1) * cell, POSITIONS[attrs.position]
+        assert col * cell <= xs.mean() + 0.5 < (col + 1) * cell, POSITIONS[attrs.position]
+
+
+def test_large_shapes_are_larger_and_render_scales_with_image_size():
+    small = Attributes(colour=0, shape=0, size=0, position=4, background=0)
+    large = Attributes(colour=0, shape=0, size=1, position=4, background=0)
+    assert shape_mask(large).sum() > 2 * shape_mask(small).sum()
+    image = render(large, image_size=64)
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+    assert 3.5 < shape_mask(large, 64).sum() / shape_mask(large, 32).sum() < 4.5
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+def test_dataset_items(train_ds):
+    image, tokens, labels = train_ds[5]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+    assert -1.0 <= image.min() and image.max() <= 1.0
+    expected = torch.from_numpy(train_ds.image_uint8(5)).permute(2, 0, 1).float() / 127.5 - 1
+    assert torch.allclose(image, expected)
+    assert tokens.shape == (32,) and tokens.dtype == torch.long
+    attrs = train_ds.attributes(5)
+    assert labels.tolist() == [getattr(attrs, task) for task in zeroshot_tasks()]
+    assert len(ShapesDataset("train", 4)[0]) == 2
+    with pytest.raises(IndexError):
+        train_ds[len(train_ds)]
+
+
+def test_cached_tokens_are_not_aliased(train_ds):
+    tokens = train_ds[0][1]
+    tokens.zero_()
+    assert train_ds[0][1][0] == train_ds.tokenizer.sot_token_id
+
+
+def test_dataset_pickles_for_worker_processes():
+    ds = ShapesDataset("val", 20, context_length=24, return_labels=True)
+    clone = pickle.loads(pickle.dumps(ds))
+    for a, b in zip(ds[3], clone[3]):
+        assert torch.equal(a, b)
+    assert ds[3][1].shape == (24,)
+
+
+def test_zeroshot_tasks():
+    tasks = zeroshot_tasks()
+    assert list(tasks) == ["colour", "shape", "size", "position", "background"]
+    assert tasks["colour"].classnames == list(COLOURS)
+    assert tasks["position"].classnames == list(POSITIONS)
+    for task in tasks.values():
+        assert isinstance(task, ZeroShotTask) and task.attribute == task.name
+        assert all(t.count("{}") == 1 for t in task.templates)
+        assert len(task.prompts(task.classnames[0])) == len(task.templates)
+
+
+# --------------------------------------------------------------------------- datamodule
+
+
+def test_datamodule_loaders():
+    dm = ShapesDataModule(
+        train_size=100, val_size=30, test_size=20, novel_size=10, batch_size=16, eval_batch_size=25
+    )
+    dm.setup("fit")
+    train = list(dm.train_dataloader())
+    assert len(train) == 100 // 16  # drop_last
+    images, tokens = train[0]
+    assert images.shape == (16, 3, 32, 32) and tokens.shape == (16, 32)
+
+    (val,) = [dm.val_dataloader()]
+    images, tokens, labels = next(iter(val))
+    assert images.shape == (25, 3, 32, 32) and labels.shape == (25, 5)
+    tasks = list(dm.zeroshot_tasks.values())
+    for column, task in enumerate(tasks):
+        assert 0 <= labels[:, column].min() and labels[:, column].max() < len(task.classnames)
+
+    test, novel = dm.test_dataloader()
+    assert sum(len(b[0]) for b in test) == 20 and sum(len(b[0]) for b in novel) == 10
+    novel_labels = torch.cat([b[2] for b in novel])
+    assert {tuple(p) for p in novel_labels[:, :2].tolist()} <= set(NOVEL_PAIRS)
+    assert dm.eval_names("validate") == dm.eval_names("fit") == ["val"]
+    assert dm.eval_names("test") == ["test", "test_novel"]
+    assert dm.tokenizer is dm.dataset("val").tokenizer
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"val_size": 0},
+        {"batch_size": 0},
+        {"eval_batch_size": 0},
+        {"train_size": 10},
+        {"seed": -1},
+        {"num_workers": -1},
+    ],
+)
+def test_datamodule_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        ShapesDataModule(**kwargs)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def test_export_csv_round_trip(tmp_path):
+    path = export_csv("test", 12, tmp_path / "csv", seed=3)
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert len(rows) == 12 and list(rows[0]) == ["filepath", "title"]
+    for i, row in enumerate(rows):
+        attrs = sample_attributes(3, i, "test")
+        assert row["title"] == attrs.caption()
+        with Image.open(path.parent / row["filepath"]) as image:
+            assert np.array_equal(np.asarray(image.convert("RGB")), render(attrs))
+
+
+def test_export_cli(tmp_path, capsys):
+    shapes.main(["--split", "novel", "--size", "3", "--out", str(tmp_path)])
+    assert (tmp_path / "novel.csv").exists() and len(list((tmp_path / "novel").iterdir())) == 3
+    assert "wrote 3 samples" in capsys.readouterr().out

@@ -1,0 +1,136 @@
+"""The one-tower model: shapes, the padding mask, joint routing, the open_clip surface."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from limoe import create_model
+from limoe.models import LIMoE, text_padding_mask
+
+SOT, EOT = 49406, 49407
+
+
+def tiny(**kwargs) -> LIMoE:
+    cfg = dict(embed_dim=16, image_size=16, patch_size=4, width=32, depth=2, num_heads=2,
+               context_length=8, moe_layers=[1], moe=dict(num_experts=4, capacity_factor=None),
+               output_dict=True)  # fmt: skip
+    cfg.update(kwargs)
+    torch.manual_seed(0)
+    return LIMoE(**cfg).eval()
+
+
+def tokens_batch() -> torch.Tensor:
+    return torch.tensor(
+        [
+            [SOT, 320, 2442, 736, EOT, 0, 0, 0],
+            [SOT, 320, EOT, 0, 0, 0, 0, 0],
+            [SOT, 11, 12, 13, 14, 15, 16, EOT],
+        ]
+    )
+
+
+def test_text_padding_mask_marks_tokens_up_to_end_of_text():
+    mask = text_padding_mask(tokens_batch())
+    expected = torch.tensor(
+        [[1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]]
+    ).bool()
+    assert torch.equal(mask, expected)
+
+
+def test_forward_shapes_and_normalised_features():
+    model = tiny()
+    images = torch.randn(3, 3, 16, 16)
+    out = model(images, tokens_batch())
+    assert out["image_features"].shape == (3, 16)
+    assert out["text_features"].shape == (3, 16)
+    assert torch.allclose(out["image_features"].norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(out["logit_scale"], torch.tensor(1 / 0.07), rtol=1e-5)
+    assert out["aux_loss"].shape == ()
+    # encode_* is the open_clip surface; unnormalised by default.
+    assert model.encode_image(images).shape == (3, 16)
+    assert torch.allclose(
+        model.encode_image(images, normalize=True), F.normalize(model.encode_image(images), dim=-1)
+    )
+
+
+def test_tuple_output_like_open_clip_clip():
+    model = tiny(output_dict=False)
+    image_features, text_features, logit_scale = model(torch.randn(2, 3, 16, 16),
+                                                       tokens_batch()[:2])  # fmt: skip
+    assert image_features.shape == text_features.shape == (2, 16)
+    assert logit_scale.ndim == 0
+
+
+def test_padding_does_not_change_text_features():
+    """Tokens after end-of-text are masked out of attention and of the MoE token set."""
+    model = tiny()
+    tokens = tokens_batch()
+    noisy = tokens.clone()
+    pad = ~text_padding_mask(tokens)
+    noisy[pad] = torch.randint(1, 1000, (int(pad.sum()),))
+    for pool in ("eot", "mean"):
+        model.text_pool = pool
+        assert torch.allclose(model.encode_text(tokens), model.encode_text(noisy), atol=1e-5)
+
+
+def test_moe_block_routes_image_and_real_text_tokens_together():
+    model = tiny()
+    images, tokens = torch.randn(3, 3, 16, 16), tokens_batch()
+    routing = model(images, tokens)["routing"]
+    assert len(routing) == 1
+    num_patches = (16 // 4) ** 2
+    num_text = int(text_padding_mask(tokens).sum())  # 5 + 3 + 8
+    assert num_text == 16
+    modality = routing[0].modality
+    assert modality.shape == (3 * num_patches + num_text,)
+    assert int((modality == 0).sum()) == 3 * num_patches
+    assert int((modality == 1).sum()) == num_text
+    assert set(routing[0].aux_losses) >= {"local_entropy/image", "global_entropy/text"}
+
+
+def test_image_features_do_not_depend_on_other_images_when_dropless():
+    """Dropless routing is per token, so a batch's other images cannot change an image."""
+    model = tiny()
+    images = torch.randn(4, 3, 16, 16)
+    alone = model.encode_image(images[:1])
+    together = model.encode_image(images)[:1]
+    assert torch.allclose(alone, together, atol=1e-5)
+
+
+def test_dense_arm_has_no_experts_and_gradients_reach_everything():
+    model = tiny(moe_layers=[]).train()
+    out = model(torch.randn(2, 3, 16, 16), tokens_batch()[:2])
+    assert out["routing"] == []
+    loss = (out["image_features"] * out["text_features"]).sum() + out["aux_loss"]
+    loss.backward()
+    assert model.blocks[1].mlp.fc1.weight.grad is not None
+    moe = tiny().train()
+    out = moe(torch.randn(2, 3, 16, 16), tokens_batch()[:2])
+    ((out["image_features"] * out["text_features"]).sum() + out["aux_loss"]).backward()
+    assert moe.blocks[1].mlp.router.weight.grad.abs().sum() > 0
+
+
+def test_bad_inputs_fail_with_a_message_naming_the_problem():
+    model = tiny()
+    with pytest.raises(
+        ValueError, match=r"images must have shape \[B, 3, 16, 16\], got \[2, 3, 32, 32\]"
+    ):
+        model.encode_image(torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="L <= 8"):
+        model.encode_text(torch.zeros(2, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="2 images but 3 token rows"):
+        model(torch.randn(2, 3, 16, 16), tokens_batch())
+    with pytest.raises(ValueError, match="moe_layers"):
+        tiny(moe_layers=[5])
+
+
+def test_create_model_builds_arms_from_the_same_size_config():
+    limoe = create_model("limoe", overrides=["model.depth=2", "model.moe_layers=[1]"])
+    dense = create_model("dense", overrides=["model.depth=2"])
+    assert isinstance(limoe, LIMoE) and isinstance(dense, LIMoE)
+    assert limoe.moe_layers == [1] and dense.moe_layers == []
+    assert limoe.blocks[0].attn.qkv.weight.shape == dense.blocks[0].attn.qkv.weight.shape
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        create_model("nope")

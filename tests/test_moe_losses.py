@@ -1,0 +1,200 @@
+"""Aux losses against hand-computed values and a plain-Python loop reference."""
+
+import math
+
+import pytest
+import torch
+
+from limoe.moe import (
+    LOSS_NAMES,
+    MoELayer,
+    compute_aux_losses,
+    global_entropy_loss,
+    importance_loss,
+    load_loss,
+    local_entropy_loss,
+    z_loss,
+)
+from limoe.moe.losses import entropy
+
+# Four tokens, three experts; top-1 choices are experts 0, 1, 0, 2.
+PROBS = [[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1], [0.25, 0.25, 0.5]]
+SHIFTS = [0.0, 1.0, 2.0, -1.0]  # logits = log(probs) + shift, so logsumexp = shift
+
+
+def hand_probs():
+    probs = torch.tensor(PROBS)
+    logits = probs.log() + torch.tensor(SHIFTS).unsqueeze(-1)
+    return logits, probs, probs.argmax(-1)
+
+
+def h(p):
+    return -sum(q * math.log(q) for q in p if q > 0)
+
+
+def test_importance_by_hand():
+    _, probs, _ = hand_probs()
+    # imp = column sums = [1.65, 1.55, 0.8], mean 4/3, population variance / mean^2.
+    mean = 4 / 3
+    var = ((1.65 - mean) ** 2 + (1.55 - mean) ** 2 + (0.8 - mean) ** 2) / 3
+    assert importance_loss(probs).item() == pytest.approx(var / mean**2, rel=1e-5)
+    assert importance_loss(probs).item() == pytest.approx(0.0809375, rel=1e-5)
+
+
+def test_load_by_hand():
+    _, probs, top1 = hand_probs()
+    # f = [2, 1, 1] / 4, P = [1.65, 1.55, 0.8] / 4 -> 3 * (0.20625 + 0.096875 + 0.05)
+    assert load_loss(probs, top1).item() == pytest.approx(1.059375, rel=1e-5)
+
+
+def test_z_loss_by_hand():
+    logits, _, _ = hand_probs()
+    # logsumexp_i = shift_i -> mean(0, 1, 4, 1) = 1.5
+    assert z_loss(logits).item() == pytest.approx(1.5, rel=1e-5)
+
+
+def test_local_entropy_by_hand():
+    _, probs, _ = hand_probs()
+    expected = (
+        h([0.7, 0.2, 0.1]) + h([0.1, 0.8, 0.1]) + h([0.6, 0.3, 0.1]) + h([0.25] * 2 + [0.5])
+    ) / 4
+    assert local_entropy_loss(probs).item() == pytest.approx(expected, rel=1e-5)
+    assert expected == pytest.approx((0.8018 + 0.6390 + 0.8979 + 1.0397) / 4, abs=1e-4)
+
+
+def test_global_entropy_by_hand():
+    _, probs, _ = hand_probs()
+    h_mean = h([0.4125, 0.3875, 0.2])  # ~1.0537 nats, i.e. ~2.87 "effective experts"
+    assert global_entropy_loss(probs, 3.0).item() == pytest.approx(math.log(3) - h_mean, rel=1e-4)
+    assert global_entropy_loss(probs, 2.0).item() == 0.0  # spread over >= 2 experts: no loss
+    assert global_entropy_loss(probs, 1.0).item() == 0.0  # tau = 0 never fires
+
+
+def test_uniform_and_collapsed_routing():
+    uniform = torch.full((6, 4), 0.25)
+    assert importance_loss(uniform).item() == pytest.approx(0.0, abs=1e-7)
+    assert load_loss(uniform, torch.tensor([0, 1, 2, 3, 0, 1])).item() == pytest.approx(1.0)
+    assert local_entropy_loss(uniform).item() == pytest.approx(math.log(4))
+    assert global_entropy_loss(uniform, 4.0).item() == pytest.approx(0.0, abs=1e-6)
+    collapsed = torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 6)
+    top1 = torch.zeros(6, dtype=torch.long)
+    assert importance_loss(collapsed).item() == pytest.approx(
+        3.0
+    )  # imp=[6,0,0,0]: (sqrt(3)*1.5/1.5)^2
+    assert load_loss(collapsed, top1).item() == pytest.approx(4.0)  # E * 1 * 1
+    assert local_entropy_loss(collapsed).item() == 0.0
+    assert global_entropy_loss(collapsed, 2.5).item() == pytest.approx(math.log(2.5))
+
+
+def test_entropy_of_zero_probability_has_finite_grad():
+    p = torch.tensor([1.0, 0.0], requires_grad=True)
+    value = entropy(p)
+    value.backward()
+    assert value.item() == 0.0
+    assert torch.isfinite(p.grad).all()
+
+
+def loop_losses(logits, probs, min_experts):
+    """Independent plain-Python implementation of all five losses for one token group."""
+    n, e = len(probs), len(probs[0])
+    if n == 0:
+        return dict.fromkeys(LOSS_NAMES, 0.0)
+    imp = [sum(probs[i][j] for i in range(n)) for j in range(e)]
+    mean_imp = sum(imp) / e
+    std_imp = math.sqrt(sum((v - mean_imp) ** 2 for v in imp) / e)
+    top1 = [max(range(e), key=lambda j, i=i: probs[i][j]) for i in range(n)]
+    f = [top1.count(j) / n for j in range(e)]
+    lse = [math.log(sum(math.exp(v) for v in row)) for row in logits]
+    return {
+        "importance": (std_imp / mean_imp) ** 2,
+        "load": e * sum(f[j] * imp[j] / n for j in range(e)),
+        "z_loss": sum(v * v for v in lse) / n,
+        "local_entropy": sum(h(row) for row in probs) / n,
+        "global_entropy": max(0.0, math.log(min_experts) - h([v / n for v in imp])),
+    }
+
+
+def test_per_modality_matches_loop_reference():
+    gen = torch.Generator().manual_seed(0)
+    logits = 2 * torch.randn(20, 5, generator=gen)
+    probs = logits.softmax(-1)
+    modality = torch.randint(0, 2, (20,), generator=gen)
+    min_experts = (4.5, 2.0)
+    losses = compute_aux_losses(
+        logits, probs, probs.topk(2).indices, modality, ("image", "text"), min_experts
+    )
+    assert set(losses) == {f"{n}/{m}" for n in LOSS_NAMES for m in ("image", "text")}
+    for m, name in enumerate(("image", "text")):
+        rows = [i for i in range(20) if modality[i] == m]
+        ref = loop_losses(logits[rows].tolist(), probs[rows].tolist(), min_experts[m])
+        for loss_name in LOSS_NAMES:
+            got = losses[f"{loss_name}/{name}"].item()
+            assert got == pytest.approx(ref[loss_name], rel=1e-4, abs=1e-6), loss_name
+    assert losses["global_entropy/image"].item() > 0  # S=4.5 of 5 experts: the loss fires
+
+
+def test_without_modality_one_group_and_plain_keys():
+    logits, probs, top1 = hand_probs()
+    losses = compute_aux_losses(logits, probs, top1.unsqueeze(-1), min_experts=(3.0,))
+    assert set(losses) == set(LOSS_NAMES)
+    ref = loop_losses(logits.tolist(), probs.tolist(), 3.0)
+    for name in LOSS_NAMES:
+        assert losses[name].item() == pytest.approx(ref[name], rel=1e-4, abs=1e-6)
+
+
+def test_empty_modality_gives_zero_and_no_nan_grad():
+    layer = MoELayer(
+        8,
+        16,
+        4,
+        importance_weight=1,
+        load_weight=1,
+        z_loss_weight=1,
+        local_entropy_weight=1,
+        global_entropy_weight=1,
+        global_entropy_min_experts=3.0,
+    )
+    x = torch.randn(6, 8)
+    _, routing = layer(x, torch.zeros(6, dtype=torch.long))  # no text tokens
+    for name in LOSS_NAMES:
+        assert routing.aux_losses[f"{name}/text"].item() == 0.0
+    assert torch.isfinite(routing.aux_loss)
+    routing.aux_loss.backward()
+    assert torch.isfinite(layer.router.weight.grad).all()
+    assert layer.router.weight.grad.abs().sum() > 0
+
+
+def test_layer_aux_loss_is_weighted_sum():
+    weights = dict(zip(LOSS_NAMES, (0.5, 0.25, 1e-3, 0.1, 2.0)))
+    layer = MoELayer(
+        8,
+        16,
+        4,
+        global_entropy_min_experts=(3.5, 2.0),
+        **{f"{n}_weight": w for n, w in weights.items()},
+    )
+    x = torch.randn(10, 8)
+    modality = torch.tensor([0, 1] * 5)
+    _, routing = layer(x, modality)
+    expected = sum(weights[k.split("/")[0]] * v for k, v in routing.aux_losses.items())
+    torch.testing.assert_close(routing.aux_loss, expected)
+    assert routing.aux_loss.item() > 0
+    # the layer computes from its own router statistics
+    ref = compute_aux_losses(
+        layer.router_logits(x),
+        routing.probs,
+        routing.expert_index,
+        modality,
+        ("image", "text"),
+        (3.5, 2.0),
+    )
+    for key, value in ref.items():
+        torch.testing.assert_close(routing.aux_losses[key], value)
+
+
+def test_layer_without_modality_keys_and_zero_weights():
+    layer = MoELayer(8, 16, 4)
+    _, routing = layer(torch.randn(5, 8))
+    assert set(routing.aux_losses) == set(LOSS_NAMES)
+    assert routing.aux_loss.item() == 0.0
+    assert routing.aux_loss.shape == ()

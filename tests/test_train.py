@@ -1,0 +1,124 @@
+"""Training end to end: Hydra compose + fast_dev_run, and the console scripts in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from limoe.lit import ContrastiveModule
+
+BIN = Path(sys.executable).parent
+TINY = [
+    "experiment=smoke",
+    "data.train_size=128",
+    "data.val_size=32",
+    "data.test_size=32",
+    "data.novel_size=32",
+    "data.eval_batch_size=32",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "callbacks.progress_bar.refresh_rate=1",
+]
+
+
+def plain(node):
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def test_compose_and_fast_dev_run_updates_weights(smoke_cfg):
+    L.seed_everything(0)
+    datamodule = instantiate(smoke_cfg.data)
+    module = ContrastiveModule(
+        plain(smoke_cfg.model), plain(smoke_cfg.optim), plain(smoke_cfg.data)
+    )
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    trainer = L.Trainer(fast_dev_run=True, accelerator="cpu", logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 1
+    loss = trainer.callback_metrics["train/loss"]
+    assert torch.isfinite(loss)
+    changed = [n for n, p in module.model.named_parameters() if not torch.equal(p, before[n])]
+    assert any("router" in n for n in changed) and any("experts.w1" in n for n in changed)
+    assert "val/image_to_text_R@1" in trainer.callback_metrics
+    assert "train/routing/layer1/expert0/image" in trainer.callback_metrics
+
+
+def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """One tiny ``limoe-train`` in a subprocess; its run directory."""
+    root = tmp_path_factory.mktemp("train")
+    run_dir = root / "run"
+    result = run([str(BIN / "limoe-train"), *TINY, f"hydra.run.dir={run_dir}"], cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_limoe_train_writes_the_run_directory(trained_run):
+    assert (trained_run / "checkpoints" / "last.ckpt").is_file()
+    assert (trained_run / ".hydra" / "config.yaml").is_file()
+    header = (trained_run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/loss", "train/contrastive_loss", "train/aux_loss", "train/temperature",
+            "train/dropped/image", "train/aux/local_entropy/text"} <= set(header)  # fmt: skip
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    for prefix in ("test", "test_novel"):
+        for task in ("colour", "shape", "position"):
+            assert 0.0 <= metrics[f"{prefix}/{task}_zeroshot_top1"] <= 1.0
+        for k in (1, 5, 10):
+            assert 0.0 <= metrics[f"{prefix}/image_to_text_R@{k}"] <= 1.0
+            assert 0.0 <= metrics[f"{prefix}/text_to_image_R@{k}"] <= 1.0
+    assert metrics["train/steps"] == 4
+
+
+def test_limoe_eval_recomputes_the_same_metrics(trained_run, tmp_path):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    result = run([str(BIN / "limoe-eval"), f"ckpt={ckpt}", f"out={tmp_path}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = json.loads((trained_run / "metrics.json").read_text())
+    evaluated = json.loads((tmp_path / "metrics.json").read_text())
+    test_keys = {k for k in trained if k.startswith("test")}
+    assert test_keys == set(evaluated)
+    for key in test_keys:
+        assert evaluated[key] == pytest.approx(trained[key], abs=1e-6), key
+
+
+def test_resume_from_last_checkpoint_continues_the_run(trained_run, tmp_path):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    overrides = [o for o in TINY if not o.startswith("trainer.max_steps")]
+    result = run([str(BIN / "limoe-train"), *overrides, "trainer.max_steps=6", f"ckpt_path={ckpt}",
+                  f"hydra.run.dir={tmp_path}"], cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "metrics.json").read_text())["train/steps"] == 6
+    steps = [line.split(",") for line in (tmp_path / "metrics.csv").read_text().splitlines()[1:]]
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    logged = {int(row[header.index("step")]) for row in steps if row[header.index("step")]}
+    assert min(logged) >= 4  # nothing re-trained from step 0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.nope=1", "Could not override 'model.nope'"),
+        ("model=nope", "Could not find 'model/nope'"),
+        ("model.moe.top_k=9", "top_k must be in [1, num_experts=4], got 9"),
+        ("data.batch_size=0", "batch_size"),
+    ],
+)
+def test_bad_config_fails_with_one_line(override, message, tmp_path):
+    result = run([str(BIN / "limoe-train"), *TINY, override, f"hydra.run.dir={tmp_path}"], tmp_path)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("limoe: error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr

@@ -104,15 +104,19 @@ def run_training(cfg: DictConfig, output_dir: Path) -> dict:
     return write_metrics(metrics, output_dir / "metrics.json")
 
 
-@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
-def _train(cfg: DictConfig) -> None:
-    output_dir = Path(cfg.paths.output_dir)
+def _run_and_print(run, *args) -> None:
+    """Run a command body; print its metrics, or one line naming a configuration error."""
     try:
-        metrics = run_training(cfg, output_dir)
+        metrics = run(*args)
     except (InstantiationException, OmegaConfBaseException, ValueError, TypeError) as error:
         _fail(error)
     for key in sorted(metrics):
         print(f"{key}: {metrics[key]:.4f}")
+
+
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+def _train(cfg: DictConfig) -> None:
+    _run_and_print(run_training, cfg, Path(cfg.paths.output_dir))
 
 
 def train() -> None:
@@ -137,12 +141,7 @@ def run_evaluation(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path=CONF_DIR, config_name="eval", version_base="1.3")
 def _evaluate(cfg: DictConfig) -> None:
-    try:
-        metrics = run_evaluation(cfg)
-    except (InstantiationException, OmegaConfBaseException, ValueError, TypeError) as error:
-        _fail(error)
-    for key in sorted(metrics):
-        print(f"{key}: {metrics[key]:.4f}")
+    _run_and_print(run_evaluation, cfg)
 
 
 def evaluate() -> None:

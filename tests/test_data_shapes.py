@@ -296,3 +296,33 @@ def test_export_cli(tmp_path, capsys):
     shapes.main(["--split", "novel", "--size", "3", "--out", str(tmp_path)])
     assert (tmp_path / "novel.csv").exists() and len(list((tmp_path / "novel").iterdir())) == 3
     assert "wrote 3 samples" in capsys.readouterr().out
+
+
+def test_partial_captions_by_hand():
+    from limoe.data.shapes import FULL_MENTION, partial_caption
+
+    names = {"size": "small", "colour": "red", "shape": "ring", "position": "top left",
+             "background": "navy"}  # fmt: skip
+    assert partial_caption(names, 0b00010) == "a red shape"
+    assert partial_caption(names, 0b01100, template=1) == "a photo of a ring in the top left."
+    assert partial_caption(names, 0b10001) == "a small shape on a navy background"
+    assert partial_caption(names, FULL_MENTION) == (
+        "a small red ring in the top left on a navy background"
+    )
+
+
+def test_partial_captions_only_in_training_and_at_the_configured_share():
+    dm = ShapesDataModule(train_size=4000, val_size=500, test_size=500, novel_size=500,
+                          partial_captions=0.25)  # fmt: skip
+    dm.setup("fit")
+    dm.setup("test")
+    from limoe.data.shapes import FULL_MENTION
+
+    train = dm.dataset("train")
+    partial = [train.attributes(i).mention != FULL_MENTION for i in range(len(train))]
+    assert 0.22 < sum(partial) / len(partial) < 0.28
+    for split in ("val", "test", "novel"):
+        ds = dm.dataset(split)
+        assert all(ds.attributes(i).mention == FULL_MENTION for i in range(len(ds)))
+    # Zero-shot prompts speak the partial-caption language.
+    assert dm.zeroshot_tasks["position"].templates[0] == "a shape in the {}"

@@ -38,6 +38,7 @@ class ShapesDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         persistent_workers: bool = False,
+        partial_captions: float = 0.1,
     ) -> None:
         super().__init__()
         _check_positive(
@@ -65,6 +66,7 @@ class ShapesDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
+        self.partial_captions = partial_captions  # train split only: eval captions are full
         self.tokenizer = SimpleTokenizer(context_length=context_length)
         self._datasets: dict[str, ShapesDataset] = {}
 
@@ -85,6 +87,7 @@ class ShapesDataModule(L.LightningDataModule):
                 tokenizer=self.tokenizer,
                 context_length=self.context_length,
                 return_labels=split != "train",
+                partial_captions=self.partial_captions if split == "train" else 0.0,
             )
         return self._datasets[split]
 

@@ -84,6 +84,24 @@ CAPTION_TEMPLATES: tuple[str, ...] = (
     "an image of a {size} {colour} {shape} located at the {position} on {background}.",
 )
 
+# Partial captions name only some attributes ("a red shape in the top left"). Training on a
+# share of them teaches the text tower that a short description matches every image it fits,
+# which is what zero-shot prompts ("a {} shape.") ask of it.
+MENTION_ORDER: tuple[str, ...] = ("size", "colour", "shape", "position", "background")
+FULL_MENTION = (1 << len(MENTION_ORDER)) - 1
+PARTIAL_TEMPLATES: tuple[str, ...] = ("a {noun}{where}{on}", "a photo of a {noun}{where}{on}.")
+
+
+def partial_caption(names: dict[str, str], mention: int, template: int = 0) -> str:
+    """A caption naming only the attributes whose bit is set in ``mention``."""
+    said = {a: names[a] for i, a in enumerate(MENTION_ORDER) if mention >> i & 1}
+    noun = [said[a] for a in ("size", "colour") if a in said] + [said.get("shape", "shape")]
+    where = f" in the {said['position']}" if "position" in said else ""
+    on = f" on a {said['background']} background" if "background" in said else ""
+    fill = {"noun": " ".join(noun), "where": where, "on": on}
+    return PARTIAL_TEMPLATES[template % len(PARTIAL_TEMPLATES)].format(**fill)
+
+
 # Split ids are folded into the seed (seed * len(SPLITS) + id), so two splits never share a
 # stream, whatever the base seed.
 SPLITS: tuple[str, ...] = ("train", "val", "test", "novel")
@@ -112,6 +130,7 @@ class Attributes:
     template: int = 0
     jitter: tuple[float, float] = (0.0, 0.0)  # (x, y) in [-1, 1], scaled by JITTER
     noise: int = 0  # which background noise pattern
+    mention: int = FULL_MENTION  # bit i set: the caption names MENTION_ORDER[i]
 
     @property
     def names(self) -> dict[str, str]:
@@ -124,7 +143,9 @@ class Attributes:
         }
 
     def caption(self) -> str:
-        return CAPTION_TEMPLATES[self.template].format(**self.names)
+        if self.mention == FULL_MENTION:
+            return CAPTION_TEMPLATES[self.template].format(**self.names)
+        return partial_caption(self.names, self.mention, self.template)
 
     def centre(self, image_size: int = 32) -> tuple[float, float]:
         """Pixel coordinates (x, y) of the shape's centre.
@@ -176,14 +197,20 @@ def _unit_float(words: np.ndarray) -> np.ndarray:
 
 
 def sample_table(
-    seed: int, split: str, indices: Sequence[int] | np.ndarray
+    seed: int, split: str, indices: Sequence[int] | np.ndarray, partial_captions: float = 0.0
 ) -> dict[str, np.ndarray]:
-    """Attributes of many samples at once (vectorised), as arrays keyed by field name."""
+    """Attributes of many samples at once (vectorised), as arrays keyed by field name.
+
+    A share ``partial_captions`` of the samples get a caption that names a random non-empty
+    subset of the attributes (see ``partial_caption``); the others name all of them.
+    """
+    if not 0.0 <= partial_captions <= 1.0:
+        raise ValueError(f"partial_captions must be in [0, 1], got {partial_captions}")
     idx = np.asarray(indices, dtype=np.int64)
     if idx.size and idx.min() < 0:
         raise ValueError("sample indices must be >= 0")
     pairs = np.array(NOVEL_PAIRS if split == "novel" else SEEN_PAIRS, dtype=np.int64)
-    w = _random_words(split_seed(seed, split), idx, 8)
+    w = _random_words(split_seed(seed, split), idx, 10)
     pair = pairs[(w[:, 0] % np.uint64(len(pairs))).astype(np.int64)]
 
     def pick(col: int, n: int) -> np.ndarray:
@@ -199,6 +226,9 @@ def sample_table(
         "jitter_x": 2.0 * _unit_float(w[:, 5]) - 1.0,
         "jitter_y": 2.0 * _unit_float(w[:, 6]) - 1.0,
         "noise": pick(7, NUM_NOISE_PATTERNS),
+        "mention": np.where(
+            _unit_float(w[:, 8]) < partial_captions, 1 + pick(9, FULL_MENTION), FULL_MENTION
+        ),
     }
 
 
@@ -212,6 +242,7 @@ def _row_to_attributes(table: dict[str, np.ndarray], row: int) -> Attributes:
         template=int(table["template"][row]),
         jitter=(float(table["jitter_x"][row]), float(table["jitter_y"][row])),
         noise=int(table["noise"][row]),
+        mention=int(table["mention"][row]),
     )
 
 
@@ -319,30 +350,17 @@ ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
     "position": POSITIONS,
     "background": BACKGROUNDS,
 }
-NUM_PROMPTS = 48
 
 
-def caption_prompts(attribute: str, count: int = NUM_PROMPTS, seed: int = 0) -> list[str]:
-    """Zero-shot prompt templates shaped like the training captions.
-
-    Each prompt is a caption template with ``{}`` for the class and the other attributes
-    filled at random (fixed seed), so the classifier's mean over prompts marginalises them
-    out: CLIP's prompt ensembling, with prompts drawn from this dataset's caption language
-    instead of ImageNet's ("a photo of a {}.").
-    """
-    rng = np.random.default_rng(seed)
-    prompts = []
-    for i in range(count):
-        fill = {
-            name: values[rng.integers(len(values))] for name, values in ATTRIBUTE_VALUES.items()
-        }
-        fill[attribute] = "{}"
-        prompts.append(CAPTION_TEMPLATES[i % len(CAPTION_TEMPLATES)].format(**fill))
-    return prompts
+def attribute_prompts(attribute: str) -> list[str]:
+    """Zero-shot templates in the partial-caption language: only the class is named."""
+    mention = 1 << MENTION_ORDER.index(attribute)
+    names = {attribute: "{}"}
+    return [partial_caption(names, mention, t) for t in range(len(PARTIAL_TEMPLATES))]
 
 
 _TASK_SPECS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = tuple(
-    (name, values, tuple(caption_prompts(name))) for name, values in ATTRIBUTE_VALUES.items()
+    (name, values, tuple(attribute_prompts(name))) for name, values in ATTRIBUTE_VALUES.items()
 )
 
 # Order of the label vector returned by ShapesDataset(return_labels=True).
@@ -377,6 +395,7 @@ class ShapesDataset(Dataset):
         tokenizer: SimpleTokenizer | None = None,
         context_length: int = 32,
         return_labels: bool = False,
+        partial_captions: float = 0.0,
     ) -> None:
         if size < 0:
             raise ValueError(f"size must be >= 0, got {size}")
@@ -390,7 +409,7 @@ class ShapesDataset(Dataset):
         if tokenizer is None:  # a given tokenizer (shared by a datamodule) sets its own length
             tokenizer = SimpleTokenizer(context_length=context_length)
         self.tokenizer = tokenizer
-        self._table = sample_table(seed, split, np.arange(size))
+        self._table = sample_table(seed, split, np.arange(size), partial_captions)
         self._labels = torch.from_numpy(np.stack([self._table[t] for t in TASK_NAMES], axis=1))
         self._token_cache: dict[str, torch.Tensor] = {}
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention, AttentionPoolLatent, DropPath, Mlp, PatchEmbed, trunc_normal_
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from torch import Tensor, nn
 
 from limoe.moe import MoELayer, Routing
@@ -105,20 +106,21 @@ class LIMoE(nn.Module):
 
     def __init__(
         self,
-        embed_dim: int = 128,
+        embed_dim: int = 96,
         image_size: int = 32,
-        patch_size: int = 4,
+        patch_size: int = 8,
         in_chans: int = 3,
-        width: int = 128,
-        depth: int = 6,
+        width: int = 96,
+        depth: int = 4,
         num_heads: int = 4,
         mlp_ratio: float = 4.0,
         context_length: int = 24,
         vocab_size: int = 49408,
-        moe_layers: Sequence[int] = (3, 5),
+        moe_layers: Sequence[int] = (1, 3),
         moe: dict | None = None,
-        image_pool: str = "attn",
-        text_pool: str = "eot",
+        image_pos_embed: str = "sincos",
+        image_pool: str = "mean",
+        text_pool: str = "mean",
         drop_path_rate: float = 0.0,
         init_logit_scale: float = math.log(1 / 0.07),
         output_dict: bool = False,
@@ -127,6 +129,10 @@ class LIMoE(nn.Module):
         moe_layers = sorted(int(i) for i in moe_layers)
         if any(not 0 <= i < depth for i in moe_layers):
             raise ValueError(f"moe_layers must be block indices in [0, {depth}), got {moe_layers}")
+        if image_pos_embed not in ("learned", "sincos"):
+            raise ValueError(
+                f"image_pos_embed must be 'learned' or 'sincos', got {image_pos_embed!r}"
+            )
         if image_pool not in ("attn", "mean"):
             raise ValueError(f"image_pool must be 'attn' or 'mean', got {image_pool!r}")
         if text_pool not in ("eot", "mean"):
@@ -141,6 +147,10 @@ class LIMoE(nn.Module):
 
         self.patch_embed = PatchEmbed(image_size, patch_size, in_chans, width)
         self.image_pos = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, width))
+        if image_pos_embed == "sincos":  # fixed 2-D sin-cos (MAE): position is clear from step 0
+            grid = list(self.patch_embed.grid_size)
+            self.image_pos.data.copy_(build_sincos2d_pos_embed(grid, width).unsqueeze(0))
+            self.image_pos.requires_grad_(False)
         self.token_embed = nn.Embedding(vocab_size, width)
         self.text_pos = nn.Parameter(torch.zeros(1, context_length, width))
         self.modality_embed = nn.Parameter(torch.zeros(2, width))
@@ -164,7 +174,8 @@ class LIMoE(nn.Module):
 
     def _init_weights(self) -> None:
         for p in (self.image_pos, self.text_pos, self.modality_embed):
-            trunc_normal_(p, std=0.02)
+            if p.requires_grad:
+                trunc_normal_(p, std=0.02)
         nn.init.normal_(self.token_embed.weight, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):

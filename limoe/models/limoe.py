@@ -33,6 +33,13 @@ def text_padding_mask(tokens: Tensor) -> Tensor:
     return torch.arange(tokens.shape[-1], device=tokens.device) <= eot
 
 
+def attention_bias(text_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """Additive key mask [B, 1, 1, L]: -inf on padding, so no query attends to it (works for
+    the fused and the plain attention paths of timm's ``Attention``)."""
+    bias = torch.zeros(text_mask.shape, dtype=dtype, device=text_mask.device)
+    return bias.masked_fill(~text_mask, float("-inf"))[:, None, None, :]
+
+
 class Block(nn.Module):
     """Pre-LN transformer block; the MLP is a dense timm ``Mlp`` or a sparse ``MoELayer``."""
 
@@ -61,14 +68,20 @@ class Block(nn.Module):
         return isinstance(self.mlp, MoELayer)
 
     def forward(
-        self, image: Tensor | None, text: Tensor | None, text_mask: Tensor | None
+        self,
+        image: Tensor | None,
+        text: Tensor | None,
+        text_mask: Tensor | None,
+        text_bias: Tensor | None = None,
     ) -> tuple[Tensor | None, Tensor | None, Routing | None]:
+        """``text_bias`` is ``attention_bias(text_mask)``; the tower builds it once for all
+        blocks."""
         if image is not None:
             image = image + self.drop_path(self.attn(self.norm1(image)))
         if text is not None:
-            bias = torch.zeros(text_mask.shape, dtype=text.dtype, device=text.device)
-            bias = bias.masked_fill(~text_mask, float("-inf"))[:, None, None, :]
-            text = text + self.drop_path(self.attn(self.norm1(text), attn_mask=bias))
+            if text_bias is None:
+                text_bias = attention_bias(text_mask, text.dtype)
+            text = text + self.drop_path(self.attn(self.norm1(text), attn_mask=text_bias))
         if not self.is_moe:
             image = None if image is None else image + self.drop_path(self.mlp(self.norm2(image)))
             text = None if text is None else text + self.drop_path(self.mlp(self.norm2(text)))
@@ -210,9 +223,10 @@ class LIMoE(nn.Module):
         image = None if images is None else self.embed_images(images)
         text = None if tokens is None else self.embed_text(tokens)
         text_mask = None if tokens is None else text_padding_mask(tokens)
+        text_bias = None if text is None else attention_bias(text_mask, text.dtype)
         routings = []
         for block in self.blocks:
-            image, text, routing = block(image, text, text_mask)
+            image, text, routing = block(image, text, text_mask, text_bias)
             if routing is not None:
                 routings.append(routing)
         return image, text, routings

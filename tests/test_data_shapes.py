@@ -326,3 +326,72 @@ def test_partial_captions_only_in_training_and_at_the_configured_share():
         assert all(ds.attributes(i).mention == FULL_MENTION for i in range(len(ds)))
     # Zero-shot prompts speak the partial-caption language.
     assert dm.zeroshot_tasks["position"].templates[0] == "a shape in the {}"
+
+
+def test_partial_captions_start_at_the_configured_step():
+    from limoe.data.shapes import FULL_MENTION
+
+    dm = ShapesDataModule(train_size=640, batch_size=16, partial_captions=0.5,
+                          partial_captions_from_step=10)  # fmt: skip
+    dm.setup("fit")
+    train = dm.dataset("train")
+    # The loader reads the split in order, so batch k holds samples 16k .. 16k + 15.
+    for step, (_, tokens) in enumerate(dm.train_dataloader()):
+        if step in (0, 9, 10, 39):
+            expected = torch.stack([train[i][1] for i in range(16 * step, 16 * step + 16)])
+            assert torch.equal(tokens, expected)
+    partial = np.array([train.attributes(i).mention != FULL_MENTION for i in range(640)])
+    assert not partial[:160].any()  # steps 0-9: full captions only
+    assert 0.4 < partial[160:].mean() < 0.6
+    # Every sample past the start keeps the draw it has without a curriculum.
+    plain = ShapesDataset("train", 640, partial_captions=0.5)
+    assert all(train.attributes(i) == plain.attributes(i) for i in range(160, 640))
+
+
+def test_partial_captions_start_past_the_train_split_is_an_error():
+    dm = ShapesDataModule(train_size=160, batch_size=16, partial_captions=0.2,
+                          partial_captions_from_step=10)  # fmt: skip
+    with pytest.raises(ValueError, match="partial_captions_from_step=10 starts past the end"):
+        dm.setup("fit")
+    with pytest.raises(ValueError, match="partial_captions_from_step must be >= 0"):
+        ShapesDataModule(partial_captions_from_step=-1)
+
+
+def _objects(attrs) -> dict[str, int]:
+    return {a: getattr(attrs, a) for a in ("colour", "shape", "size", "position", "background")}
+
+
+@pytest.mark.parametrize(
+    "attributes", [("shape",), ("position",), ("colour", "size", "background")]
+)
+def test_hard_negatives_change_one_listed_attribute_of_the_previous_sample(attributes):
+    plain = ShapesDataset("train", 400)
+    hard = ShapesDataset("train", 400, hard_negatives=1.0, hard_negative_attributes=attributes)
+    changed = set()
+    for i in range(400):
+        if i % 2 == 0:  # originals are the independent draws
+            assert hard.attributes(i) == plain.attributes(i)
+            continue
+        before, after = _objects(hard.attributes(i - 1)), _objects(hard.attributes(i))
+        diff = [a for a in before if before[a] != after[a]]
+        assert len(diff) == 1 and diff[0] in attributes, (i, before, after)
+        assert (after["colour"], after["shape"]) in SEEN_PAIRS  # never a held-out pair
+        own, mine = plain.attributes(i), hard.attributes(i)
+        assert (mine.template, mine.jitter, mine.noise) == (own.template, own.jitter, own.noise)
+        changed.add(diff[0])
+    assert changed == set(attributes)  # every listed attribute gets edited
+
+
+def test_hard_negatives_share_and_validation():
+    hard = ShapesDataset("train", 4000, hard_negatives=0.5)
+    plain = ShapesDataset("train", 4000)
+    edited = [
+        _objects(hard.attributes(i)) != _objects(plain.attributes(i)) for i in range(1, 4000, 2)
+    ]
+    assert 0.45 < np.mean(edited) < 0.55
+    with pytest.raises(ValueError, match="hard negatives are a training recipe"):
+        ShapesDataset("test", 10, hard_negatives=0.5)
+    with pytest.raises(ValueError, match="hard_negative_attributes must be a non-empty subset"):
+        ShapesDataset("train", 10, hard_negatives=0.5, hard_negative_attributes=("hue",))
+    with pytest.raises(ValueError, match=r"hard_negatives must be in \[0, 1\]"):
+        ShapesDataset("train", 10, hard_negatives=1.5)

@@ -7,6 +7,8 @@ tells the LightningModule which metric prefix each evaluation loader gets.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import lightning as L
 from open_clip.tokenizer import SimpleTokenizer
 from torch.utils.data import DataLoader
@@ -38,7 +40,10 @@ class ShapesDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         persistent_workers: bool = False,
-        partial_captions: float = 0.1,
+        partial_captions: float = 0.2,
+        partial_captions_from_step: int = 0,
+        hard_negatives: float = 0.0,
+        hard_negative_attributes: Sequence[str] = ("shape", "position"),
     ) -> None:
         super().__init__()
         _check_positive(
@@ -54,8 +59,15 @@ class ShapesDataModule(L.LightningDataModule):
             raise ValueError(f"train_size ({train_size}) must be >= batch_size ({batch_size})")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
+        if partial_captions_from_step < 0:
+            raise ValueError(
+                f"partial_captions_from_step must be >= 0, got {partial_captions_from_step}"
+            )
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        # A plain tuple, not Hydra's ListConfig: hyperparameters go into checkpoints, which
+        # torch.load(weights_only=True) reads back only if they hold plain types.
+        hard_negative_attributes = tuple(hard_negative_attributes)
         self.save_hyperparameters(logger=False)
         self.image_size = image_size
         self.context_length = context_length
@@ -67,6 +79,9 @@ class ShapesDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
         self.partial_captions = partial_captions  # train split only: eval captions are full
+        self.partial_captions_from_step = partial_captions_from_step
+        self.hard_negatives = hard_negatives  # train split only: evaluation pairs are i.i.d.
+        self.hard_negative_attributes = hard_negative_attributes
         self.tokenizer = SimpleTokenizer(context_length=context_length)
         self._datasets: dict[str, ShapesDataset] = {}
 
@@ -88,8 +103,24 @@ class ShapesDataModule(L.LightningDataModule):
                 context_length=self.context_length,
                 return_labels=split != "train",
                 partial_captions=self.partial_captions if split == "train" else 0.0,
+                partial_from=self._partial_from() if split == "train" else 0,
+                hard_negatives=self.hard_negatives if split == "train" else 0.0,
+                hard_negative_attributes=self.hard_negative_attributes,
             )
         return self._datasets[split]
+
+    def _partial_from(self) -> int:
+        """First train index with partial captions: the train loader reads samples in order
+        (each is an independent hash draw, so order adds no bias), one ``batch_size`` per step on
+        each of ``world_size`` processes."""
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        first = self.partial_captions_from_step * self.batch_size * world_size
+        if self.partial_captions > 0 and first >= self.sizes["train"]:
+            raise ValueError(
+                f"partial_captions_from_step={self.partial_captions_from_step} starts past the "
+                f"end of the train split (train_size={self.sizes['train']})"
+            )
+        return first
 
     def setup(self, stage: str | None = None) -> None:
         for stage_key in ("fit", "test") if stage is None else (stage,):
@@ -108,7 +139,7 @@ class ShapesDataModule(L.LightningDataModule):
         return DataLoader(
             self.dataset(split),
             batch_size=batch_size,
-            shuffle=train,
+            shuffle=False,  # samples are i.i.d. draws already; order keeps the curriculum
             drop_last=train,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

@@ -19,6 +19,7 @@ import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -197,18 +198,116 @@ def _unit_float(words: np.ndarray) -> np.ndarray:
 
 
 def sample_table(
-    seed: int, split: str, indices: Sequence[int] | np.ndarray, partial_captions: float = 0.0
+    seed: int,
+    split: str,
+    indices: Sequence[int] | np.ndarray,
+    partial_captions: float = 0.0,
+    partial_from: int = 0,
+    hard_negatives: float = 0.0,
+    hard_negative_attributes: Sequence[str] = ("shape", "position"),
 ) -> dict[str, np.ndarray]:
     """Attributes of many samples at once (vectorised), as arrays keyed by field name.
 
-    A share ``partial_captions`` of the samples get a caption that names a random non-empty
-    subset of the attributes (see ``partial_caption``); the others name all of them.
+    A share ``partial_captions`` of the samples with index ``>= partial_from`` get a caption
+    that names a random non-empty subset of the attributes (see ``partial_caption``); the
+    others name all of them. Read in index order, the train split is then a curriculum: full
+    captions first, which teach every attribute (position and shape are learned much later when
+    short captions are mixed in from the start), then the mix that makes short zero-shot
+    prompts work.
+
+    A share ``hard_negatives`` of the odd samples ``2j + 1`` show the objects of sample ``2j``
+    with one of ``hard_negative_attributes`` changed (see ``_one_attribute_edits``).
     """
     if not 0.0 <= partial_captions <= 1.0:
         raise ValueError(f"partial_captions must be in [0, 1], got {partial_captions}")
+    if partial_from < 0:
+        raise ValueError(f"partial_from must be >= 0, got {partial_from}")
     idx = np.asarray(indices, dtype=np.int64)
     if idx.size and idx.min() < 0:
         raise ValueError("sample indices must be >= 0")
+    table = _independent_table(seed, split, idx, partial_captions, partial_from)
+    if hard_negatives > 0:
+        _one_attribute_edits(table, seed, split, idx, hard_negatives, hard_negative_attributes)
+    return table
+
+
+OBJECT_ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "size", "position", "background")
+
+
+def _alternatives(allowed: set[tuple[int, int]], swap: bool) -> tuple[np.ndarray, np.ndarray]:
+    """For each (other, value): the other values of a pair attribute that keep the (colour,
+    shape) pair in ``allowed``, as a padded table [n_other, n_value, n_value - 1] + counts."""
+    n_value, n_other = (len(SHAPES), len(COLOURS)) if swap else (len(COLOURS), len(SHAPES))
+    table = np.zeros((n_other, n_value, n_value - 1), dtype=np.int64)
+    counts = np.zeros((n_other, n_value), dtype=np.int64)
+    for other, value in product(range(n_other), range(n_value)):
+        options = [
+            v for v in range(n_value)
+            if v != value and ((other, v) if swap else (v, other)) in allowed
+        ]  # fmt: skip
+        table[other, value, : len(options)] = options
+        counts[other, value] = len(options)
+    return table, counts
+
+
+def _one_attribute_edits(
+    table: dict[str, np.ndarray],
+    seed: int,
+    split: str,
+    idx: np.ndarray,
+    share: float,
+    attributes: Sequence[str],
+) -> None:
+    """Make a share of the odd samples a one-attribute edit of the sample before them.
+
+    The train loader reads samples in order, so the edit and its original land in the same
+    batch: two captions that differ in one word ("circle"/"ring", "top"/"top left"). Random
+    in-batch negatives rarely differ from a pair in shape or position alone, which leaves the
+    contrastive loss little reason to learn them; these pairs give every edited sample one such
+    negative. Each sample keeps its own caption template, jitter, noise and mention draws.
+    """
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"hard_negatives must be in [0, 1], got {share}")
+    if split != "train":
+        raise ValueError(f"hard negatives are a training recipe; got split {split!r}")
+    unknown = [a for a in attributes if a not in OBJECT_ATTRIBUTES]
+    if unknown or not attributes:
+        raise ValueError(
+            f"hard_negative_attributes must be a non-empty subset of {OBJECT_ATTRIBUTES}, "
+            f"got {list(attributes)}"
+        )
+    w = _random_words(split_seed(seed, split) + _EDIT_STREAM, idx, 3)
+    edited = (idx % 2 == 1) & (_unit_float(w[:, 0]) < share)
+    if not edited.any():
+        return
+    rows = np.nonzero(edited)[0]
+    original = _independent_table(seed, split, idx[rows] - 1)
+    new = {a: original[a].copy() for a in OBJECT_ATTRIBUTES}
+    which = np.array([OBJECT_ATTRIBUTES.index(a) for a in attributes])
+    which = which[(w[rows, 1] % np.uint64(len(which))).astype(np.int64)]
+    r = (w[rows, 2] >> np.uint64(11)).astype(np.int64)
+    for a, name in enumerate(OBJECT_ATTRIBUTES):
+        sel = which == a
+        value = original[name][sel]
+        if name in ("colour", "shape"):
+            swap = name == "shape"
+            other = original["colour" if swap else "shape"][sel]
+            options, counts = _alternatives(set(SEEN_PAIRS), swap)
+            new[name][sel] = options[other, value, r[sel] % counts[other, value]]
+        else:
+            n = len(ATTRIBUTE_VALUES[name])
+            new[name][sel] = (value + 1 + r[sel] % (n - 1)) % n
+    for name in OBJECT_ATTRIBUTES:
+        table[name][rows] = new[name]
+
+
+_EDIT_STREAM = 0x5EED  # offsets the edit draws from the sample draws of the same split
+
+
+def _independent_table(
+    seed: int, split: str, idx: np.ndarray, partial_captions: float = 0.0, partial_from: int = 0
+) -> dict[str, np.ndarray]:
+    """Every sample drawn on its own from its (seed, split, index) hash."""
     pairs = np.array(NOVEL_PAIRS if split == "novel" else SEEN_PAIRS, dtype=np.int64)
     w = _random_words(split_seed(seed, split), idx, 10)
     pair = pairs[(w[:, 0] % np.uint64(len(pairs))).astype(np.int64)]
@@ -227,7 +326,9 @@ def sample_table(
         "jitter_y": 2.0 * _unit_float(w[:, 6]) - 1.0,
         "noise": pick(7, NUM_NOISE_PATTERNS),
         "mention": np.where(
-            _unit_float(w[:, 8]) < partial_captions, 1 + pick(9, FULL_MENTION), FULL_MENTION
+            (_unit_float(w[:, 8]) < partial_captions) & (idx >= partial_from),
+            1 + pick(9, FULL_MENTION),
+            FULL_MENTION,
         ),
     }
 
@@ -396,6 +497,9 @@ class ShapesDataset(Dataset):
         context_length: int = 32,
         return_labels: bool = False,
         partial_captions: float = 0.0,
+        partial_from: int = 0,
+        hard_negatives: float = 0.0,
+        hard_negative_attributes: Sequence[str] = ("shape", "position"),
     ) -> None:
         if size < 0:
             raise ValueError(f"size must be >= 0, got {size}")
@@ -409,7 +513,10 @@ class ShapesDataset(Dataset):
         if tokenizer is None:  # a given tokenizer (shared by a datamodule) sets its own length
             tokenizer = SimpleTokenizer(context_length=context_length)
         self.tokenizer = tokenizer
-        self._table = sample_table(seed, split, np.arange(size), partial_captions)
+        self._table = sample_table(
+            seed, split, np.arange(size), partial_captions, partial_from,
+            hard_negatives, hard_negative_attributes,
+        )  # fmt: skip
         self._labels = torch.from_numpy(np.stack([self._table[t] for t in TASK_NAMES], axis=1))
         self._token_cache: dict[str, torch.Tensor] = {}
 

@@ -65,9 +65,6 @@ class ShapesDataModule(L.LightningDataModule):
             )
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        # A plain tuple, not Hydra's ListConfig: hyperparameters go into checkpoints, which
-        # torch.load(weights_only=True) reads back only if they hold plain types.
-        hard_negative_attributes = tuple(hard_negative_attributes)
         self.save_hyperparameters(logger=False)
         self.image_size = image_size
         self.context_length = context_length

@@ -231,19 +231,19 @@ def sample_table(
     return table
 
 
-OBJECT_ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "size", "position", "background")
-
-
-def _alternatives(allowed: set[tuple[int, int]], swap: bool) -> tuple[np.ndarray, np.ndarray]:
-    """For each (other, value): the other values of a pair attribute that keep the (colour,
-    shape) pair in ``allowed``, as a padded table [n_other, n_value, n_value - 1] + counts."""
+@lru_cache(maxsize=2)
+def _alternatives(attribute: str) -> tuple[np.ndarray, np.ndarray]:
+    """For ``attribute`` in (colour, shape): per (other, value), the other values that keep
+    the (colour, shape) pair a seen one, as a padded table [n_other, n_value, n_value - 1]
+    plus counts; ``other`` is the pair's other attribute."""
+    swap = attribute == "shape"
     n_value, n_other = (len(SHAPES), len(COLOURS)) if swap else (len(COLOURS), len(SHAPES))
     table = np.zeros((n_other, n_value, n_value - 1), dtype=np.int64)
     counts = np.zeros((n_other, n_value), dtype=np.int64)
     for other, value in product(range(n_other), range(n_value)):
         options = [
             v for v in range(n_value)
-            if v != value and ((other, v) if swap else (v, other)) in allowed
+            if v != value and ((other, v) if swap else (v, other)) in SEEN_PAIRS
         ]  # fmt: skip
         table[other, value, : len(options)] = options
         counts[other, value] = len(options)
@@ -270,35 +270,29 @@ def _one_attribute_edits(
         raise ValueError(f"hard_negatives must be in [0, 1], got {share}")
     if split != "train":
         raise ValueError(f"hard negatives are a training recipe; got split {split!r}")
-    unknown = [a for a in attributes if a not in OBJECT_ATTRIBUTES]
-    if unknown or not attributes:
+    if not attributes or any(a not in ATTRIBUTE_VALUES for a in attributes):
         raise ValueError(
-            f"hard_negative_attributes must be a non-empty subset of {OBJECT_ATTRIBUTES}, "
+            f"hard_negative_attributes must be a non-empty subset of {tuple(ATTRIBUTE_VALUES)}, "
             f"got {list(attributes)}"
         )
     w = _random_words(split_seed(seed, split) + _EDIT_STREAM, idx, 3)
-    edited = (idx % 2 == 1) & (_unit_float(w[:, 0]) < share)
-    if not edited.any():
-        return
-    rows = np.nonzero(edited)[0]
+    rows = np.nonzero((idx % 2 == 1) & (_unit_float(w[:, 0]) < share))[0]
     original = _independent_table(seed, split, idx[rows] - 1)
-    new = {a: original[a].copy() for a in OBJECT_ATTRIBUTES}
-    which = np.array([OBJECT_ATTRIBUTES.index(a) for a in attributes])
-    which = which[(w[rows, 1] % np.uint64(len(which))).astype(np.int64)]
+    for name in ATTRIBUTE_VALUES:
+        table[name][rows] = original[name]
+    which = (w[rows, 1] % np.uint64(len(attributes))).astype(np.int64)
     r = (w[rows, 2] >> np.uint64(11)).astype(np.int64)
-    for a, name in enumerate(OBJECT_ATTRIBUTES):
-        sel = which == a
-        value = original[name][sel]
+    for i, name in enumerate(attributes):
+        sel = which == i
+        value, pick = original[name][sel], r[sel]
         if name in ("colour", "shape"):
-            swap = name == "shape"
-            other = original["colour" if swap else "shape"][sel]
-            options, counts = _alternatives(set(SEEN_PAIRS), swap)
-            new[name][sel] = options[other, value, r[sel] % counts[other, value]]
+            other = original["colour" if name == "shape" else "shape"][sel]
+            options, counts = _alternatives(name)
+            edited = options[other, value, pick % counts[other, value]]
         else:
             n = len(ATTRIBUTE_VALUES[name])
-            new[name][sel] = (value + 1 + r[sel] % (n - 1)) % n
-    for name in OBJECT_ATTRIBUTES:
-        table[name][rows] = new[name]
+            edited = (value + 1 + pick % (n - 1)) % n
+        table[name][rows[sel]] = edited
 
 
 _EDIT_STREAM = 0x5EED  # offsets the edit draws from the sample draws of the same split

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import pickle
+import warnings
 from itertools import product
 
 import numpy as np
@@ -362,36 +363,64 @@ def _objects(attrs) -> dict[str, int]:
 
 
 @pytest.mark.parametrize(
-    "attributes", [("shape",), ("position",), ("colour", "size", "background")]
+    "attributes", [("shape",), ("position",), ("shape", "position"), ("shape", "size", "colour")]
 )
-def test_hard_negatives_change_one_listed_attribute_of_the_previous_sample(attributes):
-    plain = ShapesDataset("train", 400)
-    hard = ShapesDataset("train", 400, hard_negatives=1.0, hard_negative_attributes=attributes)
+def test_hard_negatives_form_factorial_groups_over_the_listed_attributes(attributes):
+    k = len(attributes)
+    n = 64 * 2**k
+    plain = ShapesDataset("train", n)
+    hard = ShapesDataset("train", n, hard_negatives=1.0, hard_negative_attributes=attributes)
     changed = set()
-    for i in range(400):
-        if i % 2 == 0:  # originals are the independent draws
-            assert hard.attributes(i) == plain.attributes(i)
-            continue
-        before, after = _objects(hard.attributes(i - 1)), _objects(hard.attributes(i))
-        diff = [a for a in before if before[a] != after[a]]
-        assert len(diff) == 1 and diff[0] in attributes, (i, before, after)
-        assert (after["colour"], after["shape"]) in SEEN_PAIRS  # never a held-out pair
-        own, mine = plain.attributes(i), hard.attributes(i)
-        assert (mine.template, mine.jitter, mine.noise) == (own.template, own.jitter, own.noise)
-        changed.add(diff[0])
-    assert changed == set(attributes)  # every listed attribute gets edited
+    for first in range(0, n, 2**k):
+        assert hard.attributes(first) == plain.attributes(first)  # the group's original
+        group = [_objects(hard.attributes(first + m)) for m in range(2**k)]
+        assert len({tuple(g.values()) for g in group}) == 2**k  # all members differ
+        for m, mine in enumerate(group):
+            own = plain.attributes(first + m)
+            got = hard.attributes(first + m)
+            assert (got.template, got.jitter, got.noise) == (own.template, own.jitter, own.noise)
+            assert (mine["colour"], mine["shape"]) in SEEN_PAIRS  # never a held-out pair
+            for i, name in enumerate(attributes):  # flipping bit i changes attribute i alone
+                other = group[m ^ (1 << i)]
+                diff = [a for a in mine if mine[a] != other[a]]
+                assert diff == [name], (first, m, mine, other)
+                changed.add(name)
+    assert changed == set(attributes)
 
 
 def test_hard_negatives_share_and_validation():
-    hard = ShapesDataset("train", 4000, hard_negatives=0.5)
-    plain = ShapesDataset("train", 4000)
+    hard = ShapesDataset("train", 8000, hard_negatives=0.5)  # groups of 4: shape x position
+    plain = ShapesDataset("train", 8000)
     edited = [
-        _objects(hard.attributes(i)) != _objects(plain.attributes(i)) for i in range(1, 4000, 2)
+        _objects(hard.attributes(i)) != _objects(plain.attributes(i)) for i in range(1, 8000, 4)
     ]
     assert 0.45 < np.mean(edited) < 0.55
+    for j, first in enumerate(range(0, 8000, 4)):  # a group is edited as a whole or not at all
+        group = [_objects(hard.attributes(first + m)) for m in range(4)]
+        if edited[j]:
+            kept = {(g["colour"], g["size"], g["background"]) for g in group}
+            assert len(kept) == 1
+        else:
+            assert group == [_objects(plain.attributes(first + m)) for m in range(4)]
     with pytest.raises(ValueError, match="hard negatives are a training recipe"):
         ShapesDataset("test", 10, hard_negatives=0.5)
-    with pytest.raises(ValueError, match="hard_negative_attributes must be a non-empty subset"):
-        ShapesDataset("train", 10, hard_negatives=0.5, hard_negative_attributes=("hue",))
+    for bad in [("hue",), (), ("shape", "shape")]:
+        with pytest.raises(ValueError, match="hard_negative_attributes must be distinct names"):
+            ShapesDataset("train", 10, hard_negatives=0.5, hard_negative_attributes=bad)
+    with pytest.raises(ValueError, match=r"batch_size \(6\) must be a multiple of the hard-neg"):
+        ShapesDataModule(batch_size=6, hard_negatives=1.0)
     with pytest.raises(ValueError, match=r"hard_negatives must be in \[0, 1\]"):
         ShapesDataset("train", 10, hard_negatives=1.5)
+
+
+def test_a_run_longer_than_the_train_split_warns_that_the_curriculum_restarts():
+    import lightning as L
+
+    dm = ShapesDataModule(train_size=160, batch_size=16)  # one pass lasts 10 steps
+    dm.trainer = L.Trainer(max_steps=20, logger=False, enable_checkpointing=False)
+    with pytest.warns(UserWarning, match=r"train_size=160 lasts 10 steps but max_steps=20"):
+        dm.train_dataloader()
+    dm.trainer = L.Trainer(max_steps=10, logger=False, enable_checkpointing=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dm.train_dataloader()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 from open_clip.tokenizer import SimpleTokenizer
 from torch.utils.data import DataLoader
 
@@ -62,6 +63,12 @@ class ShapesDataModule(L.LightningDataModule):
         if partial_captions_from_step < 0:
             raise ValueError(
                 f"partial_captions_from_step must be >= 0, got {partial_captions_from_step}"
+            )
+        group = 1 << len(hard_negative_attributes)
+        if hard_negatives > 0 and batch_size % group:
+            raise ValueError(
+                f"batch_size ({batch_size}) must be a multiple of the hard-negative group size "
+                f"({group} = 2 ** len(hard_negative_attributes)), so groups never span batches"
             )
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
@@ -144,7 +151,21 @@ class ShapesDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        self._warn_if_split_wraps()
         return self._loader("train", self.batch_size, train=True)
+
+    def _warn_if_split_wraps(self) -> None:
+        """The curriculum lives in the sample order, so a run longer than one pass over the
+        train split starts it again (full captions only) when the split runs out."""
+        max_steps = self.trainer.max_steps if self.trainer is not None else -1
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        steps_per_pass = self.sizes["train"] // (self.batch_size * world_size)
+        if max_steps > steps_per_pass:
+            rank_zero_warn(
+                f"data.train_size={self.sizes['train']} lasts {steps_per_pass} steps but "
+                f"max_steps={max_steps}: later steps re-read the split from the start "
+                "(captions full again); raise data.train_size to keep the curriculum"
+            )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.eval_batch_size, train=False)

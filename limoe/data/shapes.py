@@ -19,7 +19,6 @@ import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -215,8 +214,8 @@ def sample_table(
     short captions are mixed in from the start), then the mix that makes short zero-shot
     prompts work.
 
-    A share ``hard_negatives`` of the odd samples ``2j + 1`` show the objects of sample ``2j``
-    with one of ``hard_negative_attributes`` changed (see ``_one_attribute_edits``).
+    A share ``hard_negatives`` of the runs of ``2**k`` samples become factorial groups over the
+    ``k`` attributes in ``hard_negative_attributes`` (see ``_factorial_groups``).
     """
     if not 0.0 <= partial_captions <= 1.0:
         raise ValueError(f"partial_captions must be in [0, 1], got {partial_captions}")
@@ -227,30 +226,45 @@ def sample_table(
         raise ValueError("sample indices must be >= 0")
     table = _independent_table(seed, split, idx, partial_captions, partial_from)
     if hard_negatives > 0:
-        _one_attribute_edits(table, seed, split, idx, hard_negatives, hard_negative_attributes)
+        _factorial_groups(table, seed, split, idx, hard_negatives, hard_negative_attributes)
     return table
 
 
-@lru_cache(maxsize=2)
-def _alternatives(attribute: str) -> tuple[np.ndarray, np.ndarray]:
-    """For ``attribute`` in (colour, shape): per (other, value), the other values that keep
-    the (colour, shape) pair a seen one, as a padded table [n_other, n_value, n_value - 1]
-    plus counts; ``other`` is the pair's other attribute."""
-    swap = attribute == "shape"
-    n_value, n_other = (len(SHAPES), len(COLOURS)) if swap else (len(COLOURS), len(SHAPES))
-    table = np.zeros((n_other, n_value, n_value - 1), dtype=np.int64)
-    counts = np.zeros((n_other, n_value), dtype=np.int64)
-    for other, value in product(range(n_other), range(n_value)):
-        options = [
-            v for v in range(n_value)
-            if v != value and ((other, v) if swap else (v, other)) in SEEN_PAIRS
-        ]  # fmt: skip
-        table[other, value, : len(options)] = options
-        counts[other, value] = len(options)
-    return table, counts
+_SEEN = np.zeros((len(COLOURS), len(SHAPES)), dtype=bool)
+_SEEN[tuple(np.array(SEEN_PAIRS).T)] = True  # _SEEN[colour, shape]: the pair may be drawn
 
 
-def _one_attribute_edits(
+def _nth_true(mask: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Per row of ``mask`` [N, n], the index of its ``(r mod count)``-th True value."""
+    k = r % mask.sum(axis=1)
+    return np.argmax(np.cumsum(mask, axis=1) > k[:, None], axis=1)
+
+
+def _edited_values(original: dict[str, np.ndarray], draws: dict[str, np.ndarray]) -> dict:
+    """Per group, one other value for each attribute in ``draws``.
+
+    Colour and shape are picked so that every mix of original and edited values is a seen
+    pair: colour first (one that fits the original shape), then a shape that fits both
+    colours. The other attributes combine freely.
+    """
+    rows = np.arange(len(original["colour"]))
+    colour, shape = original["colour"], original["shape"]
+    edited = {}
+    if "colour" in draws:
+        allowed = _SEEN[:, shape].T.copy()
+        allowed[rows, colour] = False
+        edited["colour"] = _nth_true(allowed, draws["colour"])
+    if "shape" in draws:
+        allowed = _SEEN[colour] & _SEEN[edited.get("colour", colour)]
+        allowed[rows, shape] = False
+        edited["shape"] = _nth_true(allowed, draws["shape"])
+    for name in draws.keys() - {"colour", "shape"}:
+        n = len(ATTRIBUTE_VALUES[name])
+        edited[name] = (original[name] + 1 + draws[name] % (n - 1)) % n
+    return edited
+
+
+def _factorial_groups(
     table: dict[str, np.ndarray],
     seed: int,
     split: str,
@@ -258,41 +272,44 @@ def _one_attribute_edits(
     share: float,
     attributes: Sequence[str],
 ) -> None:
-    """Make a share of the odd samples a one-attribute edit of the sample before them.
+    """Turn a share of the aligned runs of ``2**k`` samples into factorial groups over the
+    ``k`` listed attributes.
 
-    The train loader reads samples in order, so the edit and its original land in the same
-    batch: two captions that differ in one word ("circle"/"ring", "top"/"top left"). Random
-    in-batch negatives rarely differ from a pair in shape or position alone, which leaves the
-    contrastive loss little reason to learn them; these pairs give every edited sample one such
-    negative. Each sample keeps its own caption template, jitter, noise and mention draws.
+    Member ``m`` of the group that starts at sample ``b`` shows the objects of ``b`` with
+    attribute ``i`` set to one other value wherever bit ``i`` of ``m`` is set. Every member
+    then has, for each listed attribute, a sibling that differs in that attribute alone, and
+    the train loader reads samples in order, so the siblings share a batch: captions that
+    differ in one word ("circle"/"ring", "top"/"top left"). Random in-batch negatives rarely
+    differ in shape or position alone, which leaves the contrastive loss little reason to
+    learn them. Each sample keeps its own caption template, jitter, noise and mention draws.
     """
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"hard_negatives must be in [0, 1], got {share}")
     if split != "train":
         raise ValueError(f"hard negatives are a training recipe; got split {split!r}")
-    if not attributes or any(a not in ATTRIBUTE_VALUES for a in attributes):
+    if (
+        not attributes
+        or any(a not in ATTRIBUTE_VALUES for a in attributes)
+        or len(set(attributes)) != len(attributes)
+    ):
         raise ValueError(
-            f"hard_negative_attributes must be a non-empty subset of {tuple(ATTRIBUTE_VALUES)}, "
-            f"got {list(attributes)}"
+            "hard_negative_attributes must be distinct names from "
+            f"{tuple(ATTRIBUTE_VALUES)}, got {list(attributes)}"
         )
-    w = _random_words(split_seed(seed, split) + _EDIT_STREAM, idx, 3)
-    rows = np.nonzero((idx % 2 == 1) & (_unit_float(w[:, 0]) < share))[0]
-    original = _independent_table(seed, split, idx[rows] - 1)
+    size = 1 << len(attributes)
+    member = idx % size
+    first = idx - member
+    w = _random_words(split_seed(seed, split) + _EDIT_STREAM, first, 1 + len(attributes))
+    rows = np.nonzero((member != 0) & (_unit_float(w[:, 0]) < share))[0]
+    original = _independent_table(seed, split, first[rows])
+    bits = (w[rows, 1:] >> np.uint64(11)).astype(np.int64)
+    draws = {name: bits[:, i] for i, name in enumerate(attributes)}
+    edited = _edited_values(original, draws)
     for name in ATTRIBUTE_VALUES:
         table[name][rows] = original[name]
-    which = (w[rows, 1] % np.uint64(len(attributes))).astype(np.int64)
-    r = (w[rows, 2] >> np.uint64(11)).astype(np.int64)
     for i, name in enumerate(attributes):
-        sel = which == i
-        value, pick = original[name][sel], r[sel]
-        if name in ("colour", "shape"):
-            other = original["colour" if name == "shape" else "shape"][sel]
-            options, counts = _alternatives(name)
-            edited = options[other, value, pick % counts[other, value]]
-        else:
-            n = len(ATTRIBUTE_VALUES[name])
-            edited = (value + 1 + pick % (n - 1)) % n
-        table[name][rows[sel]] = edited
+        on = (member[rows] >> i) & 1 == 1
+        table[name][rows[on]] = edited[name][on]
 
 
 _EDIT_STREAM = 0x5EED  # offsets the edit draws from the sample draws of the same split

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install train dense test test-all lint format notebooks clean
+.PHONY: install train dense compare test test-all lint format notebooks clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ train: $(STAMP)  ## train the default LIMoE on the embedded shapes data (ARGS="k
 
 dense: $(STAMP)  ## the dense one-tower arm with the same budget
 	$(BIN)/limoe-train model=dense $(ARGS)
+
+compare: $(STAMP)  ## LIMoE vs dense vs CLIP over 3 seeds, then the table and plots
+	$(BIN)/limoe-train -m experiment=limoe_vs_clip $(ARGS)
+	$(BIN)/limoe-compare $$(ls -td logs/limoe_vs_clip/multiruns/*/ | head -1)
 
 test: $(STAMP)  ## the test suite (skips tests marked slow)
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)

@@ -18,8 +18,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from torch.utils.data import default_collate
 
 from limoe.lit import ContrastiveModule
+from limoe.models import model_cost, parameter_counts
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -77,6 +79,13 @@ def write_metrics(metrics: dict, path: Path) -> dict:
     return flat
 
 
+def _cost(module: ContrastiveModule, datamodule, num_pairs: int) -> dict:
+    """Parameters and forward FLOPs per pair, counted on the first ``num_pairs`` val pairs."""
+    dataset = datamodule.dataset("val")
+    images, tokens, _ = default_collate([dataset[i] for i in range(min(num_pairs, len(dataset)))])
+    return model_cost(module.model, images.to(module.device), tokens.to(module.device))
+
+
 def run_training(cfg: DictConfig, output_dir: Path) -> dict:
     """Fit, test and write ``metrics.json`` into ``output_dir``; returns the test metrics."""
     L.seed_everything(cfg.seed, workers=True)
@@ -88,8 +97,9 @@ def run_training(cfg: DictConfig, output_dir: Path) -> dict:
         cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")),
         logger=_instantiate_all(cfg.get("logger")) or False,
     )  # fmt: skip
-    params = sum(p.numel() for p in module.model.parameters())
-    print(f"limoe: model {cfg.model._target_} with {params:,} parameters; run dir {output_dir}")
+    params = parameter_counts(module.model)
+    print(f"limoe: model {cfg.model._target_} with {params['params_total']:,} parameters "
+          f"({params['params_active_per_token']:,} active per token); run dir {output_dir}")  # fmt: skip
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     train_seconds = time.perf_counter() - start
@@ -99,8 +109,14 @@ def run_training(cfg: DictConfig, output_dir: Path) -> dict:
         return {}
     trainer.test(module, datamodule=datamodule)
     metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("test")}
+    # FLOPs after training: the experts only run the tokens the trained router keeps.
+    cost = _cost(module, datamodule, cfg.data.batch_size)
+    print(f"limoe: {cost['model/flops_per_pair'] / 1e6:.2f} MFLOPs forward per image-text pair")
+    samples = trainer.global_step * cfg.data.batch_size * trainer.world_size
+    metrics.update(cost)
     metrics["train/wall_seconds"] = train_seconds
     metrics["train/steps"] = trainer.global_step
+    metrics["train/samples_per_second"] = samples / train_seconds
     return write_metrics(metrics, output_dir / "metrics.json")
 
 

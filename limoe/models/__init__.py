@@ -1,6 +1,16 @@
-"""Models: the one-tower LIMoE encoder (dense when it has no MoE blocks) and the factory."""
+"""Models: the one-tower LIMoE encoder (dense when it has no MoE blocks), the open_clip CLIP
+arm, what each costs (parameters, FLOPs) and the factory that builds them by name."""
 
+from limoe.models.clip import build_clip
+from limoe.models.cost import model_cost, parameter_counts
 from limoe.models.factory import create_model
 from limoe.models.limoe import LIMoE, text_padding_mask
 
-__all__ = ["LIMoE", "create_model", "text_padding_mask"]
+__all__ = [
+    "LIMoE",
+    "build_clip",
+    "create_model",
+    "model_cost",
+    "parameter_counts",
+    "text_padding_mask",
+]

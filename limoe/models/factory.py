@@ -1,4 +1,5 @@
-"""``create_model``: build a model by its config name (``limoe``, ``dense``) or from a config."""
+"""``create_model``: build a model by its config name (``limoe``, ``dense``, ``clip``) or from a
+config."""
 
 from __future__ import annotations
 

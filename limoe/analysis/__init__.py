@@ -1,0 +1,1 @@
+"""Analysis of finished runs: the arm comparison (``limoe-compare``)."""

@@ -1,0 +1,85 @@
+"""The CLIP baseline arm: open_clip's own two-tower ``CLIP``, sized from the LIMoE size config.
+
+``conf/model/clip.yaml`` inherits every size key of ``conf/model/limoe.yaml`` (width, depth,
+heads, patch size, context length, embedding dimension), so ``model.width=128`` changes all
+three arms alike. This function only translates those keys into open_clip's
+``vision_cfg``/``text_cfg``; the towers, pooling and temperature are open_clip's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+from open_clip.model import CLIP
+
+_POS_EMBED = {"sincos": "sin_cos_2d", "learned": "learnable"}
+_IMAGE_POOL = {"mean": "avg", "tok": "tok", "attn": "tok"}  # attn: open_clip's attention pooler
+_TEXT_POOL = {"eot": "argmax", "last": "last", "first": "first"}
+
+
+def _choice(key: str, value: str, table: dict[str, str]) -> str:
+    if value not in table:
+        raise ValueError(f"model.{key}={value!r} is not available for model=clip; "
+                         f"choose one of {', '.join(table)}")  # fmt: skip
+    return table[value]
+
+
+def build_clip(
+    embed_dim: int = 96,
+    image_size: int = 32,
+    patch_size: int = 8,
+    width: int = 96,
+    depth: int = 4,
+    num_heads: int = 4,
+    mlp_ratio: float = 4.0,
+    context_length: int = 24,
+    vocab_size: int = 49408,
+    image_pos_embed: str = "sincos",
+    image_pool: str = "mean",
+    text_pool: str = "eot",
+    text_causal_mask: bool = True,
+    init_logit_scale: float = math.log(1 / 0.07),
+    output_dict: bool = True,
+    moe_layers: Sequence[int] = (),
+    moe: Mapping | None = None,
+    drop_path_rate: float = 0.0,
+) -> CLIP:
+    """Build ``open_clip.model.CLIP`` with both towers ``depth`` blocks of ``width``.
+
+    ``moe`` is accepted only because the arms share one size config; a CLIP has no experts,
+    so ``moe_layers`` must be empty. open_clip's text tower has no mean pooling: the arm pools
+    the end-of-text token (``argmax`` of the token ids) behind a causal mask, as CLIP does.
+    """
+    if list(moe_layers):
+        raise ValueError(f"model=clip has no MoE blocks; model.moe_layers must be [], "
+                         f"got {list(moe_layers)}")  # fmt: skip
+    if drop_path_rate:
+        raise ValueError("model.drop_path_rate must be 0 for model=clip (open_clip has none)")
+    if width % num_heads:
+        raise ValueError(f"model.width={width} is not a multiple of model.num_heads={num_heads}")
+    vision_cfg = {
+        "image_size": image_size,
+        "patch_size": patch_size,
+        "layers": depth,
+        "width": width,
+        "head_width": width // num_heads,
+        "mlp_ratio": mlp_ratio,
+        "pos_embed_type": _choice("image_pos_embed", image_pos_embed, _POS_EMBED),
+        "pool_type": _choice("image_pool", image_pool, _IMAGE_POOL),
+        "attentional_pool": image_pool == "attn",
+        "attn_pooler_queries": 1,
+        "attn_pooler_heads": num_heads,
+    }
+    text_cfg = {
+        "context_length": context_length,
+        "vocab_size": vocab_size,
+        "width": width,
+        "heads": num_heads,
+        "layers": depth,
+        "mlp_ratio": mlp_ratio,
+        "pool_type": _choice("text_pool", text_pool, _TEXT_POOL),
+        "no_causal_mask": not text_causal_mask,
+    }
+    return CLIP(embed_dim, vision_cfg, text_cfg, init_logit_scale=init_logit_scale,
+                output_dict=output_dict)  # fmt: skip

@@ -1,0 +1,195 @@
+"""The baseline arms and the comparison: cost counting by hand, one size config for all
+arms, the comparison table from fake runs, and the smoke comparison end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from limoe.analysis.compare import compare, find_runs, group_by_arm, summarise
+from limoe.models import LIMoE, build_clip, create_model, model_cost, parameter_counts
+from limoe.models.cost import count_flops, flops_per_pair
+from limoe.moe import MoELayer
+
+BIN = Path(sys.executable).parent
+SIZE = dict(embed_dim=8, image_size=8, patch_size=4, width=16, depth=2, num_heads=2,
+            mlp_ratio=4.0, context_length=6)  # fmt: skip
+
+
+def block_flops(n: int, width: int, hidden: int) -> int:
+    """One pre-LN transformer block on n tokens: qkv, scores, weighted values, out-proj, MLP."""
+    qkv = 2 * n * width * 3 * width
+    attention = 2 * n * n * width * 2
+    proj = 2 * n * width * width
+    mlp = 2 * n * width * hidden * 2
+    return qkv + attention + proj + mlp
+
+
+def test_parameter_counts_leave_out_the_experts_a_token_does_not_use():
+    moe = dict(num_experts=4, top_k=1, capacity_factor=None)
+    model = LIMoE(**SIZE, moe_layers=[1], moe=moe)
+    per_expert = 16 * 64 + 64 + 64 * 16 + 16  # w1, b1, w2, b2
+    counts = parameter_counts(model)
+    assert counts["params_total"] == sum(p.numel() for p in model.parameters())
+    assert counts["params_total"] - counts["params_active_per_token"] == 3 * per_expert
+    top2 = parameter_counts(LIMoE(**SIZE, moe_layers=[0, 1], moe={**moe, "top_k": 2}))
+    assert top2["params_total"] - top2["params_active_per_token"] == 2 * 2 * per_expert
+
+
+def test_moe_layer_flops_count_router_and_the_kept_tokens():
+    torch.manual_seed(0)
+    layer = MoELayer(dim=16, hidden_dim=64, num_experts=4, top_k=2, capacity_factor=None)
+    n = 10
+    router = 2 * n * 16 * 4
+    experts = 2 * (n * 2) * (16 * 64 + 64 * 16)  # dropless: every one of the 2n choices runs
+    assert count_flops(layer, torch.randn(n, 16)) == router + experts
+
+
+def test_dense_one_tower_flops_match_a_hand_count():
+    model = LIMoE(**SIZE, moe_layers=[])
+    images, tokens = torch.randn(3, 3, 8, 8), torch.randint(1, 100, (3, 6))
+    patches, width, hidden = 4, 16, 64
+    patch_embed = 2 * patches * (3 * 4 * 4) * width
+    blocks = 2 * (block_flops(patches, width, hidden) + block_flops(6, width, hidden))
+    heads = 2 * (2 * width * 8)  # image and text projections
+    assert flops_per_pair(model, images, tokens) == patch_embed + blocks + heads
+
+
+def test_clip_flops_match_a_hand_count_with_class_token_and_causal_text():
+    model = build_clip(**SIZE)
+    images, tokens = torch.randn(3, 3, 8, 8), torch.randint(1, 100, (3, 6))
+    patches, width, hidden = 4, 16, 64
+    patch_embed = 2 * patches * (3 * 4 * 4) * width
+    vision = 2 * block_flops(patches + 1, width, hidden)  # + class token
+    text = 2 * block_flops(6, width, hidden)  # every position, padded or not
+    heads = 2 * (2 * width * 8)
+    assert flops_per_pair(model, images, tokens) == patch_embed + vision + text + heads
+
+
+def test_flop_count_leaves_the_model_mode_and_random_stream_alone():
+    model = LIMoE(**SIZE, moe_layers=[1], moe=dict(num_experts=4, noisy_gating=True)).train()
+    images, tokens = torch.randn(2, 3, 8, 8), torch.randint(1, 100, (2, 6))
+    torch.manual_seed(0)
+    model_cost(model, images, tokens)
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    assert model.training and torch.equal(after, torch.rand(1))
+
+
+def test_the_three_arms_build_from_one_size_config():
+    overrides = ["model.width=32", "model.depth=2", "model.num_heads=2", "model.embed_dim=16",
+                 "model.patch_size=4", "model.moe_layers=[1]"]  # fmt: skip
+    limoe = create_model("limoe", overrides)
+    dense = create_model("dense", overrides[:-1])
+    clip = create_model("clip", overrides[:-1])
+    assert limoe.moe_layers == [1] and dense.moe_layers == []
+    for model in (limoe, dense):
+        assert len(model.blocks) == 2 and model.blocks[0].attn.num_heads == 2
+        assert model.patch_embed.patch_size == (4, 4) and model.image_proj.out_features == 16
+    for tower in (clip.visual.transformer, clip.transformer):
+        assert tower.width == 32 and len(tower.resblocks) == 2
+        assert tower.resblocks[0].attn.num_heads == 2
+    assert clip.visual.conv1.kernel_size == (4, 4) and clip.visual.output_dim == 16
+    assert clip.context_length == limoe.context_length == 24
+    images, tokens = torch.randn(2, 3, 32, 32), torch.randint(1, 100, (2, 24))
+    for model in (limoe, dense, clip):
+        assert model.encode_image(images).shape == model.encode_text(tokens).shape == (2, 16)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"moe_layers": [1]}, "model.moe_layers must be []"),
+        ({"text_pool": "mean"}, "model.text_pool='mean' is not available for model=clip"),
+        ({"image_pos_embed": "rope"}, "model.image_pos_embed='rope'"),
+    ],
+)
+def test_clip_arm_rejects_what_open_clip_cannot_build(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        build_clip(**SIZE, **kwargs)
+
+
+def fake_run(root: Path, name: str, arm: str, seed: int, metrics: dict, val: list) -> Path:
+    """A run directory as ``limoe-train`` writes it: metrics, CSV log and Hydra's files."""
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    (run / ".hydra" / "config.yaml").write_text(f"seed: {seed}\ndata:\n  batch_size: 4\n")
+    (run / ".hydra" / "hydra.yaml").write_text(
+        f"hydra:\n  runtime:\n    choices:\n      model: {arm}\n"
+    )
+    rows = ["step,train/loss,val/image_to_text_R@1,val/shape_zeroshot_top1", "0,2.0,,"]
+    rows += [f"{step},,{r1},{shape}" for step, r1, shape in val]
+    (run / "metrics.csv").write_text("\n".join(rows) + "\n")
+    return run
+
+
+def test_comparison_table_gives_mean_and_std_over_seeds(tmp_path):
+    cost = {"model/flops_per_pair": 1e6}
+    fake_run(tmp_path, "a", "limoe", 0, {"test/image_to_text_R@1": 0.5, **cost},
+             [(9, 0.2, 0.1), (19, 0.4, 0.3)])  # fmt: skip
+    fake_run(tmp_path, "b", "limoe", 1, {"test/image_to_text_R@1": 0.7, **cost},
+             [(9, 0.4, 0.3), (19, 0.6, 0.5)])  # fmt: skip
+    fake_run(tmp_path, "c", "clip", 0, {"test/image_to_text_R@1": 0.6, **cost}, [(9, 0.1, 0.2)])
+    groups = group_by_arm(find_runs([tmp_path]))
+    assert list(groups) == ["limoe", "clip"]
+    rows = {(r["arm"], r["metric"]): r for r in summarise(groups)}
+    r1 = rows[("limoe", "test/image_to_text_R@1")]
+    assert r1["mean"] == pytest.approx(0.6) and r1["n"] == 2
+    assert r1["std"] == pytest.approx(math.sqrt(0.02))  # sample std of 0.5 and 0.7
+    assert rows[("clip", "test/image_to_text_R@1")]["std"] == 0.0
+
+    files = compare([tmp_path], tmp_path / "out")
+    table = files["comparison.md"].read_text()
+    assert "| metric | limoe (n=2) | clip (n=1) |" in table
+    assert "| `test/image_to_text_R@1` | 0.600 ± 0.141 | 0.600 ± 0.000 |" in table
+    csv_lines = files["comparison.csv"].read_text().splitlines()
+    assert csv_lines[0] == "arm,metric,mean,std,n" and len(csv_lines) == 1 + 4
+    for png in ("curves_step.png", "curves_flops.png"):
+        assert files[png].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_without_runs_fails_with_one_line(tmp_path):
+    result = subprocess.run([str(BIN / "limoe-compare"), str(tmp_path)],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == f"limoe-compare: error: no run with a metrics.json under {tmp_path}"
+    )
+
+
+def test_smoke_comparison_runs_every_arm_end_to_end(tmp_path):
+    train = subprocess.run(
+        [str(BIN / "limoe-train"), "-m", "experiment=limoe_vs_clip_smoke",
+         f"paths.log_dir={tmp_path}", "callbacks.progress_bar.refresh_rate=0"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr[-3000:]
+    (sweep,) = (tmp_path / "limoe_vs_clip_smoke" / "multiruns").iterdir()
+    runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert runs == [f"{arm}_seed{s}_job{j}" for arm, s, j in
+                    [("clip", 0, 4), ("clip", 1, 5), ("dense", 0, 2), ("dense", 1, 3),
+                     ("limoe", 0, 0), ("limoe", 1, 1)]]  # fmt: skip
+    result = subprocess.run([str(BIN / "limoe-compare"), str(sweep), "--out", str(tmp_path / "cmp")],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| metric | limoe (n=2) | dense (n=2) | clip (n=2) |" in table
+    assert "`model/flops_per_pair`" in table and "`test/shape_zeroshot_top1`" in table
+    csv_arms = {
+        line.split(",")[0]
+        for line in (tmp_path / "cmp" / "comparison.csv").read_text().splitlines()[1:]
+    }
+    assert csv_arms == {"limoe", "dense", "clip"}
+    for png in ("curves_step.png", "curves_flops.png"):
+        assert (tmp_path / "cmp" / png).stat().st_size > 10_000
+    metrics = json.loads(next(sweep.glob("limoe_seed0_*/metrics.json")).read_text())
+    assert metrics["model/params_active_per_token"] < metrics["model/params_total"]
+    assert metrics["model/flops_per_pair"] > 0 and metrics["train/samples_per_second"] > 0

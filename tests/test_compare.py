@@ -108,6 +108,7 @@ def test_the_three_arms_build_from_one_size_config():
         ({"moe_layers": [1]}, "model.moe_layers must be []"),
         ({"text_pool": "mean"}, "model.text_pool='mean' is not available for model=clip"),
         ({"image_pos_embed": "rope"}, "model.image_pos_embed='rope'"),
+        ({"weight_init": "vit"}, "model.weight_init must be 'clip' for model=clip"),
     ],
 )
 def test_clip_arm_rejects_what_open_clip_cannot_build(kwargs, message):

@@ -134,3 +134,24 @@ def test_create_model_builds_arms_from_the_same_size_config():
     assert limoe.blocks[0].attn.qkv.weight.shape == dense.blocks[0].attn.qkv.weight.shape
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         create_model("nope")
+
+
+def test_clip_weight_init_scales_with_width_and_depth():
+    width, depth = 256, 4
+    model = tiny(width=width, depth=depth, num_heads=4, moe_layers=[1], weight_init="clip")
+    expect = {
+        "qkv": width**-0.5,
+        "proj": width**-0.5 * (2 * depth) ** -0.5,
+        "fc": (2 * width) ** -0.5,
+    }
+    dense, moe = model.blocks[0], model.blocks[1]
+    measured = {
+        "qkv": dense.attn.qkv.weight, "proj": moe.attn.proj.weight,
+        "fc": torch.cat([dense.mlp.fc1.weight.flatten(), moe.mlp.experts.w1.flatten()]),
+    }  # fmt: skip
+    for name, weight in measured.items():
+        assert weight.std().item() == pytest.approx(expect[name], rel=0.03), name
+    assert moe.mlp.experts.w2.std().item() == pytest.approx(expect["proj"], rel=0.03)
+    assert tiny(width=width, depth=depth, num_heads=4).blocks[0].attn.qkv.weight.std() < 0.021
+    with pytest.raises(ValueError, match="weight_init must be 'vit' or 'clip', got 'xavier'"):
+        tiny(weight_init="xavier")

@@ -44,6 +44,7 @@ def build_clip(
     moe_layers: Sequence[int] = (),
     moe: Mapping | None = None,
     drop_path_rate: float = 0.0,
+    weight_init: str = "clip",
 ) -> CLIP:
     """Build ``open_clip.model.CLIP`` with both towers ``depth`` blocks of ``width``.
 
@@ -54,6 +55,9 @@ def build_clip(
     if list(moe_layers):
         raise ValueError(f"model=clip has no MoE blocks; model.moe_layers must be [], "
                          f"got {list(moe_layers)}")  # fmt: skip
+    if weight_init != "clip":
+        raise ValueError(f"model.weight_init must be 'clip' for model=clip (open_clip initialises "
+                         f"its towers), got {weight_init!r}")  # fmt: skip
     if drop_path_rate:
         raise ValueError("model.drop_path_rate must be 0 for model=clip (open_clip has none)")
     if width % num_heads:

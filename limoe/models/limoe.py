@@ -135,6 +135,7 @@ class LIMoE(nn.Module):
         image_pool: str = "mean",
         text_pool: str = "mean",
         drop_path_rate: float = 0.0,
+        weight_init: str = "vit",
         init_logit_scale: float = math.log(1 / 0.07),
         output_dict: bool = False,
     ) -> None:
@@ -148,6 +149,8 @@ class LIMoE(nn.Module):
             )
         if image_pool not in ("attn", "mean"):
             raise ValueError(f"image_pool must be 'attn' or 'mean', got {image_pool!r}")
+        if weight_init not in ("vit", "clip"):
+            raise ValueError(f"weight_init must be 'vit' or 'clip', got {weight_init!r}")
         if text_pool not in ("eot", "mean"):
             raise ValueError(f"text_pool must be 'eot' or 'mean', got {text_pool!r}")
         if image_size % patch_size:
@@ -184,6 +187,8 @@ class LIMoE(nn.Module):
         self.text_proj = nn.Linear(width, embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self._init_weights()
+        if weight_init == "clip":
+            self._init_weights_clip(width, depth)
 
     def _init_weights(self) -> None:
         for p in (self.image_pos, self.text_pos, self.modality_embed):
@@ -195,6 +200,26 @@ class LIMoE(nn.Module):
                 trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+
+    def _init_weights_clip(self, width: int, depth: int) -> None:
+        """open_clip's text-tower init, applied to the shared tower: standard deviations that
+        shrink with width (and depth, for the residual projections) instead of timm's fixed
+        0.02, which at width 96 leaves the tower learning several times more slowly."""
+        attn_std = width**-0.5
+        proj_std = width**-0.5 * (2 * depth) ** -0.5
+        fc_std = (2 * width) ** -0.5
+        for block in self.blocks:
+            nn.init.normal_(block.attn.qkv.weight, std=attn_std)
+            nn.init.normal_(block.attn.proj.weight, std=proj_std)
+            fc1, fc2 = (
+                (block.mlp.experts.w1, block.mlp.experts.w2)
+                if block.is_moe
+                else (block.mlp.fc1.weight, block.mlp.fc2.weight)
+            )
+            nn.init.normal_(fc1, std=fc_std)
+            nn.init.normal_(fc2, std=proj_std)
+        for proj in (self.image_proj, self.text_proj):
+            nn.init.normal_(proj.weight, std=width**-0.5)
 
     def _check_images(self, images: Tensor) -> None:
         want = (self.patch_embed.proj.in_channels, self.image_size, self.image_size)

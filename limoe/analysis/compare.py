@@ -2,8 +2,8 @@
 
 A run is a directory with ``metrics.json`` (final test metrics and costs), ``metrics.csv``
 (Lightning's CSVLogger) and Hydra's ``.hydra/`` files; its arm is the ``model`` config it was
-composed with and its seed the config's ``seed``. Runs of one arm over several seeds become
-mean ± std (sample std; 0 for a single seed) in the table and a band in the plots.
+composed with. Runs of one arm (one per seed) become mean ± std (sample std; 0 for a single
+seed) in the table and a band in the plots.
 """
 
 from __future__ import annotations
@@ -27,9 +27,7 @@ ARM_ORDER = ("limoe", "dense", "clip")
 
 @dataclass
 class Run:
-    path: Path
     arm: str
-    seed: int
     batch_size: int
     metrics: dict[str, float]
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
@@ -64,8 +62,7 @@ def read_curves(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
 def load_run(run_dir: Path) -> Run:
     arm, config = _arm_and_config(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    return Run(path=run_dir, arm=arm, seed=int(config.get("seed", 0)),
-               batch_size=int(config["data"]["batch_size"]), metrics=metrics,
+    return Run(arm=arm, batch_size=int(config["data"]["batch_size"]), metrics=metrics,
                curves=read_curves(run_dir / "metrics.csv"))  # fmt: skip
 
 
@@ -75,9 +72,7 @@ def find_runs(paths: list[Path]) -> list[Run]:
     for path in paths:
         if not path.is_dir():
             raise ValueError(f"{path} is not a directory")
-        run_dirs.update(p.parent for p in path.rglob("metrics.json"))
-        if (path / "metrics.json").is_file():
-            run_dirs.add(path)
+        run_dirs.update(p.parent for p in path.rglob("metrics.json"))  # path itself included
     if not run_dirs:
         raise ValueError(f"no run with a metrics.json under {', '.join(map(str, paths))}")
     return [load_run(d) for d in sorted(run_dirs)]

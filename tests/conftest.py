@@ -21,6 +21,12 @@ def compose_train(overrides: list[str] | None = None) -> DictConfig:
 
 
 @pytest.fixture
+def train_cfg() -> DictConfig:
+    """``conf/train.yaml`` as ``limoe-train`` composes it with no overrides."""
+    return compose_train()
+
+
+@pytest.fixture
 def smoke_cfg(tmp_path: Path) -> DictConfig:
     """``conf/train.yaml`` + ``experiment=smoke``, writing into ``tmp_path``, on CPU."""
     cfg = compose_train(["experiment=smoke", "trainer=cpu"])

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
+from torch.utils.data import default_collate
 
 from limoe.analysis.compare import compare, find_runs, group_by_arm, summarise
 from limoe.models import LIMoE, build_clip, create_model, model_cost, parameter_counts
@@ -100,6 +102,23 @@ def test_the_three_arms_build_from_one_size_config():
     images, tokens = torch.randn(2, 3, 32, 32), torch.randint(1, 100, (2, 24))
     for model in (limoe, dense, clip):
         assert model.encode_image(images).shape == model.encode_text(tokens).shape == (2, 16)
+
+
+def test_default_limoe_costs_within_ten_percent_of_clip_whatever_the_router_learns(train_cfg):
+    """The issue's matched-compute condition, on the default configs and real val pairs. The
+    default MoE layers are dropless, so every routed token runs through exactly one expert and
+    the count cannot move with training: scrambling the routers leaves it unchanged."""
+    val = instantiate(train_cfg.data).dataset("val")
+    images, tokens, _ = default_collate([val[i] for i in range(64)])
+    torch.manual_seed(0)
+    limoe, clip = create_model("limoe"), create_model("clip")
+    assert limoe.moe_layers and all(limoe.blocks[i].mlp.capacity_factor is None
+                                    for i in limoe.moe_layers)  # fmt: skip
+    limoe_flops = flops_per_pair(limoe, images, tokens)
+    assert 0.9 <= limoe_flops / flops_per_pair(clip, images, tokens) <= 1.1
+    for i in limoe.moe_layers:
+        torch.nn.init.normal_(limoe.blocks[i].mlp.router.weight, std=10.0)
+    assert flops_per_pair(limoe, images, tokens) == limoe_flops
 
 
 @pytest.mark.parametrize(

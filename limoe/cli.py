@@ -1,4 +1,4 @@
-"""Console entry points (Hydra apps): ``limoe-train`` and ``limoe-eval``.
+"""Console entry points (Hydra apps): ``limoe-train``, ``limoe-eval`` and ``limoe-analyze``.
 
 Both take ``key=value`` overrides. Errors in the configuration end the command with a one-line
 message naming what is wrong, instead of a stack trace.
@@ -16,11 +16,13 @@ import lightning as L
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import default_collate
 
-from limoe.lit import ContrastiveModule
+from limoe.analysis.report import write_report
+from limoe.analysis.routing import collect_routing
+from limoe.lit import ContrastiveModule, read_history
 from limoe.models import model_cost, parameter_counts
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -120,6 +122,41 @@ def run_training(cfg: DictConfig, output_dir: Path) -> dict:
     return write_metrics(metrics, output_dir / "metrics.json")
 
 
+def compose_config(
+    overrides: list[str] | None = None, output_dir: str | Path | None = None, name: str = "train"
+) -> DictConfig:
+    """The config ``limoe-train key=value ...`` runs, composed outside a Hydra app (notebooks,
+    scripts); ``paths.output_dir``, which Hydra fills in at run time, becomes ``output_dir``."""
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose(name, overrides=list(overrides or []))
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+def config_choices(overrides: list[str] | None = None, name: str = "train") -> dict:
+    """The option chosen in each config group (``{"model": "limoe", ...}``), as Hydra records
+    it in ``.hydra/hydra.yaml``."""
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose(name, overrides=list(overrides or []), return_hydra_config=True)
+    return dict(cfg.hydra.runtime.choices)
+
+
+def train_run(overrides: list[str] | None, output_dir: str | Path) -> dict:
+    """``limoe-train`` from Python: compose, save the config and the group choices where Hydra
+    would (``.hydra/``, which ``limoe-compare`` reads), train and test in ``output_dir``;
+    returns the test metrics (also in ``metrics.json``)."""
+    output_dir = Path(output_dir)
+    cfg = compose_config(overrides, output_dir)
+    hydra_dir = output_dir / ".hydra"
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, hydra_dir / "config.yaml")
+    runtime = {"hydra": {"runtime": {"choices": config_choices(overrides)}}}
+    OmegaConf.save(OmegaConf.create(runtime), hydra_dir / "hydra.yaml")
+    return run_training(cfg, output_dir)
+
+
 def _run_and_print(run, *args) -> None:
     """Run a command body; print its metrics, or one line naming a configuration error."""
     try:
@@ -142,16 +179,11 @@ def train() -> None:
 
 
 def run_evaluation(cfg: DictConfig) -> dict:
-    ckpt = Path(cfg.ckpt)
-    if not ckpt.is_file():
-        raise ValueError(f"ckpt={ckpt} is not a file")
-    module = ContrastiveModule.load_from_checkpoint(ckpt, map_location="cpu")
-    data_cfg = OmegaConf.merge(module.hparams["data"], cfg.get("data") or {})
-    datamodule = instantiate(data_cfg)
+    module, datamodule, run_dir = _load_checkpoint(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[])
     trainer.test(module, datamodule=datamodule)
     metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("test")}
-    out = Path(cfg.out) if cfg.get("out") else ckpt.resolve().parent.parent
+    out = Path(cfg.out) if cfg.get("out") else run_dir
     return write_metrics(metrics, out / "metrics.json")
 
 
@@ -164,3 +196,45 @@ def evaluate() -> None:
     """``limoe-eval ckpt=PATH [out=DIR] [+data.test_size=...]``"""
     _check_overrides("eval", sys.argv[1:])
     _evaluate()
+
+
+def _load_checkpoint(cfg: DictConfig) -> tuple[ContrastiveModule, L.LightningDataModule, Path]:
+    """The module, the datamodule it was trained with (``cfg.data`` keys override it) and the
+    checkpoint's run directory."""
+    ckpt = Path(cfg.ckpt)
+    if not ckpt.is_file():
+        raise ValueError(f"ckpt={ckpt} is not a file")
+    module = ContrastiveModule.load_from_checkpoint(ckpt, map_location="cpu")
+    data_cfg = OmegaConf.merge(module.hparams["data"], cfg.get("data") or {})
+    return module, instantiate(data_cfg), ckpt.resolve().parent.parent
+
+
+def run_analysis(cfg: DictConfig) -> dict:
+    """Route held-out pairs through a checkpoint and write ``routing/``; returns, per layer,
+    the number of image-only, text-only, shared and unused experts."""
+    module, datamodule, run_dir = _load_checkpoint(cfg)
+    out = Path(cfg.out) if cfg.get("out") else run_dir / "routing"
+    dataset = datamodule.dataset(cfg.split)
+    record = collect_routing(module.model, dataset, cfg.num_pairs, cfg.batch_size, cfg.device)
+    history_path = Path(cfg.history) if cfg.get("history") else run_dir / "routing/history.jsonl"
+    if cfg.get("history") and not history_path.is_file():
+        raise ValueError(f"history={history_path} is not a file")
+    history = read_history(history_path) if history_path.is_file() else None
+    summaries = write_report(record, dataset, out, history, cfg.num_examples, cfg.threshold)
+    print(f"limoe: routing of {len(set(record.pair.tolist()))} {cfg.split} pairs -> {out}")
+    return {
+        f"layer{layer}/{kind}_experts": s["specialised"][kind]
+        for layer, s in summaries.items()
+        for kind in s["specialised"]
+    }
+
+
+@hydra.main(config_path=CONF_DIR, config_name="analyze", version_base="1.3")
+def _analyze(cfg: DictConfig) -> None:
+    _run_and_print(run_analysis, cfg)
+
+
+def analyze() -> None:
+    """``limoe-analyze ckpt=PATH [out=DIR] [split=test] [num_pairs=1000] ...``"""
+    _check_overrides("analyze", sys.argv[1:])
+    _analyze()

@@ -134,6 +134,8 @@ def test_create_model_builds_arms_from_the_same_size_config():
     assert limoe.blocks[0].attn.qkv.weight.shape == dense.blocks[0].attn.qkv.weight.shape
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         create_model("nope")
+    with pytest.raises(ValueError, match=r"needs a _target_, got keys \['depth', 'name'\]"):
+        create_model({"name": "limoe", "depth": 2})  # would otherwise come back as a dict
 
 
 def test_clip_weight_init_scales_with_width_and_depth():

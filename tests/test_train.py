@@ -13,7 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from limoe.lit import ContrastiveModule
+from limoe.lit import ContrastiveModule, read_history
 
 BIN = Path(sys.executable).parent
 TINY = [
@@ -123,3 +123,39 @@ def test_bad_config_fails_with_one_line(override, message, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("limoe: error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+ROUTING_FILES = {
+    "summary.json", "experts.csv", "layers.csv", "content.csv", "history.csv",
+    "expert_shares.png", "image_fraction.png", "specialisation.png", "routing_quality.png",
+    "patch_routing.png", "word_routing.png", "content_routing.png", "over_training.png",
+}  # fmt: skip
+
+
+def test_routing_history_is_written_at_the_start_and_every_validation(trained_run):
+    history = read_history(trained_run / "routing" / "history.jsonl")
+    assert [record["step"] for record in history] == [0, 2, 4]  # start, val_check_interval=2
+    assert set(history[-1]["layers"]) == {"2", "3"}  # the smoke arm's MoE blocks
+
+
+def test_limoe_analyze_writes_every_figure_and_table(trained_run, tmp_path):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    result = run([str(BIN / "limoe-analyze"), f"ckpt={ckpt}", f"out={tmp_path}",
+                  "num_pairs=20", "num_examples=3"], cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ROUTING_FILES <= {p.name for p in tmp_path.iterdir()}
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["num_pairs"] == 20 and set(summary["layers"]) == {"2", "3"}
+    for layer in summary["layers"].values():
+        assert layer["tokens"]["image"] == 20 * 16  # 32 x 32 images in 8 x 8 patches
+        assert sum(layer["specialised"].values()) == layer["num_experts"] == 4
+    printed = dict(line.split(": ") for line in result.stdout.splitlines() if ": " in line)
+    assert (
+        float(printed["layer2/shared_experts"]) == summary["layers"]["2"]["specialised"]["shared"]
+    )
+
+
+def test_limoe_analyze_of_a_missing_checkpoint_fails_with_one_line(tmp_path):
+    result = run([str(BIN / "limoe-analyze"), f"ckpt={tmp_path}/nope.ckpt"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"limoe: error: ckpt={tmp_path}/nope.ckpt is not a file"

@@ -487,6 +487,35 @@ def zeroshot_tasks() -> dict[str, ZeroShotTask]:
     }
 
 
+def caption_roles(
+    attrs: Attributes, token_ids: Sequence[int], tokenizer: SimpleTokenizer
+) -> list[str]:
+    """The role of each token of a tokenised caption of ``attrs``: the attribute whose value it
+    spells (``"colour"``, ``"shape"``, ``"size"``, ``"position"``, ``"background"``),
+    ``"start/end"`` for the start and end tokens, ``"other"`` for template words and padding.
+
+    Values are found as token runs in the caption, not token by token: "cyan" is the two
+    tokens "cy" + "an", and "an" alone is also a template word ("an image of ...").
+    """
+    ids = [int(t) for t in token_ids]
+    roles = ["other"] * len(ids)
+    for i, token in enumerate(ids):
+        if token in (tokenizer.sot_token_id, tokenizer.eot_token_id):
+            roles[i] = "start/end"
+    names = attrs.names
+    for bit, attribute in enumerate(MENTION_ORDER):
+        if not attrs.mention >> bit & 1:
+            continue
+        run = tokenizer.encode(names[attribute])
+        for i in range(len(ids) - len(run) + 1):
+            span = range(i, i + len(run))
+            if ids[i : i + len(run)] == run and all(roles[j] == "other" for j in span):
+                for j in span:
+                    roles[j] = attribute
+                break
+    return roles
+
+
 # --------------------------------------------------------------------------- dataset
 
 

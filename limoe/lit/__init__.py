@@ -1,6 +1,15 @@
-"""Lightning: the contrastive training module and routing statistics."""
+"""Lightning: the contrastive training module, callbacks and routing statistics."""
 
+from limoe.lit.callbacks import RoutingHistory, read_history
 from limoe.lit.module import ContrastiveModule
-from limoe.lit.routing import expert_counts, routing_stats
+from limoe.lit.routing import concat_routings, expert_counts, layer_summary, routing_stats
 
-__all__ = ["ContrastiveModule", "expert_counts", "routing_stats"]
+__all__ = [
+    "ContrastiveModule",
+    "RoutingHistory",
+    "concat_routings",
+    "expert_counts",
+    "layer_summary",
+    "read_history",
+    "routing_stats",
+]

@@ -62,3 +62,108 @@ def routing_stats(
     for key, values in aux.items():
         stats[f"aux/{key}"] = torch.stack(values).mean()
     return stats
+
+
+def concat_routings(routings: Sequence[Routing]) -> Routing:
+    """One record for the tokens of several calls of the same layer (e.g. evaluation batches);
+    the auxiliary losses are averaged over the calls."""
+    if not routings:
+        raise ValueError("concat_routings needs at least one routing record")
+    modality = None
+    if all(r.modality is not None for r in routings):
+        modality = torch.cat([r.modality for r in routings])
+    capacities = {r.capacity for r in routings}
+    aux = {
+        k: torch.stack([r.aux_losses[k] for r in routings]).mean() for k in routings[0].aux_losses
+    }
+    return Routing(
+        expert_index=torch.cat([r.expert_index for r in routings]),
+        gates=torch.cat([r.gates for r in routings]),
+        dropped=torch.cat([r.dropped for r in routings]),
+        probs=torch.cat([r.probs for r in routings]),
+        modality=modality,
+        capacity=capacities.pop() if len(capacities) == 1 else None,
+        aux_losses=aux,
+        aux_loss=torch.stack([r.aux_loss for r in routings]).mean(),
+    )
+
+
+def _entropy(p: Tensor) -> Tensor:
+    return -(p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))).sum(-1)
+
+
+def _finite_or_none(values: Tensor) -> list[float | None]:
+    return [float(v) if torch.isfinite(v) else None for v in values]
+
+
+def expert_kinds(counts: Tensor, names: Sequence[str], threshold: float = 0.9) -> list[str]:
+    """Each expert's kind: a modality's name when more than ``threshold`` of the tokens it
+    processed are of that modality, ``"shared"`` otherwise, ``"unused"`` when it got none.
+
+    ``counts`` is ``[num_experts, num_modalities]`` (kept assignments, as ``expert_counts``).
+    """
+    if not 0.5 <= threshold < 1.0:
+        raise ValueError(f"threshold must be in [0.5, 1), got {threshold}")
+    total = counts.sum(dim=1)
+    kinds = []
+    for e in range(counts.shape[0]):
+        if total[e] == 0:
+            kinds.append("unused")
+            continue
+        fraction = counts[e].float() / total[e]
+        top = int(fraction.argmax())
+        kinds.append(names[top] if fraction[top] > threshold else "shared")
+    return kinds
+
+
+def layer_summary(
+    routing: Routing, names: Sequence[str] = MODALITY_NAMES, threshold: float = 0.9
+) -> dict:
+    """What one MoE layer did with a set of tokens, as plain JSON-ready numbers.
+
+    Per modality: ``tokens``; ``counts`` and ``share`` (kept choices per expert, and as a share
+    of the modality's tokens x top_k); ``dropped`` (share of choices over capacity);
+    ``entropy_local`` (mean entropy of a token's router distribution, nats: low = confident
+    routing, what LIMoE's local loss lowers) and ``entropy_global`` (entropy of the modality's
+    mean router distribution: high = many experts in use, what the global loss keeps up);
+    ``top1_prob`` (mean router probability of the first choice, the gate confidence).
+    Per expert: ``modality_fraction`` (share of its tokens from each modality; None if unused)
+    and ``kind`` (see ``expert_kinds``), counted in ``specialised``.
+    """
+    m = len(names)
+    modality = routing.modality
+    if modality is None:
+        modality = torch.zeros(routing.expert_index.shape[0], dtype=torch.long)
+    modality = modality.to(routing.probs.device)
+    top_k = routing.expert_index.shape[1]
+    counts = expert_counts(routing, m).cpu()
+    tokens = modality_tokens(routing, m).cpu()
+    kinds = expert_kinds(counts, names, threshold)
+    fraction = counts.float() / counts.sum(dim=1, keepdim=True)
+    summary: dict = {
+        "num_experts": counts.shape[0],
+        "top_k": top_k,
+        "tokens": {},
+        "counts": {},
+        "share": {},
+        "dropped": {},
+        "entropy_local": {},
+        "entropy_global": {},
+        "top1_prob": {},
+        "modality_fraction": {},
+        "kind": kinds,
+        "specialised": {kind: kinds.count(kind) for kind in (*names, "shared", "unused")},
+    }
+    for i, name in enumerate(names):
+        probs = routing.probs[modality == i].float()
+        choices = max(int(tokens[i]) * top_k, 1)
+        summary["tokens"][name] = int(tokens[i])
+        summary["counts"][name] = counts[:, i].tolist()
+        summary["share"][name] = (counts[:, i].float() / choices).tolist()
+        summary["dropped"][name] = 1.0 - float(counts[:, i].sum()) / choices if tokens[i] else 0.0
+        empty = probs.shape[0] == 0
+        summary["entropy_local"][name] = 0.0 if empty else float(_entropy(probs).mean())
+        summary["entropy_global"][name] = 0.0 if empty else float(_entropy(probs.mean(0)))
+        summary["top1_prob"][name] = 0.0 if empty else float(probs.amax(-1).mean())
+        summary["modality_fraction"][name] = _finite_or_none(fraction[:, i])
+    return summary

@@ -30,4 +30,6 @@ def create_model(
     """Build a model from a config name, with Hydra-style ``overrides`` (``["model.depth=2"]``),
     or from a mapping that has a ``_target_``; ``kwargs`` override the config's arguments."""
     cfg = model_config(name_or_cfg, overrides) if isinstance(name_or_cfg, str) else name_or_cfg
+    if "_target_" not in cfg:
+        raise ValueError(f"a model config needs a _target_, got keys {sorted(cfg)}")
     return instantiate(cfg, **kwargs, _convert_="all")

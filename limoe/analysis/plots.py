@@ -1,0 +1,299 @@
+"""Routing figures. Each function returns a matplotlib ``Figure`` (no pyplot state, so they
+work headless and display inline in notebooks); ``save`` writes it as PNG.
+
+Every figure colours expert e with ``expert_colours(E)[e]``, so an expert looks the same
+in the bars, the patch and word maps and the curves over training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.colors import ListedColormap, to_rgba
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from limoe.lit.routing import MODALITY_NAMES
+
+DROPPED_COLOUR = (0.85, 0.85, 0.85, 1.0)
+# Modalities by colour (kept apart from the expert palette); statistics by line style.
+MODALITY_COLOUR = {"image": "0.15", "text": "darkgoldenrod"}
+LOCAL, GLOBAL = {"ls": "-", "marker": "o"}, {"ls": "--", "marker": "x"}
+
+
+def expert_colours(num_experts: int) -> list[tuple[float, ...]]:
+    """One colour per expert: tab10, then tab20's light tones, then evenly spaced hues."""
+    if num_experts <= 10:
+        return [colormaps["tab10"](i) for i in range(num_experts)]
+    if num_experts <= 20:
+        light = [colormaps["tab20"](2 * i + 1) for i in range(10)]
+        return [colormaps["tab10"](i) for i in range(10)] + light[: num_experts - 10]
+    return [colormaps["hsv"](i / num_experts) for i in range(num_experts)]
+
+
+def save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def _colour_ticks(ax, colours) -> None:
+    for label, colour in zip(ax.get_xticklabels(), colours):
+        label.set_color(colour)
+        label.set_fontweight("bold")
+
+
+def plot_expert_shares(summaries: Mapping[int, dict]) -> Figure:
+    """Per layer, each expert's share of the layer's routed tokens, stacked by modality."""
+    layers = list(summaries)
+    num_experts = summaries[layers[0]]["num_experts"]
+    colours = expert_colours(num_experts)
+    fig = Figure(figsize=(max(6, 0.45 * num_experts + 2), 2.6 * len(layers)), layout="constrained")
+    axes = fig.subplots(len(layers), 1, squeeze=False)[:, 0]
+    x = np.arange(num_experts)
+    for ax, layer in zip(axes, layers):
+        s = summaries[layer]
+        counts = {m: np.array(s["counts"][m], dtype=float) for m in MODALITY_NAMES}
+        total = max(sum(c.sum() for c in counts.values()), 1.0)
+        image, text = counts["image"] / total, counts["text"] / total
+        ax.bar(x, image, color=colours, edgecolor="black", linewidth=0.5)
+        ax.bar(x, text, bottom=image, color=[to_rgba(c, 0.35) for c in colours],
+               edgecolor="black", linewidth=0.5, hatch="//")  # fmt: skip
+        kinds = s["specialised"]
+        ax.set_title(f"layer {layer}: {kinds['image']} image-only, {kinds['text']} text-only, "
+                     f"{kinds['shared']} shared, {kinds['unused']} unused experts")  # fmt: skip
+        ax.set_xticks(x, [str(e) for e in x])
+        _colour_ticks(ax, colours)
+        ax.set_ylabel("share of routed tokens")
+    axes[-1].set_xlabel("expert")
+    axes[0].legend(
+        handles=[Patch(facecolor="grey", edgecolor="black", label="image patches"),
+                 Patch(facecolor=to_rgba("grey", 0.35), edgecolor="black", hatch="//",
+                       label="text tokens")],
+        loc="upper right",
+    )  # fmt: skip
+    fig.suptitle("Token share per expert, split by modality")
+    return fig
+
+
+def plot_image_fraction(summaries: Mapping[int, dict], threshold: float = 0.9) -> Figure:
+    """Layers x experts heatmap of the share of each expert's tokens that are image patches."""
+    layers = list(summaries)
+    num_experts = summaries[layers[0]]["num_experts"]
+    grid = np.array(
+        [[np.nan if v is None else v for v in summaries[layer]["modality_fraction"]["image"]]
+         for layer in layers]
+    )  # fmt: skip
+    fig = Figure(figsize=(max(6, 0.5 * num_experts + 2.5), 1.0 * len(layers) + 1.6),
+                 layout="constrained")  # fmt: skip
+    ax = fig.subplots()
+    cmap = colormaps["coolwarm"].copy()
+    cmap.set_bad(DROPPED_COLOUR)
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=1, aspect="auto")
+    for (i, e), value in np.ndenumerate(grid):
+        text = "–" if np.isnan(value) else f"{value:.2f}"
+        ax.text(e, i, text, ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(num_experts), [str(e) for e in range(num_experts)])
+    _colour_ticks(ax, expert_colours(num_experts))
+    ax.set_yticks(range(len(layers)), [f"layer {layer}" for layer in layers])
+    ax.set_xlabel("expert")
+    fig.colorbar(image, ax=ax, label="image share of the expert's tokens (1 = image only)")
+    ax.set_title(f"Expert modality: > {threshold:.0%} image = image expert, "
+                 f"< {1 - threshold:.0%} = text expert, grey = unused")  # fmt: skip
+    return fig
+
+
+def plot_specialisation(summaries: Mapping[int, dict]) -> Figure:
+    """Per layer, how many experts are image-only, text-only, shared or unused."""
+    layers = list(summaries)
+    kinds = ("image", "text", "shared", "unused")
+    labels = ("image-only", "text-only", "shared", "unused")
+    colours = ("tab:blue", "tab:red", "tab:purple", "lightgrey")
+    fig = Figure(figsize=(6, 3.2), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(kinds)
+    x = np.arange(len(layers))
+    for j, (kind, label, colour) in enumerate(zip(kinds, labels, colours)):
+        counts = [summaries[layer]["specialised"][kind] for layer in layers]
+        bars = ax.bar(x + (j - 1.5) * width, counts, width, label=label, color=colour)
+        ax.bar_label(bars, fontsize=8)
+    ax.set_xticks(x, [f"layer {layer}" for layer in layers])
+    ax.set_ylabel("experts")
+    ax.set_title("Modality-specific and shared experts per MoE layer")
+    ax.legend()
+    return fig
+
+
+def plot_routing_quality(summaries: Mapping[int, dict]) -> Figure:
+    """Per modality and layer: routing entropy (per token and of the mean), first-choice
+    router probability (gate confidence) and dropped share."""
+    layers = list(summaries)
+    fig = Figure(figsize=(12, 3.4), layout="constrained")
+    axes = fig.subplots(1, 3)
+    x = np.arange(len(layers))
+    for m in MODALITY_NAMES:
+        c = MODALITY_COLOUR[m]
+        local = [summaries[layer]["entropy_local"][m] for layer in layers]
+        glob = [summaries[layer]["entropy_global"][m] for layer in layers]
+        axes[0].plot(x, local, **LOCAL, color=c, label=f"{m}: per token (local)")
+        axes[0].plot(x, glob, **GLOBAL, color=c, label=f"{m}: of the mean (global)")
+        axes[1].plot(x, [summaries[layer]["top1_prob"][m] for layer in layers], **LOCAL,
+                     color=c, label=m)  # fmt: skip
+        axes[2].plot(x, [summaries[layer]["dropped"][m] for layer in layers], **LOCAL,
+                     color=c, label=m)  # fmt: skip
+    num_experts = summaries[layers[0]]["num_experts"]
+    axes[0].axhline(np.log(num_experts), color="grey", lw=0.8, ls=":", label="log E (uniform)")
+    titles = ("Routing entropy (nats)", "Gate confidence", "Dropped tokens")
+    ylabels = ("entropy", "mean first-choice router prob.", "share of choices dropped")
+    for ax, title, ylabel in zip(axes, titles, ylabels):
+        ax.set_xticks(x, [str(layer) for layer in layers])
+        ax.set_xlabel("MoE layer")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    axes[1].set_ylim(0, 1.02)
+    axes[2].set_ylim(bottom=0)
+    return fig
+
+
+def _expert_cmap(num_experts: int) -> ListedColormap:
+    return ListedColormap([DROPPED_COLOUR, *expert_colours(num_experts)])
+
+
+def plot_patch_routing(
+    images: np.ndarray, experts: Mapping[int, np.ndarray], num_experts: int
+) -> Figure:
+    """Sample images (uint8 [S, H, W, 3]) and, per layer, each patch coloured by its expert
+    (``experts[layer]`` is [S, rows, cols], -1 = dropped)."""
+    layers = list(experts)
+    num = images.shape[0]
+    fig = Figure(figsize=(1.9 * (1 + len(layers)), 1.9 * num + 0.8), layout="constrained")
+    axes = fig.subplots(num, 1 + len(layers), squeeze=False)
+    size = images.shape[1]
+    cmap = _expert_cmap(num_experts)
+    for i in range(num):
+        axes[i, 0].imshow(images[i])
+        for j, layer in enumerate(layers, start=1):
+            grid = experts[layer][i]
+            ax = axes[i, j]
+            ax.imshow(images[i])
+            ax.imshow(grid + 1, cmap=cmap, vmin=0, vmax=num_experts, alpha=0.6,
+                      extent=(-0.5, size - 0.5, size - 0.5, -0.5), interpolation="nearest")  # fmt: skip
+            step = size / grid.shape[1]
+            for (r, c), e in np.ndenumerate(grid):
+                ax.text((c + 0.5) * step - 0.5, (r + 0.5) * step - 0.5, "×" if e < 0 else str(e),
+                        ha="center", va="center", fontsize=7, color="black")  # fmt: skip
+    for j, title in enumerate(["image"] + [f"layer {layer}" for layer in layers]):
+        axes[0, j].set_title(title)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    _expert_legend(fig, num_experts)
+    fig.suptitle("Expert of each image patch (first choice; × = dropped)")
+    return fig
+
+
+def _expert_legend(fig: Figure, num_experts: int) -> None:
+    handles = [
+        Patch(color=c, label=f"expert {e}") for e, c in enumerate(expert_colours(num_experts))
+    ]
+    handles.append(Patch(color=DROPPED_COLOUR, label="dropped"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(9, len(handles)), fontsize=7)
+
+
+def plot_word_routing(
+    captions: Sequence[Sequence[str]], experts: Mapping[int, Sequence[Sequence[int]]],
+    num_experts: int,
+) -> Figure:  # fmt: skip
+    """Sample captions (token strings) with, per layer, each token boxed in its expert's colour
+    (``experts[layer][i]`` holds caption i's experts, -1 = dropped)."""
+    layers = list(experts)
+    colours = [DROPPED_COLOUR, *expert_colours(num_experts)]
+    chars = max(sum(len(w) + 1.5 for w in words) for words in captions) + 10
+    rows = len(captions) * (len(layers) + 0.6)
+    fig = Figure(figsize=(max(6, 0.075 * chars), 0.32 * rows + 1.0), layout="constrained")
+    ax = fig.subplots()
+    y = 0.0
+    for i, words in enumerate(captions):
+        ax.text(0, y, f"caption {i}", fontsize=8, fontweight="bold", va="center")
+        y += 0.6
+        for layer in layers:
+            ax.text(0, y, f"layer {layer}", fontsize=8, va="center", color="dimgrey")
+            x = 10.0
+            for word, e in zip(words, experts[layer][i]):
+                ax.text(x, y, word, family="monospace", fontsize=8, va="center",
+                        bbox={"facecolor": colours[e + 1], "edgecolor": "none", "pad": 1.5})  # fmt: skip
+                x += len(word) + 1.5
+            y += 1
+    ax.set_xlim(-0.5, chars)
+    ax.set_ylim(y, -0.8)
+    ax.axis("off")
+    _expert_legend(fig, num_experts)
+    fig.suptitle("Expert of each caption token (first choice)")
+    return fig
+
+
+def plot_content_routing(
+    tables: Mapping[int, np.ndarray], groups: Sequence[str], token_counts: Sequence[int]
+) -> Figure:
+    """Per layer, a groups x experts heatmap: the share of each content group's tokens
+    (shape / edge / background patches; colour, shape, position ... words) each expert takes."""
+    layers = list(tables)
+    num_experts = next(iter(tables.values())).shape[1]
+    labels = [f"{g} (n={n})" for g, n in zip(groups, token_counts)]
+    fig = Figure(figsize=(max(7, 0.45 * num_experts + 3), (0.3 * len(groups) + 0.9) * len(layers)),
+                 layout="constrained")  # fmt: skip
+    axes = fig.subplots(len(layers), 1, squeeze=False)[:, 0]
+    for ax, layer in zip(axes, layers):
+        image = ax.imshow(tables[layer], cmap="Blues", vmin=0, vmax=1, aspect="auto")
+        for (g, e), value in np.ndenumerate(tables[layer]):
+            if value >= 0.05:
+                colour = "white" if value > 0.6 else "black"
+                ax.text(e, g, f"{value:.2f}", ha="center", va="center", fontsize=6, color=colour)
+        ax.set_yticks(range(len(groups)), labels, fontsize=8)
+        ax.set_xticks(range(num_experts), [str(e) for e in range(num_experts)])
+        _colour_ticks(ax, expert_colours(num_experts))
+        ax.set_title(f"layer {layer}")
+        fig.colorbar(image, ax=ax, label="share of the group's tokens")
+    axes[-1].set_xlabel("expert")
+    fig.suptitle("Which experts take which content")
+    return fig
+
+
+def plot_history(history: Sequence[dict]) -> Figure:
+    """Over training (``RoutingHistory`` records): per layer, each expert's image share of its
+    tokens, and the per-modality routing entropy, against step."""
+    steps = [record["step"] for record in history]
+    layers = list(history[0]["layers"])
+    num_experts = history[0]["layers"][layers[0]]["num_experts"]
+    colours = expert_colours(num_experts)
+    fig = Figure(figsize=(12, 3.0 * len(layers) + 0.6), layout="constrained")
+    axes = fig.subplots(len(layers), 2, squeeze=False)
+    for row, layer in zip(axes, layers):
+        summaries = [record["layers"][layer] for record in history]
+        for e in range(num_experts):
+            fraction = [s["modality_fraction"]["image"][e] for s in summaries]
+            fraction = [np.nan if f is None else f for f in fraction]
+            row[0].plot(steps, fraction, color=colours[e], marker=".", label=f"expert {e}")
+        row[0].set_ylim(-0.02, 1.02)
+        row[0].set_ylabel("image share of expert's tokens")
+        row[0].set_title(f"layer {layer}: expert modality over training")
+        for m in MODALITY_NAMES:
+            c = MODALITY_COLOUR[m]
+            local = [s["entropy_local"][m] for s in summaries]
+            glob = [s["entropy_global"][m] for s in summaries]
+            row[1].plot(steps, local, **LOCAL, color=c, label=f"{m}: per token (local)")
+            row[1].plot(steps, glob, **GLOBAL, color=c, label=f"{m}: of the mean (global)")
+        row[1].axhline(np.log(num_experts), color="grey", lw=0.8, ls=":", label="log E")
+        row[1].set_ylabel("entropy (nats)")
+        row[1].set_title(f"layer {layer}: routing entropy over training")
+        row[1].legend(fontsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(8, num_experts), fontsize=7)
+    return fig

@@ -1,0 +1,207 @@
+"""Which experts take which tokens: run a model over held-out pairs, keep every MoE layer's
+routing record together with where each token came from (pair, patch or word position) and
+what it shows, and reduce that to tables.
+
+Image and text tokens are routed together, as in training (``model.tower(images, tokens)``),
+so capacity and Batch Priority Routing see the same mixed token set they saw when training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import default_collate
+from tqdm.auto import tqdm
+
+from limoe.data.shapes import caption_roles, shape_mask
+from limoe.lit.routing import MODALITY_NAMES, concat_routings, layer_summary
+from limoe.models.limoe import IMAGE, TEXT, text_padding_mask
+from limoe.moe import Routing
+
+IMAGE_GROUPS = ("shape", "edge", "background")
+TEXT_GROUPS = ("size", "colour", "shape", "position", "background", "other", "start/end")
+CONTENT_GROUPS = tuple(f"image/{g}" for g in IMAGE_GROUPS) + tuple(f"text/{g}" for g in TEXT_GROUPS)
+
+
+@dataclass
+class RoutingRecord:
+    """Every token of ``num_pairs`` pairs and what each MoE layer did with it.
+
+    Token order is the tower's: per batch, all image patches (pair-major, patch order), then
+    the real (unpadded) text tokens (pair-major, position order).
+    """
+
+    layers: list[int]  # the MoE blocks' indices in the tower
+    routings: list[Routing]  # one per layer, all tokens, on the CPU
+    modality: Tensor  # [N] IMAGE or TEXT
+    pair: Tensor  # [N] the dataset index of the token's pair
+    position: Tensor  # [N] patch index (image) or token position (text)
+    token_id: Tensor  # [N] open_clip token id (text), -1 (image)
+    grid_size: tuple[int, int]  # image patches per column and row
+    patch_size: int
+
+    @property
+    def num_experts(self) -> int:
+        return self.routings[0].probs.shape[1]
+
+    def routing(self, layer: int) -> Routing:
+        return self.routings[self.layers.index(layer)]
+
+    def summaries(self, threshold: float = 0.9) -> dict[int, dict]:
+        """``layer_summary`` of every MoE layer, keyed by layer index."""
+        return {
+            layer: layer_summary(r, MODALITY_NAMES, threshold)
+            for layer, r in zip(self.layers, self.routings)
+        }
+
+    def first_choice(self, layer: int) -> Tensor:
+        """[N] each token's first-choice expert, or -1 where that choice was dropped."""
+        routing = self.routing(layer)
+        return routing.expert_index[:, 0].masked_fill(routing.dropped[:, 0], -1)
+
+
+def _token_origins(tokens: Tensor, num_patches: int, offset: int) -> tuple[Tensor, ...]:
+    """(modality, pair, position, token_id) of one batch's tokens, in the tower's order."""
+    batch = tokens.shape[0]
+    image_pair = torch.arange(batch).repeat_interleave(num_patches)
+    image_position = torch.arange(num_patches).repeat(batch)
+    text_pair, text_position = text_padding_mask(tokens).nonzero(as_tuple=True)
+    modality = torch.cat([torch.full_like(image_pair, IMAGE), torch.full_like(text_pair, TEXT)])
+    pair = torch.cat([image_pair, text_pair]) + offset
+    position = torch.cat([image_position, text_position])
+    token_id = torch.cat([torch.full_like(image_pair, -1), tokens[text_pair, text_position]])
+    return modality, pair, position, token_id
+
+
+@torch.no_grad()
+def collect_routing(
+    model: torch.nn.Module,
+    dataset,
+    num_pairs: int = 1000,
+    batch_size: int = 250,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> RoutingRecord:
+    """Route the first ``num_pairs`` pairs of ``dataset`` (items ``(image, tokens, ...)``)
+    through ``model`` in eval mode and gather the routing of every MoE layer."""
+    if not getattr(model, "moe_layers", None):
+        raise ValueError("the model has no MoE layers: there is no routing to analyse")
+    num_pairs = min(num_pairs, len(dataset))
+    if num_pairs < 1:
+        raise ValueError(f"num_pairs must be >= 1 and the dataset non-empty, got {num_pairs}")
+    was_training = model.training
+    model.eval().to(device)
+    per_layer: list[list[Routing]] = [[] for _ in model.moe_layers]
+    origins: list[tuple[Tensor, ...]] = []
+    starts = range(0, num_pairs, batch_size)
+    for start in tqdm(starts, desc="routing", unit="batch", disable=not progress):
+        items = [dataset[i][:2] for i in range(start, min(start + batch_size, num_pairs))]
+        images, tokens = default_collate(items)
+        _, _, routings = model.tower(images.to(device), tokens.to(device))
+        for records, routing in zip(per_layer, routings):
+            records.append(_to_cpu(routing))
+        origins.append(_token_origins(tokens, model.patch_embed.num_patches, start))
+    model.train(was_training)
+    modality, pair, position, token_id = (torch.cat(t) for t in zip(*origins))
+    return RoutingRecord(
+        layers=list(model.moe_layers),
+        routings=[concat_routings(records) for records in per_layer],
+        modality=modality,
+        pair=pair,
+        position=position,
+        token_id=token_id,
+        grid_size=tuple(model.patch_embed.grid_size),
+        patch_size=model.patch_embed.patch_size[0],
+    )
+
+
+def _to_cpu(routing: Routing) -> Routing:
+    return Routing(
+        expert_index=routing.expert_index.cpu(),
+        gates=routing.gates.float().cpu(),
+        dropped=routing.dropped.cpu(),
+        probs=routing.probs.float().cpu(),
+        modality=None if routing.modality is None else routing.modality.cpu(),
+        capacity=routing.capacity,
+        aux_losses={k: v.detach().cpu() for k, v in routing.aux_losses.items()},
+        aux_loss=routing.aux_loss.detach().cpu(),
+    )
+
+
+# --------------------------------------------------------------------------- content
+
+
+def patch_coverage(mask: np.ndarray, patch_size: int) -> np.ndarray:
+    """[num_patches] the fraction of each patch's pixels that ``mask`` [H, W] covers,
+    in the patch embedding's row-major order."""
+    h, w = mask.shape
+    blocks = mask.reshape(h // patch_size, patch_size, w // patch_size, patch_size)
+    return blocks.mean(axis=(1, 3)).reshape(-1)
+
+
+def image_group(coverage: float) -> str:
+    """A patch at least half on the shape is ``shape``, one partly on it ``edge``."""
+    return "shape" if coverage >= 0.5 else "edge" if coverage > 0 else "background"
+
+
+def content_groups(record: RoutingRecord, dataset) -> list[str]:
+    """Each token's content group (``CONTENT_GROUPS``): for the shapes dataset, patches by how
+    much of the shape they cover and caption tokens by the attribute they name."""
+    groups: list[str] = []
+    pair_groups: dict[int, tuple[list[str], list[str]]] = {}
+    for modality, pair, position in zip(
+        record.modality.tolist(), record.pair.tolist(), record.position.tolist()
+    ):
+        if pair not in pair_groups:
+            pair_groups[pair] = _pair_groups(dataset, pair, record.patch_size)
+        image, text = pair_groups[pair]
+        groups.append(f"image/{image[position]}" if modality == IMAGE else f"text/{text[position]}")
+    return groups
+
+
+def _pair_groups(dataset, index: int, patch_size: int) -> tuple[list[str], list[str]]:
+    attrs = dataset.attributes(index)
+    coverage = patch_coverage(shape_mask(attrs, dataset.image_size), patch_size)
+    tokens = dataset.tokens(attrs.caption())
+    return [image_group(c) for c in coverage], caption_roles(attrs, tokens, dataset.tokenizer)
+
+
+def content_table(
+    record: RoutingRecord, layer: int, groups: Sequence[str], names: Sequence[str] = CONTENT_GROUPS
+) -> np.ndarray:
+    """[len(names), num_experts]: the share of each group's kept choices that each expert
+    took (rows sum to 1 minus the group's dropped share; an empty group's row is 0)."""
+    routing = record.routing(layer)
+    row = torch.tensor([names.index(g) for g in groups])
+    kept = ~routing.dropped
+    rows = row.unsqueeze(1).expand_as(routing.expert_index)[kept]
+    flat = rows * record.num_experts + routing.expert_index[kept]
+    counts = torch.bincount(flat, minlength=len(names) * record.num_experts).view(len(names), -1)
+    choices = torch.bincount(row, minlength=len(names)) * routing.expert_index.shape[1]
+    return (counts.double() / choices.clamp(min=1).unsqueeze(1)).numpy()
+
+
+# --------------------------------------------------------------------------- examples
+
+
+def patch_experts(record: RoutingRecord, layer: int, pairs: Sequence[int]) -> np.ndarray:
+    """[len(pairs), rows, cols] each patch's first-choice expert (-1: dropped)."""
+    choice = record.first_choice(layer)
+    rows, cols = record.grid_size
+    out = np.full((len(pairs), rows * cols), -1, dtype=np.int64)
+    is_image = record.modality == IMAGE
+    for i, pair in enumerate(pairs):
+        take = is_image & (record.pair == pair)
+        out[i, record.position[take].numpy()] = choice[take].numpy()
+    return out.reshape(len(pairs), rows, cols)
+
+
+def word_experts(record: RoutingRecord, layer: int, pair: int) -> tuple[list[int], list[int]]:
+    """(token ids, first-choice experts) of one pair's caption, in position order."""
+    take = (record.modality == TEXT) & (record.pair == pair)
+    order = record.position[take].argsort()
+    return record.token_id[take][order].tolist(), record.first_choice(layer)[take][order].tolist()

@@ -1,0 +1,80 @@
+"""Lightning callbacks: routing statistics over training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import default_collate
+
+from limoe.lit.routing import MODALITY_NAMES, layer_summary
+
+
+class RoutingHistory(L.Callback):
+    """At the start of training and at every validation, route the same held-out pairs through
+    the tower and append each MoE layer's ``layer_summary`` to ``dirpath/history.jsonl`` (one JSON object per line:
+    ``{"step": ..., "layers": {"2": summary, ...}}``).
+
+    Validation encodes images and captions in separate calls; this callback routes both
+    modalities of a pair set in one call, as in training, so capacity and Batch Priority
+    Routing act on the same mixed token set. Models without MoE layers are skipped. Only
+    global rank 0 writes (its first ``num_pairs`` pairs of ``split``).
+    """
+
+    def __init__(
+        self, dirpath: str, num_pairs: int = 256, split: str = "val", threshold: float = 0.9
+    ) -> None:
+        if num_pairs < 1:
+            raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
+        self.path = Path(dirpath) / "history.jsonl"
+        self.num_pairs = num_pairs
+        self.split = split
+        self.threshold = threshold
+        self._pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _load_pairs(self, datamodule) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._pairs is None:
+            dataset = datamodule.dataset(self.split)
+            samples = [dataset[i][:2] for i in range(min(self.num_pairs, len(dataset)))]
+            self._pairs = default_collate(samples)
+        return self._pairs
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The routing at initialisation, the baseline of the curves (not on resume)."""
+        if trainer.global_step == 0:
+            was_training = pl_module.training
+            pl_module.eval()  # no gating noise
+            self._record(trainer, pl_module)
+            pl_module.train(was_training)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._record(trainer, pl_module)
+
+    def _record(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model = pl_module.model
+        if not trainer.is_global_zero or not getattr(model, "moe_layers", None):
+            return
+        images, tokens = self._load_pairs(trainer.datamodule)
+        with torch.no_grad():
+            _, _, routings = model.tower(images.to(pl_module.device), tokens.to(pl_module.device))
+        layers = {
+            str(layer): layer_summary(routing, MODALITY_NAMES, self.threshold)
+            for layer, routing in zip(model.moe_layers, routings)
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": trainer.global_step, "layers": layers}) + "\n")
+
+
+def read_history(path: str | Path) -> list[dict]:
+    """The records of a ``history.jsonl``, one per step (a resumed run's later record wins),
+    sorted by step."""
+    by_step: dict[int, dict] = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_step[int(record["step"])] = record
+    return [by_step[s] for s in sorted(by_step)]

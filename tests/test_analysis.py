@@ -1,0 +1,227 @@
+"""Routing analysis: statistics against hand-built routing records, token origins and content
+groups by hand, the collected record against routing each pair alone, figure colours."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.colors import to_rgba
+
+from limoe import create_model
+from limoe.analysis import plots
+from limoe.analysis.routing import (
+    RoutingRecord,
+    _token_origins,
+    collect_routing,
+    content_table,
+    image_group,
+    patch_coverage,
+    patch_experts,
+    word_experts,
+)
+from limoe.data.shapes import CAPTION_TEMPLATES, COLOURS, Attributes, ShapesDataset, caption_roles
+from limoe.lit.callbacks import read_history
+from limoe.lit.routing import concat_routings, expert_kinds, layer_summary
+from limoe.models.limoe import IMAGE, TEXT
+from limoe.moe import Routing
+
+IMG, TXT = IMAGE, TEXT
+
+
+def hand_routing() -> Routing:
+    """4 experts, top-1. Image tokens -> experts 0, 0, 1, 2 (the last dropped), each with a
+    one-hot router distribution; text tokens -> 1, 2, 2, uniform over experts 0..2.
+    Expert 3 gets nothing."""
+    eye = torch.eye(4)
+    third = torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0])
+    return Routing(
+        expert_index=torch.tensor([[0], [0], [1], [2], [1], [2], [2]]),
+        gates=torch.ones(7, 1),
+        dropped=torch.tensor([[False], [False], [False], [True], [False], [False], [False]]),
+        probs=torch.stack([eye[0], eye[0], eye[1], eye[2], third, third, third]),
+        modality=torch.tensor([IMG, IMG, IMG, IMG, TXT, TXT, TXT]),
+        capacity=2,
+        aux_losses={"load/image": torch.tensor(1.0)},
+        aux_loss=torch.tensor(0.5),
+    )
+
+
+def test_layer_summary_by_hand():
+    s = layer_summary(hand_routing())
+    assert s["tokens"] == {"image": 4, "text": 3}
+    assert s["counts"] == {"image": [2, 1, 0, 0], "text": [0, 1, 2, 0]}
+    assert s["share"]["image"] == pytest.approx([0.5, 0.25, 0.0, 0.0])
+    assert s["share"]["text"] == pytest.approx([0.0, 1 / 3, 2 / 3, 0.0])
+    assert s["dropped"] == pytest.approx({"image": 0.25, "text": 0.0})
+    # expert 0: 2 image / 0 text; expert 1: 1 / 1; expert 2: 0 / 2 (its image token dropped)
+    assert s["modality_fraction"]["image"] == pytest.approx([1.0, 0.5, 0.0, None])
+    assert s["kind"] == ["image", "shared", "text", "unused"]
+    assert s["specialised"] == {"image": 1, "text": 1, "shared": 1, "unused": 1}
+    # one-hot image routing: no per-token entropy; its mean [.5, .25, .25, 0] has 1.5 ln 2
+    assert s["entropy_local"]["image"] == pytest.approx(0.0, abs=1e-6)
+    assert s["entropy_global"]["image"] == pytest.approx(1.5 * math.log(2))
+    assert s["entropy_local"]["text"] == pytest.approx(math.log(3))
+    assert s["entropy_global"]["text"] == pytest.approx(math.log(3))
+    assert s["top1_prob"] == pytest.approx({"image": 1.0, "text": 1 / 3})
+    json.dumps(s)  # plain numbers only
+
+
+def test_layer_summary_of_an_empty_modality_is_zero_not_nan():
+    r = hand_routing()
+    image_only = Routing(r.expert_index[:4], r.gates[:4], r.dropped[:4], r.probs[:4],
+                         r.modality[:4], 2, {}, r.aux_loss)  # fmt: skip
+    s = layer_summary(image_only)
+    assert s["tokens"]["text"] == 0
+    assert s["dropped"]["text"] == s["entropy_local"]["text"] == s["top1_prob"]["text"] == 0.0
+    assert s["kind"] == ["image", "image", "unused", "unused"]
+
+
+def test_expert_kinds_threshold_is_strict():
+    counts = torch.tensor([[9, 1], [10, 0], [1, 99], [0, 0]])
+    assert expert_kinds(counts, ("image", "text"), 0.9) == ["shared", "image", "text", "unused"]
+    assert expert_kinds(counts, ("image", "text"), 0.5) == ["image", "image", "text", "unused"]
+    with pytest.raises(ValueError, match="threshold must be in"):
+        expert_kinds(counts, ("image", "text"), 1.0)
+
+
+def test_concat_routings_equals_the_whole():
+    r = hand_routing()
+    halves = [
+        Routing(r.expert_index[a:b], r.gates[a:b], r.dropped[a:b], r.probs[a:b],
+                r.modality[a:b], 2, {"load/image": torch.tensor(v)}, r.aux_loss)
+        for a, b, v in ((0, 3, 1.0), (3, 7, 3.0))
+    ]  # fmt: skip
+    whole = concat_routings(halves)
+    assert layer_summary(whole) == layer_summary(r)
+    assert float(whole.aux_losses["load/image"]) == 2.0
+
+
+def test_token_origins_follow_the_tower_order():
+    # two pairs, 2 patches each; captions of 3 and 4 real tokens (end token = largest id)
+    tokens = torch.tensor([[49406, 7, 49407, 0, 0], [49406, 8, 9, 49407, 0]])
+    modality, pair, position, token_id = _token_origins(tokens, num_patches=2, offset=10)
+    assert modality.tolist() == [IMG, IMG, IMG, IMG, TXT, TXT, TXT, TXT, TXT, TXT, TXT]
+    assert pair.tolist() == [10, 10, 11, 11, 10, 10, 10, 11, 11, 11, 11]
+    assert position.tolist() == [0, 1, 0, 1, 0, 1, 2, 0, 1, 2, 3]
+    assert token_id.tolist() == [-1] * 4 + [49406, 7, 49407, 49406, 8, 9, 49407]
+
+
+def hand_record() -> RoutingRecord:
+    """The hand routing as two pairs: pair 0 has patches 0, 1 and a 2-token caption;
+    pair 1 has patches 0, 1 and a 1-token caption, on a 1 x 2 patch grid."""
+    return RoutingRecord(
+        layers=[3],
+        routings=[hand_routing()],
+        modality=torch.tensor([IMG, IMG, IMG, IMG, TXT, TXT, TXT]),
+        pair=torch.tensor([0, 0, 1, 1, 0, 0, 1]),
+        position=torch.tensor([1, 0, 0, 1, 0, 1, 0]),
+        token_id=torch.tensor([-1, -1, -1, -1, 5, 6, 7]),
+        grid_size=(1, 2),
+        patch_size=4,
+    )
+
+
+def test_patch_and_word_experts_by_hand():
+    record = hand_record()
+    # pair 0: patch 1 -> 0, patch 0 -> 0; pair 1: patch 0 -> 1, patch 1 -> 2 but dropped
+    assert patch_experts(record, 3, [0, 1]).tolist() == [[[0, 0]], [[1, -1]]]
+    assert word_experts(record, 3, 0) == ([5, 6], [1, 2])
+    assert word_experts(record, 3, 1) == ([7], [2])
+
+
+def test_content_table_by_hand():
+    groups = ["image/shape", "image/background", "image/shape", "image/shape",
+              "text/colour", "text/colour", "text/other"]  # fmt: skip
+    names = ("image/shape", "image/background", "text/colour", "text/other", "text/size")
+    table = content_table(hand_record(), 3, groups, names)
+    # image/shape: tokens 0, 2, 3 -> experts 0, 1, (2 dropped)
+    assert table[0] == pytest.approx([1 / 3, 1 / 3, 0, 0])
+    assert table[1] == pytest.approx([1, 0, 0, 0])
+    assert table[2] == pytest.approx([0, 0.5, 0.5, 0])
+    assert table[3] == pytest.approx([0, 0, 1, 0])
+    assert table[4] == pytest.approx([0, 0, 0, 0])  # empty group
+
+
+def test_patch_coverage_and_groups_by_hand():
+    mask = np.zeros((4, 4), dtype=bool)
+    mask[:2, :2] = True  # patch 0 fully covered
+    mask[3, 3] = True  # one pixel of patch 3
+    assert patch_coverage(mask, 2).tolist() == [1.0, 0.0, 0.0, 0.25]
+    assert [image_group(c) for c in (1.0, 0.5, 0.25, 0.0)] == [
+        "shape", "shape", "edge", "background"
+    ]  # fmt: skip
+
+
+def test_caption_roles_find_multi_token_values_and_leave_template_words():
+    dataset = ShapesDataset("test", 1)
+    template = CAPTION_TEMPLATES.index(
+        "an image of a {size} {colour} {shape} located at the {position} on {background}."
+    )
+    attrs = Attributes(colour=COLOURS.index("cyan"), shape=0, size=1, position=0,
+                       background=0, template=template)  # fmt: skip
+    tokens = dataset.tokens(attrs.caption())
+    roles = caption_roles(attrs, tokens, dataset.tokenizer)
+    words = [dataset.tokenizer.decoder[int(t)].replace("</w>", "") for t in tokens if t]
+    said = dict(zip(words, roles))
+    # "an image ...": a template word, though "cy" + "an" spells cyan later on
+    assert [r for w, r in zip(words, roles) if w in ("cy", "an")] == ["other", "colour", "colour"]
+    assert said["large"] == "size" and said["circle"] == "shape"
+    assert said["top"] == said["left"] == "position" and said["black"] == "background"
+    assert roles[0] == roles[len(words) - 1] == "start/end"
+    assert roles[len(words) :] == ["other"] * (len(roles) - len(words))  # padding
+
+
+TINY = ["model.width=32", "model.embed_dim=32", "model.depth=2", "model.num_heads=2"]
+
+
+def tiny_limoe():
+    torch.manual_seed(0)  # dropless: a token's expert does not depend on the other tokens
+    moe = ["model.moe_layers=[0,1]", "model.moe.num_experts=4", "model.moe.capacity_factor=null"]
+    return create_model("limoe", overrides=TINY + moe)
+
+
+def test_collect_routing_matches_routing_each_pair_alone():
+    model = tiny_limoe().eval()  # no gating noise
+    dataset = ShapesDataset("test", 7, context_length=24)
+    record = collect_routing(model, dataset, num_pairs=7, batch_size=3, progress=False)
+    assert record.layers == [0, 1] and record.grid_size == (4, 4)
+    for pair in (0, 4, 6):
+        image, tokens = dataset[pair]
+        _, _, alone = model.tower(image[None], tokens[None])
+        for layer, routing in zip(record.layers, alone):
+            patches = patch_experts(record, layer, [pair])[0].reshape(-1)
+            assert patches.tolist() == routing.expert_index[:16, 0].tolist()
+            ids, experts = word_experts(record, layer, pair)
+            assert experts == routing.expert_index[16:, 0].tolist()
+            assert ids == tokens[: len(ids)].tolist() and ids[-1] == int(tokens.max())
+
+
+def test_collect_routing_refuses_a_model_without_experts():
+    model = create_model("dense", overrides=TINY)
+    with pytest.raises(ValueError, match="no MoE layers"):
+        collect_routing(model, ShapesDataset("test", 2), progress=False)
+
+
+def test_every_figure_gives_expert_e_the_same_colour():
+    s = layer_summary(hand_routing())
+    colours = plots.expert_colours(4)
+    assert len({tuple(c) for c in plots.expert_colours(16)}) == 16
+    bars = plots.plot_expert_shares({3: s}).axes[0].patches[:4]
+    assert [b.get_facecolor() for b in bars] == [to_rgba(c) for c in colours]
+    history = [{"step": k, "layers": {"3": s}} for k in (10, 20)]
+    lines = {ln.get_label(): ln for ln in plots.plot_history(history).axes[0].get_lines()}
+    assert to_rgba(lines["expert 2"].get_color()) == to_rgba(colours[2])
+    for fig in (plots.plot_routing_quality({3: s}), plots.plot_specialisation({3: s})):
+        assert all(ax.get_title() and ax.get_ylabel() and ax.get_legend() for ax in fig.axes)
+
+
+def test_read_history_keeps_the_last_record_of_a_step(tmp_path):
+    lines = [{"step": 4, "layers": {"v": 1}}, {"step": 2, "layers": {}},
+             {"step": 4, "layers": {"v": 2}}]  # fmt: skip
+    path = tmp_path / "history.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert read_history(path) == [lines[1], lines[2]]

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install train dense compare test test-all lint format notebooks clean
+.PHONY: install train dense compare analyze test test-all lint format notebooks lab clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ compare: $(STAMP)  ## LIMoE vs dense vs CLIP over 3 seeds, then the table and pl
 	$(BIN)/limoe-train -m experiment=limoe_vs_clip $(ARGS)
 	$(BIN)/limoe-compare $$(ls -td logs/limoe_vs_clip/multiruns/*/ | head -1)
 
+analyze: $(STAMP)  ## routing figures and tables of the latest `make train` run (into its routing/)
+	$(BIN)/limoe-analyze ckpt=$$(ls -td logs/train/runs/*/ | head -1)checkpoints/last.ckpt $(ARGS)
+
 test: $(STAMP)  ## the test suite (skips tests marked slow)
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
@@ -38,7 +41,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix limoe tests
 	$(BIN)/ruff format limoe tests
 
-notebooks: $(STAMP)  ## JupyterLab on notebooks/ from the project's venv
+notebooks lab: $(STAMP)  ## JupyterLab on notebooks/ from the project's venv
 	$(BIN)/jupyter lab notebooks
 
 clean:

@@ -220,7 +220,9 @@ def run_analysis(cfg: DictConfig) -> dict:
     if cfg.get("history") and not history_path.is_file():
         raise ValueError(f"history={history_path} is not a file")
     history = read_history(history_path) if history_path.is_file() else None
-    summaries = write_report(record, dataset, out, history, cfg.num_examples, cfg.threshold)
+    summaries = write_report(
+        record, dataset, out, history, cfg.num_examples, cfg.threshold, cfg.min_share
+    )
     print(f"limoe: routing of {len(set(record.pair.tolist()))} {cfg.split} pairs -> {out}")
     return {
         f"layer{layer}/{kind}_experts": s["specialised"][kind]

@@ -84,6 +84,10 @@ def test_expert_kinds_threshold_is_strict():
     counts = torch.tensor([[9, 1], [10, 0], [1, 99], [0, 0]])
     assert expert_kinds(counts, ("image", "text"), 0.9) == ["shared", "image", "text", "unused"]
     assert expert_kinds(counts, ("image", "text"), 0.5) == ["image", "image", "text", "unused"]
+    # 1% of the 120 tokens is 1.2: expert 0's 10 count, a 1-token expert would not
+    few = torch.tensor([[10, 0], [1, 0], [0, 109]])
+    assert expert_kinds(few, ("image", "text"), 0.9, min_share=0.01) == ["image", "unused", "text"]
+    assert expert_kinds(few, ("image", "text"), 0.9) == ["image", "image", "text"]
     with pytest.raises(ValueError, match="threshold must be in"):
         expert_kinds(counts, ("image", "text"), 1.0)
 

@@ -103,7 +103,7 @@ def plot_image_fraction(summaries: Mapping[int, dict], threshold: float = 0.9) -
     ax.set_xlabel("expert")
     fig.colorbar(image, ax=ax, label="image share of the expert's tokens (1 = image only)")
     ax.set_title(f"Expert modality: > {threshold:.0%} image = image expert, "
-                 f"< {1 - threshold:.0%} = text expert, grey = unused")  # fmt: skip
+                 f"< {1 - threshold:.0%} = text expert, grey = no tokens")  # fmt: skip
     return fig
 
 

@@ -138,13 +138,14 @@ def write_report(
     history: list[dict] | None = None,
     num_examples: int = 6,
     threshold: float = 0.9,
+    min_share: float = 0.01,
 ) -> dict[int, dict]:
     """Write every figure and table into ``out_dir``; returns the per-layer summaries."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summaries = record.summaries(threshold)
+    summaries = record.summaries(threshold, min_share)
     num_pairs = len(set(record.pair.tolist()))
-    meta = {"num_pairs": num_pairs, "threshold": threshold}
+    meta = {"num_pairs": num_pairs, "threshold": threshold, "min_share": min_share}
     layers = {str(k): v for k, v in summaries.items()}
     (out / "summary.json").write_text(json.dumps({**meta, "layers": layers}, indent=1) + "\n")
     summary_tables(summaries, out)

@@ -51,10 +51,10 @@ class RoutingRecord:
     def routing(self, layer: int) -> Routing:
         return self.routings[self.layers.index(layer)]
 
-    def summaries(self, threshold: float = 0.9) -> dict[int, dict]:
+    def summaries(self, threshold: float = 0.9, min_share: float = 0.01) -> dict[int, dict]:
         """``layer_summary`` of every MoE layer, keyed by layer index."""
         return {
-            layer: layer_summary(r, MODALITY_NAMES, threshold)
+            layer: layer_summary(r, MODALITY_NAMES, threshold, min_share)
             for layer, r in zip(self.layers, self.routings)
         }
 

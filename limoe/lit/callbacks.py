@@ -24,7 +24,12 @@ class RoutingHistory(L.Callback):
     """
 
     def __init__(
-        self, dirpath: str, num_pairs: int = 256, split: str = "val", threshold: float = 0.9
+        self,
+        dirpath: str,
+        num_pairs: int = 256,
+        split: str = "val",
+        threshold: float = 0.9,
+        min_share: float = 0.01,
     ) -> None:
         if num_pairs < 1:
             raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
@@ -32,6 +37,7 @@ class RoutingHistory(L.Callback):
         self.num_pairs = num_pairs
         self.split = split
         self.threshold = threshold
+        self.min_share = min_share
         self._pairs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _load_pairs(self, datamodule) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,7 +67,7 @@ class RoutingHistory(L.Callback):
         with torch.no_grad():
             _, _, routings = model.tower(images.to(pl_module.device), tokens.to(pl_module.device))
         layers = {
-            str(layer): layer_summary(routing, MODALITY_NAMES, self.threshold)
+            str(layer): layer_summary(routing, MODALITY_NAMES, self.threshold, self.min_share)
             for layer, routing in zip(model.moe_layers, routings)
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -96,18 +96,24 @@ def _finite_or_none(values: Tensor) -> list[float | None]:
     return [float(v) if torch.isfinite(v) else None for v in values]
 
 
-def expert_kinds(counts: Tensor, names: Sequence[str], threshold: float = 0.9) -> list[str]:
+def expert_kinds(
+    counts: Tensor, names: Sequence[str], threshold: float = 0.9, min_share: float = 0.0
+) -> list[str]:
     """Each expert's kind: a modality's name when more than ``threshold`` of the tokens it
-    processed are of that modality, ``"shared"`` otherwise, ``"unused"`` when it got none.
+    processed are of that modality, ``"shared"`` otherwise, ``"unused"`` when it took less than
+    ``min_share`` of all tokens (or none): an expert that sees a handful of image patches is
+    not an image expert.
 
     ``counts`` is ``[num_experts, num_modalities]`` (kept assignments, as ``expert_counts``).
     """
     if not 0.5 <= threshold < 1.0:
         raise ValueError(f"threshold must be in [0.5, 1), got {threshold}")
+    if not 0.0 <= min_share < 1.0:
+        raise ValueError(f"min_share must be in [0, 1), got {min_share}")
     total = counts.sum(dim=1)
     kinds = []
     for e in range(counts.shape[0]):
-        if total[e] == 0:
+        if total[e] == 0 or total[e] < min_share * total.sum():
             kinds.append("unused")
             continue
         fraction = counts[e].float() / total[e]
@@ -117,7 +123,10 @@ def expert_kinds(counts: Tensor, names: Sequence[str], threshold: float = 0.9) -
 
 
 def layer_summary(
-    routing: Routing, names: Sequence[str] = MODALITY_NAMES, threshold: float = 0.9
+    routing: Routing,
+    names: Sequence[str] = MODALITY_NAMES,
+    threshold: float = 0.9,
+    min_share: float = 0.01,
 ) -> dict:
     """What one MoE layer did with a set of tokens, as plain JSON-ready numbers.
 
@@ -128,7 +137,8 @@ def layer_summary(
     mean router distribution: high = many experts in use, what the global loss keeps up);
     ``top1_prob`` (mean router probability of the first choice, the gate confidence).
     Per expert: ``modality_fraction`` (share of its tokens from each modality; None if unused)
-    and ``kind`` (see ``expert_kinds``), counted in ``specialised``.
+    and ``kind`` (see ``expert_kinds``: below ``min_share`` of the layer's tokens is "unused"),
+    counted in ``specialised``.
     """
     m = len(names)
     modality = routing.modality
@@ -138,7 +148,7 @@ def layer_summary(
     top_k = routing.expert_index.shape[1]
     counts = expert_counts(routing, m).cpu()
     tokens = modality_tokens(routing, m).cpu()
-    kinds = expert_kinds(counts, names, threshold)
+    kinds = expert_kinds(counts, names, threshold, min_share)
     fraction = counts.float() / counts.sum(dim=1, keepdim=True)
     summary: dict = {
         "num_experts": counts.shape[0],

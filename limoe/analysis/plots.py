@@ -22,6 +22,8 @@ DROPPED_COLOUR = (0.85, 0.85, 0.85, 1.0)
 # Modalities by colour (kept apart from the expert palette); statistics by line style.
 MODALITY_COLOUR = {"image": "0.15", "text": "darkgoldenrod"}
 LOCAL, GLOBAL = {"ls": "-", "marker": "o"}, {"ls": "--", "marker": "x"}
+KIND_COLOURS = {"image": MODALITY_COLOUR["image"], "text": MODALITY_COLOUR["text"],
+                "shared": "0.55", "unused": "0.85"}  # fmt: skip
 
 
 def expert_colours(num_experts: int) -> list[tuple[float, ...]]:
@@ -112,19 +114,19 @@ def plot_specialisation(summaries: Mapping[int, dict]) -> Figure:
     layers = list(summaries)
     kinds = ("image", "text", "shared", "unused")
     labels = ("image-only", "text-only", "shared", "unused")
-    colours = ("tab:blue", "tab:red", "tab:purple", "lightgrey")
     fig = Figure(figsize=(6, 3.2), layout="constrained")
     ax = fig.subplots()
     width = 0.8 / len(kinds)
     x = np.arange(len(layers))
-    for j, (kind, label, colour) in enumerate(zip(kinds, labels, colours)):
+    for j, (kind, label) in enumerate(zip(kinds, labels)):
         counts = [summaries[layer]["specialised"][kind] for layer in layers]
-        bars = ax.bar(x + (j - 1.5) * width, counts, width, label=label, color=colour)
+        bars = ax.bar(x + (j - 1.5) * width, counts, width, label=label, color=KIND_COLOURS[kind])
         ax.bar_label(bars, fontsize=8)
     ax.set_xticks(x, [f"layer {layer}" for layer in layers])
     ax.set_ylabel("experts")
     ax.set_title("Modality-specific and shared experts per MoE layer")
-    ax.legend()
+    ax.set_ylim(0, summaries[layers[0]]["num_experts"] * 1.3)
+    ax.legend(ncol=len(kinds), loc="upper center", fontsize=8)
     return fig
 
 

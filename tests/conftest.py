@@ -6,18 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+from limoe.cli import compose_config
 
 # Two cores: more threads than that only contend (the suite runs under CI's 2 CPUs).
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def compose_train(overrides: list[str] | None = None) -> DictConfig:
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        return compose("train", overrides=overrides or [])
+    return compose_config(overrides)
 
 
 @pytest.fixture

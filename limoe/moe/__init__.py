@@ -4,7 +4,8 @@ Pipeline of one ``MoELayer`` call, each step a function you can test on its own:
 ``route`` (logits -> probs -> top-k) -> ``compute_capacity`` / ``assign_slots``
 (slot positions, drops, Batch Priority Routing) -> ``sort_by_expert`` ->
 ``gather_tokens`` -> ``Experts`` (per-expert GEMMs) -> ``combine`` (``index_add_``),
-plus the auxiliary losses in ``losses``.
+plus the auxiliary losses in ``losses``. ``reference`` holds GShard's one-hot einsum
+dispatch, which the sorted path must equal.
 """
 
 from .dispatch import combine, gather_tokens, sort_by_expert
@@ -19,6 +20,7 @@ from .losses import (
     local_entropy_loss,
     z_loss,
 )
+from .reference import dispatch_tensors, onehot_moe
 from .routing import Routing, add_gating_noise, assign_slots, compute_capacity, route
 
 __all__ = [
@@ -31,11 +33,13 @@ __all__ = [
     "combine",
     "compute_aux_losses",
     "compute_capacity",
+    "dispatch_tensors",
     "gather_tokens",
     "global_entropy_loss",
     "importance_loss",
     "load_loss",
     "local_entropy_loss",
+    "onehot_moe",
     "route",
     "sort_by_expert",
     "z_loss",

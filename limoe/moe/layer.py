@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .dispatch import combine, gather_tokens, sort_by_expert
 from .experts import Experts
 from .losses import LOSS_NAMES, compute_aux_losses, weighted_sum
+from .reference import onehot_moe
 from .routing import Routing, add_gating_noise, assign_slots, compute_capacity, route
 
 
@@ -26,7 +27,13 @@ class MoELayer(nn.Module):
     ``modality [N]`` (ids into ``modality_names``) only affects the aux losses,
     which are computed per modality as in LIMoE; routing, capacity and BPR are
     shared by all tokens so modalities compete for the same experts.
+
+    ``dispatch="sorted"`` (default) permutes kept choices into per-expert slices
+    (MegaBlocks/ScatterMoE); ``"onehot"`` is GShard's dense one-hot einsum dispatch, kept
+    as the reference for tests and benchmarks: same routing, same result, more memory.
     """
+
+    DISPATCH_MODES = ("sorted", "onehot")
 
     def __init__(
         self,
@@ -48,9 +55,13 @@ class MoELayer(nn.Module):
         modality_names: Sequence[str] = ("image", "text"),
         act_layer: type[nn.Module] = nn.GELU,
         drop: float = 0.0,
+        dispatch: str = "sorted",
     ) -> None:
         super().__init__()
         _check_config(num_experts, top_k, capacity_factor, min_capacity)
+        if dispatch not in self.DISPATCH_MODES:
+            raise ValueError(f"dispatch must be one of {self.DISPATCH_MODES}, got {dispatch!r}")
+        self.dispatch_mode = dispatch
         self.dim = dim
         self.num_experts = num_experts
         self.top_k = top_k
@@ -89,8 +100,11 @@ class MoELayer(nn.Module):
         # BPR priority: the raw top-1 router probability (with renormalised k=1 gates
         # every gate is 1, so the raw probability is the only informative score).
         priority = probs.amax(dim=-1) if self.batch_priority else None
-        _, dropped = assign_slots(expert_index, self.num_experts, capacity, priority)
-        y = self.dispatch(x, expert_index, gates, dropped)
+        position, dropped = assign_slots(expert_index, self.num_experts, capacity, priority)
+        if self.dispatch_mode == "onehot":
+            y = onehot_moe(x, expert_index, gates, position, dropped, self.experts, capacity)
+        else:
+            y = self.dispatch(x, expert_index, gates, dropped)
         # Aux losses see the routing actually used (noisy logits in training), as in vmoe.
         aux_losses = compute_aux_losses(
             logits, probs, expert_index, modality, self.modality_names, self.min_experts

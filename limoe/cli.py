@@ -122,25 +122,27 @@ def run_training(cfg: DictConfig, output_dir: Path) -> dict:
     return write_metrics(metrics, output_dir / "metrics.json")
 
 
+def _compose(
+    overrides: list[str] | None, output_dir: str | Path | None, name: str
+) -> tuple[DictConfig, dict]:
+    """The config as ``compose_config`` returns it, and the option chosen in each config group
+    (``{"model": "limoe", ...}``, what Hydra records in ``.hydra/hydra.yaml``)."""
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose(name, overrides=list(overrides or []), return_hydra_config=True)
+    choices = dict(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+        if output_dir is not None:
+            cfg.paths.output_dir = str(output_dir)
+    return cfg, choices
+
+
 def compose_config(
     overrides: list[str] | None = None, output_dir: str | Path | None = None, name: str = "train"
 ) -> DictConfig:
     """The config ``limoe-train key=value ...`` runs, composed outside a Hydra app (notebooks,
     scripts); ``paths.output_dir``, which Hydra fills in at run time, becomes ``output_dir``."""
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        cfg = compose(name, overrides=list(overrides or []))
-    if output_dir is not None:
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(output_dir)
-    return cfg
-
-
-def config_choices(overrides: list[str] | None = None, name: str = "train") -> dict:
-    """The option chosen in each config group (``{"model": "limoe", ...}``), as Hydra records
-    it in ``.hydra/hydra.yaml``."""
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        cfg = compose(name, overrides=list(overrides or []), return_hydra_config=True)
-    return dict(cfg.hydra.runtime.choices)
+    return _compose(overrides, output_dir, name)[0]
 
 
 def train_run(overrides: list[str] | None, output_dir: str | Path) -> dict:
@@ -148,11 +150,11 @@ def train_run(overrides: list[str] | None, output_dir: str | Path) -> dict:
     would (``.hydra/``, which ``limoe-compare`` reads), train and test in ``output_dir``;
     returns the test metrics (also in ``metrics.json``)."""
     output_dir = Path(output_dir)
-    cfg = compose_config(overrides, output_dir)
+    cfg, choices = _compose(overrides, output_dir, "train")
     hydra_dir = output_dir / ".hydra"
     hydra_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, hydra_dir / "config.yaml")
-    runtime = {"hydra": {"runtime": {"choices": config_choices(overrides)}}}
+    runtime = {"hydra": {"runtime": {"choices": choices}}}
     OmegaConf.save(OmegaConf.create(runtime), hydra_dir / "hydra.yaml")
     return run_training(cfg, output_dir)
 
@@ -223,7 +225,7 @@ def run_analysis(cfg: DictConfig) -> dict:
     summaries = write_report(
         record, dataset, out, history, cfg.num_examples, cfg.threshold, cfg.min_share
     )
-    print(f"limoe: routing of {len(set(record.pair.tolist()))} {cfg.split} pairs -> {out}")
+    print(f"limoe: routing of {len(record.pairs)} {cfg.split} pairs -> {out}")
     return {
         f"layer{layer}/{kind}_experts": s["specialised"][kind]
         for layer, s in summaries.items()

@@ -130,6 +130,17 @@ def plot_specialisation(summaries: Mapping[int, dict]) -> Figure:
     return fig
 
 
+def _entropy_lines(ax, x, summaries: Sequence[dict], num_experts: int) -> None:
+    """Local (solid) and global (dashed) entropy of each modality over ``x``, with log E."""
+    for m in MODALITY_NAMES:
+        c = MODALITY_COLOUR[m]
+        local = [s["entropy_local"][m] for s in summaries]
+        glob = [s["entropy_global"][m] for s in summaries]
+        ax.plot(x, local, **LOCAL, color=c, label=f"{m}: per token (local)")
+        ax.plot(x, glob, **GLOBAL, color=c, label=f"{m}: of the mean (global)")
+    ax.axhline(np.log(num_experts), color="grey", lw=0.8, ls=":", label="log E (uniform)")
+
+
 def plot_routing_quality(summaries: Mapping[int, dict]) -> Figure:
     """Per modality and layer: routing entropy (per token and of the mean), first-choice
     router probability (gate confidence) and dropped share."""
@@ -137,18 +148,14 @@ def plot_routing_quality(summaries: Mapping[int, dict]) -> Figure:
     fig = Figure(figsize=(12, 3.4), layout="constrained")
     axes = fig.subplots(1, 3)
     x = np.arange(len(layers))
+    num_experts = summaries[layers[0]]["num_experts"]
+    _entropy_lines(axes[0], x, [summaries[layer] for layer in layers], num_experts)
     for m in MODALITY_NAMES:
         c = MODALITY_COLOUR[m]
-        local = [summaries[layer]["entropy_local"][m] for layer in layers]
-        glob = [summaries[layer]["entropy_global"][m] for layer in layers]
-        axes[0].plot(x, local, **LOCAL, color=c, label=f"{m}: per token (local)")
-        axes[0].plot(x, glob, **GLOBAL, color=c, label=f"{m}: of the mean (global)")
         axes[1].plot(x, [summaries[layer]["top1_prob"][m] for layer in layers], **LOCAL,
                      color=c, label=m)  # fmt: skip
         axes[2].plot(x, [summaries[layer]["dropped"][m] for layer in layers], **LOCAL,
                      color=c, label=m)  # fmt: skip
-    num_experts = summaries[layers[0]]["num_experts"]
-    axes[0].axhline(np.log(num_experts), color="grey", lw=0.8, ls=":", label="log E (uniform)")
     titles = ("Routing entropy (nats)", "Gate confidence", "Dropped tokens")
     ylabels = ("entropy", "mean first-choice router prob.", "share of choices dropped")
     for ax, title, ylabel in zip(axes, titles, ylabels):
@@ -284,13 +291,7 @@ def plot_history(history: Sequence[dict]) -> Figure:
         row[0].set_ylim(-0.02, 1.02)
         row[0].set_ylabel("image share of expert's tokens")
         row[0].set_title(f"layer {layer}: expert modality over training")
-        for m in MODALITY_NAMES:
-            c = MODALITY_COLOUR[m]
-            local = [s["entropy_local"][m] for s in summaries]
-            glob = [s["entropy_global"][m] for s in summaries]
-            row[1].plot(steps, local, **LOCAL, color=c, label=f"{m}: per token (local)")
-            row[1].plot(steps, glob, **GLOBAL, color=c, label=f"{m}: of the mean (global)")
-        row[1].axhline(np.log(num_experts), color="grey", lw=0.8, ls=":", label="log E")
+        _entropy_lines(row[1], steps, summaries, num_experts)
         row[1].set_ylabel("entropy (nats)")
         row[1].set_title(f"layer {layer}: routing entropy over training")
         row[1].legend(fontsize=7)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from limoe.analysis import plots
 from limoe.analysis.routing import (
@@ -90,13 +91,22 @@ def history_table(history: list[dict], out: Path) -> Path:
     return _write_csv(out / "history.csv", header, rows)
 
 
-def content_report(record: RoutingRecord, dataset, out: Path) -> list[Path]:
-    """``content.csv`` and ``content_routing.png``: which experts take shape / background
-    patches and colour / shape / position ... words (needs the shapes dataset's attributes)."""
+def content_tables(
+    record: RoutingRecord, dataset
+) -> tuple[dict[int, np.ndarray], list[str], list[int]]:
+    """Per layer, ``content_table`` over the content groups present (in ``CONTENT_GROUPS``
+    order), the groups and their token counts: the arguments of ``plot_content_routing``."""
     groups = content_groups(record, dataset)
     present = [g for g in CONTENT_GROUPS if g in set(groups)]
     counts = [groups.count(g) for g in present]
     tables = {layer: content_table(record, layer, groups, present) for layer in record.layers}
+    return tables, present, counts
+
+
+def content_report(record: RoutingRecord, dataset, out: Path) -> list[Path]:
+    """``content.csv`` and ``content_routing.png``: which experts take shape / background
+    patches and colour / shape / position ... words (needs the shapes dataset's attributes)."""
+    tables, present, counts = content_tables(record, dataset)
     rows = [
         [layer, group, n, e, _fmt(float(table[g, e]))]
         for layer, table in tables.items()
@@ -111,24 +121,31 @@ def content_report(record: RoutingRecord, dataset, out: Path) -> list[Path]:
     ]
 
 
-def example_figures(record: RoutingRecord, dataset, out: Path, num_examples: int) -> list[Path]:
-    """``patch_routing.png`` and ``word_routing.png`` for the first ``num_examples`` pairs."""
-    pairs = sorted(set(record.pair.tolist()))[:num_examples]
+def patch_routing_figure(record: RoutingRecord, dataset, pairs: Sequence[int]) -> Figure:
+    """``plot_patch_routing`` of the given pairs' images, one map per MoE layer."""
     images = np.stack([dataset.image_uint8(p) for p in pairs])
     patches = {layer: patch_experts(record, layer, pairs) for layer in record.layers}
+    return plots.plot_patch_routing(images, patches, record.num_experts)
+
+
+def word_routing_figure(record: RoutingRecord, dataset, pairs: Sequence[int]) -> Figure:
+    """``plot_word_routing`` of the given pairs' captions, one row per MoE layer."""
     captions, words = [], {layer: [] for layer in record.layers}
     for p in pairs:
         for layer in record.layers:
             token_ids, experts = word_experts(record, layer, p)
             words[layer].append(experts)
         captions.append([token_text(dataset.tokenizer, t) for t in token_ids])
-    num_experts = record.num_experts
+    return plots.plot_word_routing(captions, words, record.num_experts)
+
+
+def example_figures(record: RoutingRecord, dataset, out: Path, num_examples: int) -> list[Path]:
+    """``patch_routing.png`` and ``word_routing.png`` for the first ``num_examples`` pairs."""
+    pairs = record.pairs[:num_examples]
     return [
-        plots.save(plots.plot_patch_routing(images, patches, num_experts),
-                   out / "patch_routing.png"),
-        plots.save(plots.plot_word_routing(captions, words, num_experts),
-                   out / "word_routing.png"),
-    ]  # fmt: skip
+        plots.save(patch_routing_figure(record, dataset, pairs), out / "patch_routing.png"),
+        plots.save(word_routing_figure(record, dataset, pairs), out / "word_routing.png"),
+    ]
 
 
 def write_report(
@@ -144,8 +161,7 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summaries = record.summaries(threshold, min_share)
-    num_pairs = len(set(record.pair.tolist()))
-    meta = {"num_pairs": num_pairs, "threshold": threshold, "min_share": min_share}
+    meta = {"num_pairs": len(record.pairs), "threshold": threshold, "min_share": min_share}
     layers = {str(k): v for k, v in summaries.items()}
     (out / "summary.json").write_text(json.dumps({**meta, "layers": layers}, indent=1) + "\n")
     summary_tables(summaries, out)

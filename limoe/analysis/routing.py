@@ -45,6 +45,11 @@ class RoutingRecord:
     patch_size: int
 
     @property
+    def pairs(self) -> list[int]:
+        """The dataset indices of the routed pairs, sorted."""
+        return self.pair.unique().tolist()
+
+    @property
     def num_experts(self) -> int:
         return self.routings[0].probs.shape[1]
 

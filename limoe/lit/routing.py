@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from limoe.moe import Routing
+from limoe.moe.losses import entropy
 
 MODALITY_NAMES = ("image", "text")
 
@@ -86,10 +87,6 @@ def concat_routings(routings: Sequence[Routing]) -> Routing:
         aux_losses=aux,
         aux_loss=torch.stack([r.aux_loss for r in routings]).mean(),
     )
-
-
-def _entropy(p: Tensor) -> Tensor:
-    return -(p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))).sum(-1)
 
 
 def _finite_or_none(values: Tensor) -> list[float | None]:
@@ -172,8 +169,8 @@ def layer_summary(
         summary["share"][name] = (counts[:, i].float() / choices).tolist()
         summary["dropped"][name] = 1.0 - float(counts[:, i].sum()) / choices if tokens[i] else 0.0
         empty = probs.shape[0] == 0
-        summary["entropy_local"][name] = 0.0 if empty else float(_entropy(probs).mean())
-        summary["entropy_global"][name] = 0.0 if empty else float(_entropy(probs.mean(0)))
+        summary["entropy_local"][name] = 0.0 if empty else float(entropy(probs).mean())
+        summary["entropy_global"][name] = 0.0 if empty else float(entropy(probs.mean(0)))
         summary["top1_prob"][name] = 0.0 if empty else float(probs.amax(-1).mean())
         summary["modality_fraction"][name] = _finite_or_none(fraction[:, i])
     return summary

@@ -1,11 +1,13 @@
-"""Console entry points (Hydra apps): ``limoe-train``, ``limoe-eval`` and ``limoe-analyze``.
+"""Console entry points (Hydra apps): ``limoe-train``, ``limoe-eval``, ``limoe-analyze`` and
+``limoe-bench``.
 
-Both take ``key=value`` overrides. Errors in the configuration end the command with a one-line
+All take ``key=value`` overrides. Errors in the configuration end the command with a one-line
 message naming what is wrong, instead of a stack trace.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -13,7 +15,9 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -22,6 +26,14 @@ from torch.utils.data import default_collate
 
 from limoe.analysis.report import write_report
 from limoe.analysis.routing import collect_routing
+from limoe.bench import (
+    check_targets,
+    format_table,
+    layer_cases,
+    machine_info,
+    run_layer_bench,
+    run_train_bench,
+)
 from limoe.lit import ContrastiveModule, read_history
 from limoe.models import model_cost, parameter_counts
 
@@ -122,12 +134,20 @@ def run_training(cfg: DictConfig, output_dir: Path) -> dict:
     return write_metrics(metrics, output_dir / "metrics.json")
 
 
+def _config_dir() -> contextlib.AbstractContextManager:
+    """``conf/`` for Hydra's compose API; inside a running app (``limoe-bench`` composes train
+    configs) Hydra is already initialised on that same directory."""
+    if GlobalHydra.instance().is_initialized():
+        return contextlib.nullcontext()
+    return initialize_config_dir(CONF_DIR, version_base="1.3")
+
+
 def _compose(
     overrides: list[str] | None, output_dir: str | Path | None, name: str
 ) -> tuple[DictConfig, dict]:
     """The config as ``compose_config`` returns it, and the option chosen in each config group
     (``{"model": "limoe", ...}``, what Hydra records in ``.hydra/hydra.yaml``)."""
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+    with _config_dir():
         cfg = compose(name, overrides=list(overrides or []), return_hydra_config=True)
     choices = dict(cfg.hydra.runtime.choices)
     with open_dict(cfg):
@@ -242,3 +262,97 @@ def analyze() -> None:
     """``limoe-analyze ckpt=PATH [out=DIR] [split=test] [num_pairs=1000] ...``"""
     _check_overrides("analyze", sys.argv[1:])
     _analyze()
+
+
+BENCH_SUITES = ("layer", "train", "all")
+
+
+def _bench_dtype(cfg: DictConfig) -> torch.dtype:
+    name = cfg.dtype or ("bfloat16" if torch.device(cfg.device).type == "cuda" else "float32")
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or null, got {name!r}")
+    return getattr(torch, name)
+
+
+def _bench_layer(cfg: DictConfig, dtype: torch.dtype) -> list[dict]:
+    layer = cfg.layer
+    cases = layer_cases(
+        layer.num_experts, layer.top_k, layer.capacity_factor, layer.tokens, layer.dim,
+        layer.mlp_ratio,
+    )  # fmt: skip
+    return run_layer_bench(
+        cases, layer.modes, layer.passes, layer.warmup, layer.repeats, cfg.device, dtype,
+        _plain(layer.moe), layer.image_fraction, cfg.seed, cfg.progress,
+    )  # fmt: skip
+
+
+def _bench_train(cfg: DictConfig, dtype: torch.dtype) -> list[dict]:
+    """Each model of ``train.models`` as ``limoe-train model=NAME`` builds it, stepped on the
+    same batch: the first pairs of the data config's val split."""
+    modules, batch = {}, None
+    for name in cfg.train.models:
+        run_cfg = compose_config([f"model={name}", *cfg.train.overrides])
+        L.seed_everything(cfg.seed, verbose=False)
+        modules[name] = ContrastiveModule(model=_plain(run_cfg.model), optim=_plain(run_cfg.optim))
+        if batch is None:
+            size = cfg.train.batch_size or run_cfg.data.batch_size
+            dataset = instantiate(run_cfg.data).dataset("val")
+            batch = default_collate([dataset[i] for i in range(min(size, len(dataset)))])
+    images, tokens = (t.to(cfg.device) for t in batch[:2])
+    return run_train_bench(
+        modules, images, tokens, cfg.train.warmup, cfg.train.repeats, dtype, cfg.progress
+    )
+
+
+def run_bench(cfg: DictConfig) -> dict:
+    """Run the chosen suites; print the tables and targets; write everything to JSON."""
+    if cfg.suite not in BENCH_SUITES:
+        raise ValueError(f"suite must be one of {BENCH_SUITES}, got {cfg.suite!r}")
+    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but torch sees no CUDA GPU")
+    dtype = _bench_dtype(cfg)
+    results = {"machine": machine_info(cfg.device), "dtype": str(dtype).removeprefix("torch.")}
+    results["config"] = _plain(cfg)
+    results["layer"] = _bench_layer(cfg, dtype) if cfg.suite in ("layer", "all") else []
+    results["train"] = _bench_train(cfg, dtype) if cfg.suite in ("train", "all") else []
+    results["targets"] = check_targets(results["layer"], results["train"])
+    out = Path(cfg.out) if cfg.out else Path(cfg.paths.output_dir) / "bench.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(format_table(results))
+    print(f"limoe: benchmark of {results['machine']['device']} ({results['dtype']}) -> {out}")
+    return results
+
+
+@hydra.main(config_path=CONF_DIR, config_name="bench", version_base="1.3")
+def _bench(cfg: DictConfig) -> None:
+    try:
+        run_bench(cfg)
+    except (InstantiationException, OmegaConfBaseException, ValueError, TypeError) as error:
+        _fail(error)
+
+
+def _flags_to_overrides(argv: list[str]) -> list[str]:
+    """``--device cuda`` / ``--device=cuda`` -> ``device=cuda``: the flag spelling of a key,
+    so both forms work; Hydra's own flags (``-m``, ``--cfg``, ...) pass through."""
+    keys = {"--device", "--dtype", "--suite", "--out", "--seed"}
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        key = arg.split("=", 1)[0]
+        if key in keys and "=" in arg:
+            out.append(arg[2:])
+        elif key in keys and i + 1 < len(argv):
+            out.append(f"{arg[2:]}={argv[i + 1]}")
+            i += 1
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def bench() -> None:
+    """``limoe-bench [suite=layer|train|all] [device=cpu|cuda] [layer.num_experts=[8,32]] ...``"""
+    sys.argv[1:] = _flags_to_overrides(sys.argv[1:])
+    _check_overrides("bench", sys.argv[1:])
+    _bench()

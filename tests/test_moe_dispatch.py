@@ -78,3 +78,46 @@ def test_all_dropped_gives_zero_in_both_paths():
 def test_unknown_dispatch_mode_fails_with_one_line():
     with pytest.raises(ValueError, match=r"dispatch must be one of \('sorted', 'onehot'\)"):
         MoELayer(DIM, HIDDEN, 4, dispatch="dense")
+
+
+@pytest.mark.parametrize("capacity_factor", [1.0, None])
+@pytest.mark.parametrize("num_tokens, num_experts", [(40, 4), (5, 8)])
+def test_grouped_gemm_equals_the_loop(capacity_factor, num_tokens, num_experts):
+    """``F.grouped_mm`` (the CUDA bf16 path) also runs on CPU in float32, so CI checks it
+    against the per-expert loop: outputs and every gradient, with empty experts."""
+    torch.manual_seed(num_tokens)
+    layer = MoELayer(DIM, HIDDEN, num_experts, top_k=2, capacity_factor=capacity_factor,
+                     min_capacity=1)  # fmt: skip
+    with torch.no_grad():
+        for p in layer.experts.parameters():
+            p.normal_(std=0.3)
+        layer.router.weight.normal_(std=1.0)
+    x, probe = torch.randn(num_tokens, DIM), torch.randn(num_tokens, DIM)
+    results = {}
+    for gemm in ("loop", "grouped"):
+        layer.experts.gemm = gemm
+        assert layer.experts.use_grouped(x) == (gemm == "grouped")
+        results[gemm] = outputs_and_grads(layer, x, "sorted", probe)
+    (y, x_grad, grads, _), (y_g, x_grad_g, grads_g, _) = results["loop"], results["grouped"]
+    torch.testing.assert_close(y_g, y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_grad_g, x_grad, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_g[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_auto_gemm_takes_the_loop_on_cpu():
+    layer = MoELayer(DIM, HIDDEN, 4)
+    assert layer.experts.gemm == "auto" and not layer.experts.use_grouped(torch.randn(3, DIM))
+    with pytest.raises(ValueError, match=r"gemm must be one of \('auto', 'loop', 'grouped'\)"):
+        MoELayer(DIM, HIDDEN, 4, gemm="cutlass")
+
+
+@pytest.mark.parametrize("gemm", ["loop", "grouped"])
+def test_sorted_dispatch_is_deterministic_on_cpu(gemm):
+    torch.manual_seed(0)
+    layer = MoELayer(DIM, HIDDEN, 8, top_k=2, capacity_factor=1.0, gemm=gemm)
+    x, probe = torch.randn(300, DIM), torch.randn(300, DIM)
+    first = outputs_and_grads(layer, x, "sorted", probe)
+    second = outputs_and_grads(layer, x, "sorted", probe)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert all(torch.equal(g, second[2][n]) for n, g in first[2].items())

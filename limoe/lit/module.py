@@ -63,14 +63,19 @@ class ContrastiveModule(L.LightningModule):
             out = dict(zip(("image_features", "text_features", "logit_scale"), out))
         return out
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        images, tokens = batch
+    def compute_loss(self, images: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor, dict]:
+        """``(loss, contrastive, aux, model outputs)`` of one batch: what a training step
+        optimises (``limoe-bench`` times it without a Trainer)."""
         out = self(images, tokens)
         contrastive = self.clip_loss(
             out["image_features"], out["text_features"], out["logit_scale"]
         )
         aux = out.get("aux_loss", contrastive.new_zeros(()))
-        loss = contrastive + aux
+        return contrastive + aux, contrastive, aux, out
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, tokens = batch
+        loss, contrastive, aux, out = self.compute_loss(images, tokens)
         log = {
             "train/loss": loss,
             "train/contrastive_loss": contrastive,

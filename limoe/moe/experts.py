@@ -1,11 +1,24 @@
-"""The experts: E independent two-layer MLPs held as batched weight tensors."""
+"""The experts: E independent two-layer MLPs held as batched weight tensors, run on
+per-expert contiguous slices of the sorted tokens (one GEMM pair per expert, or one
+grouped GEMM for all of them)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+GEMM_MODES = ("auto", "loop", "grouped")
+
+
+def grouped_mm_supported(x: Tensor, *weights: Tensor) -> bool:
+    """Whether ``F.grouped_mm`` has a fast kernel here: bf16 on a CUDA GPU of compute
+    capability >= 8.0, with every row 16-byte aligned (dims a multiple of 8)."""
+    if not hasattr(F, "grouped_mm") or x.device.type != "cuda":
+        return False
+    if torch.cuda.get_device_capability(x.device) < (8, 0):
+        return False
+    return all(w.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0 for w in weights)
 
 
 class Experts(nn.Module):
@@ -15,6 +28,12 @@ class Experts(nn.Module):
     ``w2 [E, hidden, dim]``, ``b2 [E, dim]`` (input-major, so ``x @ w1[e]``) so one
     parameter holds every expert and per-expert slices need no copies. Expert e
     applied to ``x`` equals ``nn.Linear`` with ``weight = w1[e].T``.
+
+    ``gemm`` picks how the E GEMMs run: ``loop`` issues one ``addmm`` per non-empty
+    expert (fastest on CPU); ``grouped`` issues one ``F.grouped_mm`` per weight for all
+    experts (one kernel on a GPU, no host sync on the counts); ``auto`` takes ``grouped``
+    where ``grouped_mm_supported`` (CUDA, bf16 under autocast or in bf16) and ``loop``
+    elsewhere.
     """
 
     def __init__(
@@ -24,9 +43,13 @@ class Experts(nn.Module):
         hidden_dim: int,
         act_layer: type[nn.Module] = nn.GELU,
         drop: float = 0.0,
+        gemm: str = "auto",
     ) -> None:
         super().__init__()
+        if gemm not in GEMM_MODES:
+            raise ValueError(f"gemm must be one of {GEMM_MODES}, got {gemm!r}")
         self.num_experts = num_experts
+        self.gemm = gemm
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.b1 = nn.Parameter(torch.empty(num_experts, hidden_dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
@@ -46,24 +69,59 @@ class Experts(nn.Module):
         for b in (self.b1, self.b2):
             nn.init.zeros_(b)
 
-    def expert_forward(self, x: Tensor, e: int) -> Tensor:
-        """Expert e on its tokens ``x [n, dim]``: two GEMMs against slices of the batched weights."""
-        h = self.drop(self.act(torch.addmm(self.b1[e], x, self.w1[e])))
-        return self.drop(torch.addmm(self.b2[e], h, self.w2[e]))
-
-    def forward(self, x: Tensor, counts: Sequence[int]) -> Tensor:
+    def forward(self, x: Tensor, counts: Tensor) -> Tensor:
         """Run expert e on the e-th contiguous slice of ``x [M, dim]`` (``counts[e]`` rows).
 
         Outside autocast the input is cast to the weight dtype (e.g. bf16 tokens
         into float32 experts); under autocast the GEMMs pick their own dtype.
         """
+        if x.shape[0] > 0 and self.use_grouped(x):
+            return self.forward_grouped(x, counts)
+        return self.forward_loop(x, counts)
+
+    def use_grouped(self, x: Tensor) -> bool:
+        if self.gemm != "auto":
+            return self.gemm == "grouped"
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else self.w1.dtype
+        return dtype == torch.bfloat16 and grouped_mm_supported(x, self.w1, self.w2)
+
+    def forward_loop(self, x: Tensor, counts: Tensor) -> Tensor:
+        """One ``addmm`` pair per non-empty expert.
+
+        The weights are ``unbind``-ed once, so backward stacks the E weight gradients in
+        one step; indexing ``w1[e]`` instead would give each expert's gradient as a
+        zero-filled ``[E, dim, hidden]`` tensor to be summed, E times the memory traffic.
+        """
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.w1.dtype)
-        outs = [
-            self.expert_forward(x_e, e)
-            for e, x_e in enumerate(torch.split(x, list(counts)))
-            if x_e.shape[0] > 0
-        ]
+        w1, b1, w2, b2 = (p.unbind(0) for p in (self.w1, self.b1, self.w2, self.b2))
+        outs = []
+        for e, x_e in enumerate(torch.split(x, counts.tolist())):
+            if x_e.shape[0] > 0:
+                h = self.drop(self.act(torch.addmm(b1[e], x_e, w1[e])))
+                outs.append(self.drop(torch.addmm(b2[e], h, w2[e])))
         if not outs:
             return x.new_zeros(0, self.w2.shape[-1])
         return torch.cat(outs)
+
+    def forward_grouped(self, x: Tensor, counts: Tensor) -> Tensor:
+        """Both layers as ``F.grouped_mm`` over the slices (offsets = cumulative counts).
+
+        Under autocast, operands take the autocast dtype (``grouped_mm`` is not on the
+        autocast lists); per-expert biases are expanded row by row, since ``grouped_mm``'s
+        own ``bias`` is one vector for every group.
+        """
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        dtype = dtype or self.w1.dtype
+        offs = torch.cumsum(counts, dim=0).to(torch.int32)
+        rows = x.shape[0]
+        w1, b1, w2, b2 = (p.to(dtype) for p in (self.w1, self.b1, self.w2, self.b2))
+        with torch.autocast(device_type=device, enabled=False):
+            h = F.grouped_mm(x.to(dtype), w1, offs=offs)
+            h = h + torch.repeat_interleave(b1, counts, dim=0, output_size=rows)
+            h = self.drop(self.act(h))
+            out = F.grouped_mm(h, w2, offs=offs)
+            out = out + torch.repeat_interleave(b2, counts, dim=0, output_size=rows)
+        return self.drop(out)

@@ -31,6 +31,8 @@ class MoELayer(nn.Module):
     ``dispatch="sorted"`` (default) permutes kept choices into per-expert slices
     (MegaBlocks/ScatterMoE); ``"onehot"`` is GShard's dense one-hot einsum dispatch, kept
     as the reference for tests and benchmarks: same routing, same result, more memory.
+    ``gemm`` is how the sorted path runs the experts' GEMMs (``Experts``: ``auto`` takes
+    PyTorch's grouped GEMM on a CUDA GPU in bf16, a loop of ``addmm`` elsewhere).
     """
 
     DISPATCH_MODES = ("sorted", "onehot")
@@ -56,6 +58,7 @@ class MoELayer(nn.Module):
         act_layer: type[nn.Module] = nn.GELU,
         drop: float = 0.0,
         dispatch: str = "sorted",
+        gemm: str = "auto",
     ) -> None:
         super().__init__()
         _check_config(num_experts, top_k, capacity_factor, min_capacity)
@@ -79,7 +82,9 @@ class MoELayer(nn.Module):
         self.loss_weights = dict(zip(LOSS_NAMES, weights))
         self.router = nn.Linear(dim, num_experts, bias=False)
         nn.init.trunc_normal_(self.router.weight, std=0.02)
-        self.experts = Experts(num_experts, dim, hidden_dim, act_layer=act_layer, drop=drop)
+        self.experts = Experts(
+            num_experts, dim, hidden_dim, act_layer=act_layer, drop=drop, gemm=gemm
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -130,7 +135,7 @@ class MoELayer(nn.Module):
         """Kept choices -> sorted by expert -> expert GEMMs -> gate-weighted scatter back to tokens."""
         choice_index, counts = sort_by_expert(expert_index, dropped, self.num_experts)
         expert_in = gather_tokens(x, choice_index, self.top_k)
-        expert_out = self.experts(expert_in, counts.tolist())
+        expert_out = self.experts(expert_in, counts)
         return combine(expert_out, choice_index, gates, x.shape[0], self.top_k)
 
     def _check_inputs(self, x: Tensor, modality: Tensor | None) -> None:

@@ -1,0 +1,66 @@
+"""Training-step throughput: pairs/s of forward, loss, backward and an AdamW step, for each
+model on the same batch, timed interleaved so the ratios to the dense tower are fair."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .timing import median, time_interleaved
+
+
+def training_step(
+    module: nn.Module, images: Tensor, tokens: Tensor, dtype: torch.dtype, lr: float = 1e-3
+) -> Callable[[], None]:
+    """One optimisation step of ``module`` (anything with ``compute_loss(images, tokens)``,
+    such as ``ContrastiveModule``), under autocast when ``dtype`` is not float32."""
+    optimizer = torch.optim.AdamW(module.parameters(), lr=lr)
+    device = images.device.type
+
+    def run() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        amp = torch.autocast(device, dtype) if dtype != torch.float32 else nullcontext()
+        with amp:
+            loss = module.compute_loss(images, tokens)[0]
+        loss.backward()
+        optimizer.step()
+
+    return run
+
+
+def run_train_bench(
+    modules: Mapping[str, nn.Module],
+    images: Tensor,
+    tokens: Tensor,
+    warmup: int = 3,
+    repeats: int = 10,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> list[dict]:
+    """One row per model: median step seconds, every repeat, pairs/s, and pairs/s as a
+    fraction of the ``dense`` model's (when it is among the models)."""
+    device = images.device
+    for module in modules.values():
+        module.to(device).train()
+    calls = {name: training_step(m, images, tokens, dtype) for name, m in modules.items()}
+    rounds = warmup + repeats
+    with tqdm(total=rounds, desc="limoe-bench train", unit="round", disable=not progress) as bar:
+        times = time_interleaved(calls, warmup, repeats, device, on_round=bar.update)
+    batch = images.shape[0]
+    rate = {name: batch / median(t) for name, t in times.items()}
+    return [
+        {
+            "model": name,
+            "batch_size": batch,
+            "median_s": median(times[name]),
+            "times_s": times[name],
+            "pairs_per_s": rate[name],
+            "pairs_per_s_vs_dense": rate[name] / rate["dense"] if "dense" in rate else None,
+            "params": sum(p.numel() for p in module.parameters()),
+        }  # fmt: skip
+        for name, module in modules.items()
+    ]

@@ -1,0 +1,154 @@
+"""limoe-bench: fair interleaved timing, the grid, the JSON schema of a tiny run (never the
+timings themselves), the targets and table read off rows built by hand, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from limoe.bench import check_targets, format_table, layer_cases, time_interleaved
+from limoe.cli import _flags_to_overrides, compose_config, run_bench
+
+BIN = Path(sys.executable).parent
+TINY_LAYER = [
+    "layer.num_experts=[1,4]",
+    "layer.top_k=[1,2]",
+    "layer.capacity_factor=[1.0,null]",
+    "layer.tokens=[64]",
+    "layer.dim=[16]",
+    "layer.warmup=1",
+    "layer.repeats=2",
+]
+TINY_TRAIN = [
+    "train.overrides=['experiment=smoke','data.val_size=16']",
+    "train.batch_size=8",
+    "train.warmup=1",
+    "train.repeats=2",
+]
+
+
+def test_time_interleaved_calls_round_robin_after_warmup():
+    calls, rounds = [], []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times = time_interleaved(fns, warmup=1, repeats=3, on_round=lambda: rounds.append(1))
+    assert calls == ["a", "b"] * 4
+    assert len(rounds) == 4
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3}
+    assert all(t >= 0 for ts in times.values() for t in ts)
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        time_interleaved(fns, warmup=0, repeats=0)
+
+
+def test_layer_cases_leave_out_top_k_above_num_experts():
+    cases = layer_cases([1, 8, 32], [1, 2], [1.0, None], [16384], [256])
+    assert len(cases) == (1 + 2 + 2) * 2  # E=1 has no top-2
+    assert all(c.top_k <= c.num_experts and c.hidden == 1024 for c in cases)
+
+
+def _bench_cfg(tmp_path: Path, overrides: list[str]):
+    return compose_config(
+        [*overrides, f"out={tmp_path / 'bench.json'}", "progress=false"], tmp_path, "bench"
+    )
+
+
+def test_tiny_benchmark_writes_the_json_schema(tmp_path, capsys):
+    results = run_bench(_bench_cfg(tmp_path, TINY_LAYER + TINY_TRAIN))
+    assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(results))
+    assert set(results) == {"machine", "dtype", "config", "layer", "train", "targets"}
+    assert results["dtype"] == "float32" and results["machine"]["device"] == "cpu"
+    layer = results["layer"]
+    # 6 cases (E=1: 2, E=4: 4) x 3 modes x 2 passes.
+    assert len(layer) == 6 * 3 * 2
+    for row in layer:
+        assert len(row["times_s"]) == 2
+        assert row["median_s"] == pytest.approx(sum(row["times_s"]) / 2)
+        assert row["tokens_per_s"] == pytest.approx(64 / row["median_s"])
+        dense = next(r for r in layer if r["mode"] == "dense" and r["pass"] == row["pass"]
+                     and r["num_experts"] == row["num_experts"] and r["top_k"] == row["top_k"]
+                     and r["capacity_factor"] == row["capacity_factor"])  # fmt: skip
+        assert row["time_vs_dense"] == pytest.approx(row["median_s"] / dense["median_s"])
+        if row["mode"] == "dense":
+            assert row["dropped_fraction"] is None
+        elif row["capacity_factor"] is None or row["num_experts"] == 1:
+            assert row["dropped_fraction"] == 0.0
+        else:
+            assert 0.0 <= row["dropped_fraction"] < 1.0
+    train = {r["model"]: r for r in results["train"]}
+    assert set(train) == {"limoe", "dense", "clip"}
+    assert train["dense"]["pairs_per_s_vs_dense"] == 1.0
+    for r in train.values():
+        assert r["batch_size"] == 8 and len(r["times_s"]) == 2
+        assert r["pairs_per_s"] == pytest.approx(8 / r["median_s"])
+    assert train["limoe"]["params"] > train["dense"]["params"]  # the experts
+    # The tiny shape is not the issue's, so only the training target applies.
+    assert [t["target"] for t in results["targets"]] == ["limoe pairs/s / dense pairs/s"]
+    printed = capsys.readouterr().out
+    assert "| 4 | 2 | dropless | 64 | 16 | fwd_bwd |" in printed
+    assert "| limoe | 8 |" in printed
+
+
+def _layer_row(experts: int, mode: str, seconds: float, dense: float) -> dict:
+    return {"num_experts": experts, "top_k": 1, "capacity_factor": None, "tokens": 16384,
+            "dim": 256, "hidden": 1024, "mode": mode, "pass": "fwd_bwd", "median_s": seconds,
+            "times_s": [seconds], "tokens_per_s": 16384 / seconds,
+            "time_vs_dense": seconds / dense, "dropped_fraction": None}  # fmt: skip
+
+
+def test_targets_and_table_from_rows_built_by_hand():
+    layer = [
+        _layer_row(8, "dense", 0.4, 0.4), _layer_row(8, "sorted", 0.44, 0.4),
+        _layer_row(32, "dense", 0.4, 0.4), _layer_row(32, "sorted", 0.52, 0.4),
+        _layer_row(32, "onehot", 1.56, 0.4),
+    ]  # fmt: skip
+    train = [{"model": "limoe", "batch_size": 128, "median_s": 0.25, "times_s": [0.25],
+              "pairs_per_s": 512.0, "pairs_per_s_vs_dense": 0.8}]  # fmt: skip
+    targets = {t["target"]: (round(t["value"], 6), t["met"]) for t in check_targets(layer, train)}
+    assert targets == {
+        "sorted fwd+bwd time / dense, E=8": (1.1, True),
+        "sorted fwd+bwd time / dense, E=32": (1.3, False),
+        "one-hot fwd+bwd time / sorted, E=32": (3.0, False),
+        "limoe pairs/s / dense pairs/s": (0.8, False),
+    }
+    table = format_table({"layer": layer, "train": train, "targets": check_targets(layer, train)})
+    assert (
+        "| 32 | 1 | dropless | 16384 | 256 | fwd_bwd | 400.0 | 520.0 (1.30×) | 1560.0 (3.90×) |"
+        in table
+    )
+    assert "| 8 | 1 | dropless | 16384 | 256 | fwd_bwd | 400.0 | 440.0 (1.10×) | — |" in table
+    assert "| limoe | 128 | 250.0 | 512 | 0.80 |" in table
+    assert "target sorted fwd+bwd time / dense, E=32: 1.30 (≤ 1.25) MISSED" in table
+
+
+def test_device_flag_reads_as_an_override():
+    argv = ["--device", "cuda", "--dtype=bfloat16", "suite=layer", "-m"]
+    assert _flags_to_overrides(argv) == ["device=cuda", "dtype=bfloat16", "suite=layer", "-m"]
+
+
+def test_limoe_bench_console_script(tmp_path):
+    cmd = [str(BIN / "limoe-bench"), "suite=layer", *TINY_LAYER, "layer.num_experts=[2]",
+           "layer.top_k=[1]", "layer.capacity_factor=[null]", f"hydra.run.dir={tmp_path}"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "bench.json").read_text())["layer"]
+    assert [(r["mode"], r["pass"]) for r in rows] == [
+        (m, p) for p in ("fwd", "fwd_bwd") for m in ("dense", "sorted", "onehot")
+    ]
+    assert "| 2 | 1 | dropless | 64 | 16 | fwd |" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("suite=gpu", "suite must be one of"), ("dtype=float16", "dtype must be float32"),
+     ("layer.modes=[dense,fast]", "layer mode must be one of")],
+)  # fmt: skip
+def test_bad_bench_config_fails_with_one_line(override, message, tmp_path):
+    cmd = [str(BIN / "limoe-bench"), *TINY_LAYER, "suite=layer", override,
+           f"hydra.run.dir={tmp_path}"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("limoe: error: ")
+    assert message in result.stderr

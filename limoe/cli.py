@@ -312,13 +312,15 @@ def run_bench(cfg: DictConfig) -> dict:
         raise ValueError("device=cuda but torch sees no CUDA GPU")
     dtype = _bench_dtype(cfg)
     results = {"machine": machine_info(cfg.device), "dtype": str(dtype).removeprefix("torch.")}
-    results["config"] = _plain(cfg)
-    results["layer"] = _bench_layer(cfg, dtype) if cfg.suite in ("layer", "all") else []
-    results["train"] = _bench_train(cfg, dtype) if cfg.suite in ("train", "all") else []
-    results["targets"] = check_targets(results["layer"], results["train"])
+    results.update(config=_plain(cfg), layer=[], train=[], targets=[])
     out = Path(cfg.out) if cfg.out else Path(cfg.paths.output_dir) / "bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    suites = {"layer": _bench_layer, "train": _bench_train}
+    for name, run in suites.items():
+        if cfg.suite in (name, "all"):
+            results[name] = run(cfg, dtype)
+            results["targets"] = check_targets(results["layer"], results["train"])
+            out.write_text(json.dumps(results, indent=2) + "\n")  # kept if a later suite fails
     print(format_table(results))
     print(f"limoe: benchmark of {results['machine']['device']} ({results['dtype']}) -> {out}")
     return results

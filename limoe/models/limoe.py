@@ -89,15 +89,20 @@ class Block(nn.Module):
         return self._moe_mlp(image, text, text_mask)
 
     def _moe_mlp(self, image, text, text_mask):
-        """Route image patches and real text tokens together as one flat token set."""
-        parts, modality = [], []
+        """Route image patches and real text tokens together as one flat token set. Each
+        image and each caption is its own ``group`` (Soft MoE averages within one)."""
+        parts, modality, group = [], [], []
         if image is not None:
             parts.append(self.norm2(image).flatten(0, 1))
             modality.append(torch.full((parts[-1].shape[0],), IMAGE, device=image.device))
+            pair = torch.arange(image.shape[0], device=image.device)
+            group.append(pair.repeat_interleave(image.shape[1]))
         if text is not None:
             parts.append(self.norm2(text)[text_mask])
             modality.append(torch.full((parts[-1].shape[0],), TEXT, device=text.device))
-        y, routing = self.mlp(torch.cat(parts), torch.cat(modality))
+            pair = torch.arange(text.shape[0], device=text.device)[:, None].expand_as(text_mask)
+            group.append(pair[text_mask] + (image.shape[0] if image is not None else 0))
+        y, routing = self.mlp(torch.cat(parts), torch.cat(modality), torch.cat(group))
         y_image, y_text = y.split([p.shape[0] for p in parts]) if len(parts) == 2 else (y, y)
         if image is not None:
             image = image + self.drop_path(y_image.view_as(image))

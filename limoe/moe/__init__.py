@@ -5,7 +5,8 @@ Pipeline of one ``MoELayer`` call, each step a function you can test on its own:
 (slot positions, drops, Batch Priority Routing) -> ``sort_by_expert`` ->
 ``gather_tokens`` -> ``Experts`` (per-expert GEMMs) -> ``combine`` (``index_add_``),
 plus the auxiliary losses in ``losses``. ``reference`` holds GShard's one-hot einsum
-dispatch, which the sorted path must equal.
+dispatch, which the sorted path must equal. Two more routers fill the same record:
+``expert_choice`` (experts pick tokens) and ``soft`` (Soft MoE's weighted slots).
 """
 
 from .dispatch import combine, gather_tokens, sort_by_expert
@@ -21,7 +22,15 @@ from .losses import (
     z_loss,
 )
 from .reference import dispatch_tensors, onehot_moe
-from .routing import Routing, add_gating_noise, assign_slots, compute_capacity, route
+from .routing import (
+    Routing,
+    add_gating_noise,
+    assign_slots,
+    compute_capacity,
+    expert_choice,
+    route,
+)
+from .soft import pack_groups, soft_moe
 
 __all__ = [
     "LOSS_NAMES",
@@ -34,13 +43,16 @@ __all__ = [
     "compute_aux_losses",
     "compute_capacity",
     "dispatch_tensors",
+    "expert_choice",
     "gather_tokens",
     "global_entropy_loss",
     "importance_loss",
     "load_loss",
     "local_entropy_loss",
     "onehot_moe",
+    "pack_groups",
     "route",
+    "soft_moe",
     "sort_by_expert",
     "z_loss",
 ]

@@ -12,7 +12,15 @@ from .dispatch import combine, gather_tokens, sort_by_expert
 from .experts import Experts
 from .losses import LOSS_NAMES, compute_aux_losses, weighted_sum
 from .reference import onehot_moe
-from .routing import Routing, add_gating_noise, assign_slots, compute_capacity, route
+from .routing import (
+    Routing,
+    add_gating_noise,
+    assign_slots,
+    compute_capacity,
+    expert_choice,
+    route,
+)
+from .soft import soft_moe
 
 
 class MoELayer(nn.Module):
@@ -33,9 +41,17 @@ class MoELayer(nn.Module):
     as the reference for tests and benchmarks: same routing, same result, more memory.
     ``gemm`` is how the sorted path runs the experts' GEMMs (``Experts``: ``auto`` takes
     PyTorch's grouped GEMM on a CUDA GPU in bf16, a loop of ``addmm`` elsewhere).
+
+    ``router`` picks who chooses: ``topk`` (tokens choose experts, as LIMoE), ``expert_choice``
+    (each expert takes its C most confident tokens, Zhou et al. 2022; needs a
+    ``capacity_factor``; its routing record has k = E choices per token, ``dropped`` where an
+    expert did not pick it) or ``soft`` (Soft MoE, Puigcerver et al. 2023: ``slots_per_expert``
+    slots per expert and per ``group`` of tokens, each a weighted average of the group; the
+    record's single choice is the expert that wrote most of the token's output).
     """
 
     DISPATCH_MODES = ("sorted", "onehot")
+    ROUTERS = ("topk", "expert_choice", "soft")
 
     def __init__(
         self,
@@ -59,12 +75,17 @@ class MoELayer(nn.Module):
         drop: float = 0.0,
         dispatch: str = "sorted",
         gemm: str = "auto",
+        router: str = "topk",
+        slots_per_expert: int = 1,
     ) -> None:
         super().__init__()
         _check_config(num_experts, top_k, capacity_factor, min_capacity)
         if dispatch not in self.DISPATCH_MODES:
             raise ValueError(f"dispatch must be one of {self.DISPATCH_MODES}, got {dispatch!r}")
+        _check_router(router, capacity_factor, slots_per_expert, self.ROUTERS)
         self.dispatch_mode = dispatch
+        self.router_type = router
+        self.slots_per_expert = slots_per_expert
         self.dim = dim
         self.num_experts = num_experts
         self.top_k = top_k
@@ -80,7 +101,8 @@ class MoELayer(nn.Module):
         weights = (importance_weight, load_weight, z_loss_weight)
         weights += (local_entropy_weight, global_entropy_weight)
         self.loss_weights = dict(zip(LOSS_NAMES, weights))
-        self.router = nn.Linear(dim, num_experts, bias=False)
+        num_outputs = num_experts * (slots_per_expert if router == "soft" else 1)
+        self.router = nn.Linear(dim, num_outputs, bias=False)
         nn.init.trunc_normal_(self.router.weight, std=0.02)
         self.experts = Experts(
             num_experts, dim, hidden_dim, act_layer=act_layer, drop=drop, gemm=gemm
@@ -88,28 +110,32 @@ class MoELayer(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"num_experts={self.num_experts}, top_k={self.top_k}, "
+            f"router={self.router_type}, num_experts={self.num_experts}, top_k={self.top_k}, "
             f"capacity_factor={self.capacity_factor}, batch_priority={self.batch_priority}"
         )
 
-    def forward(self, x: Tensor, modality: Tensor | None = None) -> tuple[Tensor, Routing]:
-        """Route, dispatch, run experts, combine; returns ``(y [N, dim] in x.dtype, routing)``."""
-        self._check_inputs(x, modality)
+    def forward(
+        self, x: Tensor, modality: Tensor | None = None, group: Tensor | None = None
+    ) -> tuple[Tensor, Routing]:
+        """Route, dispatch, run experts, combine; returns ``(y [N, dim] in x.dtype, routing)``.
+
+        ``group [N]`` (ids of the sequence each token belongs to) matters to Soft MoE only,
+        which averages within a group; None: all tokens are one group."""
+        self._check_inputs(x, modality, group)
         logits = self.router_logits(x)
-        if self.noisy_gating and self.training:
-            logits = add_gating_noise(logits, self.num_experts)
-        probs, gates, expert_index = route(logits, self.top_k, self.renormalize_gates)
-        capacity = compute_capacity(
-            x.shape[0], self.num_experts, self.top_k, self.capacity_factor, self.min_capacity
-        )
-        # BPR priority: the raw top-1 router probability (with renormalised k=1 gates
-        # every gate is 1, so the raw probability is the only informative score).
-        priority = probs.amax(dim=-1) if self.batch_priority else None
-        position, dropped = assign_slots(expert_index, self.num_experts, capacity, priority)
-        if self.dispatch_mode == "onehot":
-            y = onehot_moe(x, expert_index, gates, position, dropped, self.experts, capacity)
+        if self.router_type == "soft":
+            y, probs = soft_moe(x, logits, group, self.experts, self.slots_per_expert)
+            gates, expert_index = probs.max(dim=-1, keepdim=True)
+            dropped = torch.zeros_like(expert_index, dtype=torch.bool)
+            capacity, logits = None, probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
         else:
-            y = self.dispatch(x, expert_index, gates, dropped)
+            if self.noisy_gating and self.training:
+                logits = add_gating_noise(logits, self.num_experts)
+            probs, gates, expert_index, position, dropped, capacity = self.route_tokens(logits)
+            if self.dispatch_mode == "onehot":
+                y = onehot_moe(x, expert_index, gates, position, dropped, self.experts, capacity)
+            else:
+                y = self.dispatch(x, expert_index, gates, dropped)
         # Aux losses see the routing actually used (noisy logits in training), as in vmoe.
         aux_losses = compute_aux_losses(
             logits, probs, expert_index, modality, self.modality_names, self.min_experts
@@ -131,16 +157,40 @@ class MoELayer(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             return F.linear(x.float(), self.router.weight.float())
 
+    def route_tokens(self, logits: Tensor) -> tuple:
+        """Top-k or expert-choice routing of logits ``[N, E]``: ``(probs, gates, expert_index,
+        position, dropped, capacity)``."""
+        num_tokens = logits.shape[0]
+        capacity = compute_capacity(
+            num_tokens, self.num_experts, self.top_k, self.capacity_factor, self.min_capacity
+        )
+        if self.router_type == "expert_choice":
+            probs = torch.softmax(logits.float(), dim=-1)
+            expert_index, gates, position, dropped = expert_choice(probs, capacity)
+            return probs, gates, expert_index, position, dropped, capacity
+        probs, gates, expert_index = route(logits, self.top_k, self.renormalize_gates)
+        # BPR priority: the raw top-1 router probability (with renormalised k=1 gates
+        # every gate is 1, so the raw probability is the only informative score).
+        priority = probs.amax(dim=-1) if self.batch_priority else None
+        position, dropped = assign_slots(expert_index, self.num_experts, capacity, priority)
+        return probs, gates, expert_index, position, dropped, capacity
+
     def dispatch(self, x: Tensor, expert_index: Tensor, gates: Tensor, dropped: Tensor) -> Tensor:
         """Kept choices -> sorted by expert -> expert GEMMs -> gate-weighted scatter back to tokens."""
+        choices = expert_index.shape[1]  # top_k, or E for expert choice
         choice_index, counts = sort_by_expert(expert_index, dropped, self.num_experts)
-        expert_in = gather_tokens(x, choice_index, self.top_k)
+        expert_in = gather_tokens(x, choice_index, choices)
         expert_out = self.experts(expert_in, counts)
-        return combine(expert_out, choice_index, gates, x.shape[0], self.top_k)
+        return combine(expert_out, choice_index, gates, x.shape[0], choices)
 
-    def _check_inputs(self, x: Tensor, modality: Tensor | None) -> None:
+    def _check_inputs(self, x: Tensor, modality: Tensor | None, group: Tensor | None) -> None:
         if x.dim() != 2 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape [N, dim={self.dim}], got {tuple(x.shape)}")
+        if group is not None and (group.shape != x.shape[:1] or group.dtype.is_floating_point):
+            raise ValueError(
+                f"group must hold one integer id per token ([{x.shape[0]}]), got "
+                f"{group.dtype} of shape {tuple(group.shape)}"
+            )
         if modality is None:
             return
         if modality.dim() != 1:
@@ -181,6 +231,20 @@ def _check_config(
         raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
     if min_capacity < 1:
         raise ValueError(f"min_capacity must be >= 1, got {min_capacity}")
+
+
+def _check_router(
+    router: str, capacity_factor: float | None, slots_per_expert: int, routers: tuple[str, ...]
+) -> None:
+    if router not in routers:
+        raise ValueError(f"router must be one of {routers}, got {router!r}")
+    if router == "expert_choice" and capacity_factor is None:
+        raise ValueError(
+            "router=expert_choice needs a capacity_factor (each expert takes "
+            "capacity_factor * top_k * N / E tokens); null (dropless) has no meaning there"
+        )
+    if not isinstance(slots_per_expert, int) or slots_per_expert < 1:
+        raise ValueError(f"slots_per_expert must be an integer >= 1, got {slots_per_expert!r}")
 
 
 def _min_experts_per_modality(

@@ -120,3 +120,27 @@ def assign_slots(
     else:
         dropped = position >= capacity
     return position, dropped
+
+
+def expert_choice(probs: Tensor, capacity: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Expert-choice routing (Zhou et al., 2022): each expert takes its ``capacity`` tokens of
+    highest router probability, so loads are balanced by construction and a token is served
+    by 0 to E experts.
+
+    Returned in the shape of top-k routing with k = E, so the rest of the layer (dispatch,
+    statistics) needs no special case: token i's choices are all E experts in order of its
+    own probability, ``gates`` their probabilities, ``position`` the slot an expert gave it
+    and ``dropped`` where that expert did not pick it. Returns ``(expert_index [N, E],
+    gates [N, E], position [N, E], dropped [N, E])``.
+    """
+    num_tokens, num_experts = probs.shape
+    gates, expert_index = torch.sort(probs, dim=-1, descending=True, stable=True)
+    picks = min(capacity, num_tokens)
+    # Expert e's picks: tokens by descending probs[:, e] (ties to the lower index).
+    picked = torch.sort(probs.t(), dim=-1, descending=True, stable=True).indices[:, :picks]
+    slot = torch.full((num_tokens, num_experts), capacity, dtype=torch.long, device=probs.device)
+    slot_ids = torch.arange(picks, device=probs.device).expand(num_experts, picks)
+    expert_ids = torch.arange(num_experts, device=probs.device)[:, None].expand(-1, picks)
+    slot[picked, expert_ids] = slot_ids  # slot[token, expert]
+    position = slot.gather(1, expert_index)
+    return expert_index, gates, position, position >= capacity

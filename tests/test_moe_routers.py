@@ -1,0 +1,201 @@
+"""The two other routers: expert choice (experts pick tokens) and Soft MoE (weighted slots),
+against selections worked out by hand and per-group loop references."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from limoe.cli import compose_config
+from limoe.lit import ContrastiveModule
+from limoe.models import LIMoE
+from limoe.moe import MoELayer, expert_choice, pack_groups
+
+DIM, HIDDEN = 8, 16
+
+
+def expert_mlp(layer, e, x):
+    ex = layer.experts
+    return F.gelu(x @ ex.w1[e] + ex.b1[e]) @ ex.w2[e] + ex.b2[e]
+
+
+def randomise(layer: MoELayer) -> MoELayer:
+    with torch.no_grad():  # distinct experts and a router that decides
+        for p in layer.experts.parameters():
+            p.normal_(std=0.3)
+        layer.router.weight.normal_(std=1.0)
+    return layer
+
+
+def test_expert_choice_by_hand():
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8]])
+    expert_index, gates, position, dropped = expert_choice(probs, capacity=2)
+    # Expert 0 picks tokens 0, 1 (slots 0, 1); expert 1 picks tokens 3, 2 (slots 0, 1).
+    assert expert_index.tolist() == [[0, 1], [0, 1], [1, 0], [1, 0]]
+    torch.testing.assert_close(
+        gates, torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.8, 0.2]])
+    )
+    assert position.tolist() == [[0, 2], [1, 2], [1, 2], [0, 2]]
+    assert dropped.tolist() == [[False, True]] * 4
+
+
+def test_expert_choice_serves_a_token_twice_or_not_at_all():
+    # (Scores need not sum to 1 for the selection.) Token 0 is the second pick of both
+    # experts; token 3 is below it for both, so nobody's.
+    probs = torch.tensor([[0.5, 0.5], [0.9, 0.1], [0.1, 0.9], [0.3, 0.3]])
+    _, _, _, dropped = expert_choice(probs, capacity=2)
+    assert (~dropped).sum(-1).tolist() == [2, 1, 1, 0]
+    # Capacity above the token count: every expert takes every token.
+    _, _, _, dropped = expert_choice(probs, capacity=8)
+    assert not dropped.any()
+
+
+def naive_expert_choice(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
+    """Per-expert loops: expert e takes the C tokens of highest probs[:, e]."""
+    probs = torch.softmax(x @ layer.router.weight.T, dim=-1)
+    _, routing = layer(x)
+    y = torch.zeros_like(x)
+    for e in range(layer.num_experts):
+        ranked = sorted(range(x.shape[0]), key=lambda i: -probs[i, e].item())
+        for i in ranked[: routing.capacity]:
+            y[i] += probs[i, e] * expert_mlp(layer, e, x[i])
+    return y
+
+
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 8.0])
+def test_expert_choice_layer_against_per_expert_loops(capacity_factor):
+    torch.manual_seed(3)
+    layer = randomise(MoELayer(DIM, HIDDEN, 4, router="expert_choice",
+                               capacity_factor=capacity_factor, min_capacity=1))  # fmt: skip
+    x = torch.randn(12, DIM)
+    y, routing = layer(x)
+    assert routing.expert_index.shape == (12, 4)
+    assert (~routing.dropped).sum().item() == 4 * min(routing.capacity, 12)
+    torch.testing.assert_close(y, naive_expert_choice(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_expert_choice_sorted_equals_onehot_reference():
+    torch.manual_seed(4)
+    layer = randomise(MoELayer(DIM, HIDDEN, 4, router="expert_choice", min_capacity=1))
+    x, probe = torch.randn(20, DIM), torch.randn(20, DIM)
+    results = {}
+    for mode in ("sorted", "onehot"):
+        layer.dispatch_mode = mode
+        layer.zero_grad()
+        x_in = x.clone().requires_grad_(True)
+        y, _ = layer(x_in)
+        (y * probe).sum().backward()
+        results[mode] = [y.detach(), x_in.grad] + [p.grad for p in layer.parameters()]
+    for fast, ref in zip(results["sorted"], results["onehot"]):
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_choice_needs_a_capacity_factor():
+    with pytest.raises(ValueError, match="router=expert_choice needs a capacity_factor"):
+        MoELayer(DIM, HIDDEN, 4, router="expert_choice", capacity_factor=None)
+    with pytest.raises(ValueError, match="router must be one of"):
+        MoELayer(DIM, HIDDEN, 4, router="hash")
+
+
+def test_pack_groups_by_hand():
+    group, row, num_groups, length = pack_groups(torch.tensor([7, 2, 7, 7, 2]), 5)
+    assert group.tolist() == [1, 0, 1, 1, 0] and row.tolist() == [0, 0, 1, 2, 1]
+    assert (num_groups, length) == (2, 3)
+
+
+def naive_soft_moe(layer: MoELayer, x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Soft MoE one group at a time, as the paper writes it (per sequence)."""
+    p = layer.slots_per_expert
+    y = torch.zeros_like(x)
+    for g in group.unique():
+        members = (group == g).nonzero().squeeze(-1)
+        xg = x[members]
+        logits = xg @ layer.router.weight.T  # [n, E * p]
+        dispatch, combine = logits.softmax(dim=0), logits.softmax(dim=1)
+        slots = dispatch.T @ xg
+        out = torch.stack([expert_mlp(layer, s // p, slots[s]) for s in range(slots.shape[0])])
+        y[members] = combine @ out
+    return y
+
+
+@pytest.mark.parametrize("slots_per_expert", [1, 2])
+def test_soft_moe_against_per_group_loops(slots_per_expert):
+    torch.manual_seed(5)
+    layer = randomise(MoELayer(DIM, HIDDEN, 3, router="soft", slots_per_expert=slots_per_expert))
+    x, probe = torch.randn(11, DIM), torch.randn(11, DIM)
+    group = torch.tensor([4, 1, 4, 4, 9, 1, 9, 9, 9, 4, 1])  # uneven, interleaved, sparse ids
+    grads = []
+    for forward in (lambda x_in: layer(x_in, group=group)[0],
+                    lambda x_in: naive_soft_moe(layer, x_in, group)):  # fmt: skip
+        layer.zero_grad()
+        x_in = x.clone().requires_grad_(True)
+        y = forward(x_in)
+        (y * probe).sum().backward()
+        grads.append([y.detach(), x_in.grad] + [p.grad for p in layer.parameters()])
+    for fast, ref in zip(*grads):
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_soft_moe_keeps_groups_apart_and_records_its_routing():
+    torch.manual_seed(6)
+    layer = randomise(MoELayer(DIM, HIDDEN, 4, router="soft", slots_per_expert=2))
+    x = torch.randn(10, DIM)
+    group = torch.tensor([0] * 6 + [1] * 4)
+    y, routing = layer(x, group=group)
+    changed = x.clone()
+    changed[6:] = torch.randn(4, DIM)  # another group 1
+    torch.testing.assert_close(layer(changed, group=group)[0][:6], y[:6])
+    # Within a group, permuting tokens permutes outputs.
+    perm = torch.tensor([5, 3, 1, 0, 2, 4, 6, 7, 8, 9])
+    torch.testing.assert_close(layer(x[perm], group=group)[0], y[perm], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(routing.probs.sum(-1), torch.ones(10))
+    assert torch.equal(routing.expert_index[:, 0], routing.probs.argmax(-1))
+    assert not routing.dropped.any() and routing.capacity is None
+    with pytest.raises(ValueError, match="group must hold one integer id per token"):
+        layer(x, group=torch.zeros(9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("router", ["expert_choice", "soft"])
+def test_limoe_with_router_keeps_pairs_and_modalities_apart(router):
+    """Soft MoE groups each image and each caption on its own, so an image's embedding depends
+    on neither its caption nor the other pairs; with expert choice it depends on the batch
+    (experts pick among all tokens), as the method is."""
+    torch.manual_seed(7)
+    moe = {"num_experts": 4, "router": router, "capacity_factor": 1.0}
+    model = LIMoE(embed_dim=16, image_size=16, patch_size=8, width=16, depth=2, num_heads=2,
+                  context_length=8, vocab_size=100, moe_layers=[1], moe=moe,
+                  output_dict=True).eval()  # fmt: skip
+    images, tokens = torch.randn(3, 3, 16, 16), torch.randint(1, 100, (3, 8))
+    tokens[:, 5:] = 0
+    out = model(images, tokens)
+    assert out["routing"][0].expert_index.shape[1] == (4 if router == "expert_choice" else 1)
+    assert torch.isfinite(out["aux_loss"])
+    if router == "soft":
+        alone = model(images[:1], tokens[[2]])
+        torch.testing.assert_close(alone["image_features"][0], out["image_features"][0])
+        alone = model(images[[2]], tokens[:1])
+        torch.testing.assert_close(alone["text_features"][0], out["text_features"][0])
+
+
+@pytest.mark.parametrize("router", ["expert_choice", "soft"])
+def test_router_choice_trains_from_the_config(router, tmp_path):
+    """``model.moe.router=...`` through the real configs: one Lightning step moves the router
+    and the experts."""
+    cfg = compose_config(["experiment=smoke", "trainer=cpu", f"model.moe.router={router}",
+                          "model.moe.capacity_factor=1.0"], tmp_path)  # fmt: skip
+    L.seed_everything(0)
+    model, optim, data = (
+        OmegaConf.to_container(n, resolve=True) for n in (cfg.model, cfg.optim, cfg.data)
+    )
+    module = ContrastiveModule(model, optim, data)
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    trainer = L.Trainer(fast_dev_run=True, accelerator="cpu", logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, datamodule=instantiate(cfg.data))
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    changed = {n for n, p in module.model.named_parameters() if not torch.equal(p, before[n])}
+    assert {"blocks.2.mlp.router.weight", "blocks.2.mlp.experts.w1"} <= changed

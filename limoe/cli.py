@@ -179,12 +179,17 @@ def train_run(overrides: list[str] | None, output_dir: str | Path) -> dict:
     return run_training(cfg, output_dir)
 
 
-def _run_and_print(run, *args) -> None:
-    """Run a command body; print its metrics, or one line naming a configuration error."""
+def _run_or_fail(run, *args):
+    """Run a command body; a configuration error ends the command with one line naming it."""
     try:
-        metrics = run(*args)
+        return run(*args)
     except (InstantiationException, OmegaConfBaseException, ValueError, TypeError) as error:
         _fail(error)
+
+
+def _run_and_print(run, *args) -> None:
+    """Run a command body and print its metrics."""
+    metrics = _run_or_fail(run, *args)
     for key in sorted(metrics):
         print(f"{key}: {metrics[key]:.4f}")
 
@@ -328,10 +333,7 @@ def run_bench(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path=CONF_DIR, config_name="bench", version_base="1.3")
 def _bench(cfg: DictConfig) -> None:
-    try:
-        run_bench(cfg)
-    except (InstantiationException, OmegaConfBaseException, ValueError, TypeError) as error:
-        _fail(error)
+    _run_or_fail(run_bench, cfg)
 
 
 def _flags_to_overrides(argv: list[str]) -> list[str]:

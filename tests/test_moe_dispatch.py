@@ -5,21 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from moe_helpers import outputs_and_grads, randomise
 
 from limoe.moe import MoELayer, assign_slots, dispatch_tensors, onehot_moe
 
 DIM, HIDDEN = 16, 24
-
-
-def outputs_and_grads(layer: MoELayer, x: torch.Tensor, mode: str, probe: torch.Tensor):
-    """Forward in ``mode``, backward of <y, probe>: output and every gradient."""
-    layer.dispatch_mode = mode
-    layer.zero_grad()
-    x = x.clone().requires_grad_(True)
-    y, routing = layer(x)
-    (y * probe).sum().backward()
-    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
-    return y.detach(), x.grad, grads, routing
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
@@ -32,10 +22,7 @@ def test_sorted_dispatch_equals_onehot_reference(
     torch.manual_seed(num_tokens + top_k)
     layer = MoELayer(DIM, HIDDEN, num_experts, top_k=top_k, capacity_factor=capacity_factor,
                      batch_priority=batch_priority, min_capacity=1)  # fmt: skip
-    with torch.no_grad():  # distinct experts and a router that decides
-        for p in layer.experts.parameters():
-            p.normal_(std=0.3)
-        layer.router.weight.normal_(std=1.0)
+    randomise(layer)
     x, probe = torch.randn(num_tokens, DIM), torch.randn(num_tokens, DIM)
     y, x_grad, grads, routing = outputs_and_grads(layer, x, "sorted", probe)
     y_ref, x_grad_ref, grads_ref, routing_ref = outputs_and_grads(layer, x, "onehot", probe)
@@ -88,10 +75,7 @@ def test_grouped_gemm_equals_the_loop(capacity_factor, num_tokens, num_experts):
     torch.manual_seed(num_tokens)
     layer = MoELayer(DIM, HIDDEN, num_experts, top_k=2, capacity_factor=capacity_factor,
                      min_capacity=1)  # fmt: skip
-    with torch.no_grad():
-        for p in layer.experts.parameters():
-            p.normal_(std=0.3)
-        layer.router.weight.normal_(std=1.0)
+    randomise(layer)
     x, probe = torch.randn(num_tokens, DIM), torch.randn(num_tokens, DIM)
     results = {}
     for gemm in ("loop", "grouped"):

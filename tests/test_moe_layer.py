@@ -4,17 +4,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from moe_helpers import expert_mlp
 from timm.layers import Mlp
 
 from limoe.moe import MoELayer, Routing
 
 DIM, HIDDEN = 8, 16
-
-
-def expert_mlp(layer, e, x):
-    ex = layer.experts
-    return F.gelu(x @ ex.w1[e] + ex.b1[e]) @ ex.w2[e] + ex.b2[e]
 
 
 def naive_forward(layer, x):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
+from moe_helpers import expert_mlp, outputs_and_grads, randomise
 from omegaconf import OmegaConf
 
 from limoe.cli import compose_config
@@ -16,19 +16,6 @@ from limoe.models import LIMoE
 from limoe.moe import MoELayer, expert_choice, pack_groups
 
 DIM, HIDDEN = 8, 16
-
-
-def expert_mlp(layer, e, x):
-    ex = layer.experts
-    return F.gelu(x @ ex.w1[e] + ex.b1[e]) @ ex.w2[e] + ex.b2[e]
-
-
-def randomise(layer: MoELayer) -> MoELayer:
-    with torch.no_grad():  # distinct experts and a router that decides
-        for p in layer.experts.parameters():
-            p.normal_(std=0.3)
-        layer.router.weight.normal_(std=1.0)
-    return layer
 
 
 def test_expert_choice_by_hand():
@@ -82,16 +69,12 @@ def test_expert_choice_sorted_equals_onehot_reference():
     torch.manual_seed(4)
     layer = randomise(MoELayer(DIM, HIDDEN, 4, router="expert_choice", min_capacity=1))
     x, probe = torch.randn(20, DIM), torch.randn(20, DIM)
-    results = {}
-    for mode in ("sorted", "onehot"):
-        layer.dispatch_mode = mode
-        layer.zero_grad()
-        x_in = x.clone().requires_grad_(True)
-        y, _ = layer(x_in)
-        (y * probe).sum().backward()
-        results[mode] = [y.detach(), x_in.grad] + [p.grad for p in layer.parameters()]
-    for fast, ref in zip(results["sorted"], results["onehot"]):
-        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    y, x_grad, grads, _ = outputs_and_grads(layer, x, "sorted", probe)
+    y_ref, x_grad_ref, grads_ref, _ = outputs_and_grads(layer, x, "onehot", probe)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_grad, x_grad_ref, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, grads_ref[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_expert_choice_needs_a_capacity_factor():

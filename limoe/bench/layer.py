@@ -11,6 +11,7 @@ import itertools
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from statistics import median
 
 import torch
 from timm.layers import Mlp
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 from limoe.moe import MoELayer
 
-from .timing import median, time_interleaved
+from .timing import time_interleaved
 
 MODES = ("dense", "sorted", "onehot")
 PASSES = ("fwd", "fwd_bwd")
@@ -134,6 +135,7 @@ def run_layer_bench(
         torch.manual_seed(seed)
         modules = {mode: build_layer(case, mode, moe_kwargs).to(device) for mode in modes}
         x, modality, probe = _inputs(case, image_fraction, device, seed)
+        dropped = {mode: _dropped_fraction(m, x, modality) for mode, m in modules.items()}
         for pass_name in passes:
             calls = {
                 mode: layer_call(m, x, modality, probe, pass_name == "fwd_bwd", dtype)
@@ -141,12 +143,12 @@ def run_layer_bench(
             }
             times = time_interleaved(calls, warmup, repeats, device)
             dense = median(times["dense"]) if "dense" in times else None
-            for mode, module in modules.items():
+            for mode in modules:
                 seconds = median(times[mode])
                 rows.append({
                     **asdict(case), "mode": mode, "pass": pass_name, "median_s": seconds,
                     "times_s": times[mode], "tokens_per_s": case.tokens / seconds,
                     "time_vs_dense": None if dense is None else seconds / dense,
-                    "dropped_fraction": _dropped_fraction(module, x, modality),
+                    "dropped_fraction": dropped[mode],
                 })  # fmt: skip
     return rows

@@ -4,7 +4,6 @@ contender alike; the median is what is reported."""
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable, Mapping
 
@@ -44,7 +43,3 @@ def time_interleaved(
         if on_round is not None:
             on_round()
     return times
-
-
-def median(times: list[float]) -> float:
-    return statistics.median(times)

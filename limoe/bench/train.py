@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
+from statistics import median
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .timing import median, time_interleaved
+from .timing import time_interleaved
 
 
 def training_step(

@@ -89,20 +89,18 @@ class Block(nn.Module):
         return self._moe_mlp(image, text, text_mask)
 
     def _moe_mlp(self, image, text, text_mask):
-        """Route image patches and real text tokens together as one flat token set. Each
-        image and each caption is its own ``group`` (Soft MoE averages within one)."""
-        parts, modality, group = [], [], []
+        """Route image patches and real text tokens together as one flat token set."""
+        parts, modality = [], []
         if image is not None:
             parts.append(self.norm2(image).flatten(0, 1))
             modality.append(torch.full((parts[-1].shape[0],), IMAGE, device=image.device))
-            pair = torch.arange(image.shape[0], device=image.device)
-            group.append(pair.repeat_interleave(image.shape[1]))
         if text is not None:
             parts.append(self.norm2(text)[text_mask])
             modality.append(torch.full((parts[-1].shape[0],), TEXT, device=text.device))
-            pair = torch.arange(text.shape[0], device=text.device)[:, None].expand_as(text_mask)
-            group.append(pair[text_mask] + (image.shape[0] if image is not None else 0))
-        y, routing = self.mlp(torch.cat(parts), torch.cat(modality), torch.cat(group))
+        group = None
+        if self.mlp.router_type == "soft":
+            group = _sequence_ids(image, None if text is None else text_mask)
+        y, routing = self.mlp(torch.cat(parts), torch.cat(modality), group)
         y_image, y_text = y.split([p.shape[0] for p in parts]) if len(parts) == 2 else (y, y)
         if image is not None:
             image = image + self.drop_path(y_image.view_as(image))
@@ -111,6 +109,20 @@ class Block(nn.Module):
             update[text_mask] = y_text.to(text.dtype)
             text = text + self.drop_path(update)
         return image, text, routing
+
+
+def _sequence_ids(image: Tensor | None, text_mask: Tensor | None) -> Tensor:
+    """One id per routed token: each image and each caption is its own sequence (Soft MoE
+    averages within one), in the order ``Block._moe_mlp`` concatenates the tokens."""
+    ids, offset = [], 0
+    if image is not None:
+        pair = torch.arange(image.shape[0], device=image.device)
+        ids.append(pair.repeat_interleave(image.shape[1]))
+        offset = image.shape[0]
+    if text_mask is not None:
+        pair = torch.arange(text_mask.shape[0], device=text_mask.device)
+        ids.append(pair[:, None].expand_as(text_mask)[text_mask] + offset)
+    return torch.cat(ids)
 
 
 class LIMoE(nn.Module):

@@ -79,12 +79,20 @@ class Experts(nn.Module):
             return self.forward_grouped(x, counts)
         return self.forward_loop(x, counts)
 
+    def compute_dtype(self, x: Tensor) -> torch.dtype:
+        """The GEMMs' dtype: autocast's where it is on, the weights' otherwise."""
+        device = x.device.type
+        return (
+            torch.get_autocast_dtype(device)
+            if torch.is_autocast_enabled(device)
+            else (self.w1.dtype)
+        )
+
     def use_grouped(self, x: Tensor) -> bool:
         if self.gemm != "auto":
             return self.gemm == "grouped"
-        autocast = torch.is_autocast_enabled(x.device.type)
-        dtype = torch.get_autocast_dtype(x.device.type) if autocast else self.w1.dtype
-        return dtype == torch.bfloat16 and grouped_mm_supported(x, self.w1, self.w2)
+        bf16 = self.compute_dtype(x) == torch.bfloat16
+        return bf16 and grouped_mm_supported(x, self.w1, self.w2)
 
     def forward_loop(self, x: Tensor, counts: Tensor) -> Tensor:
         """One ``addmm`` pair per non-empty expert.
@@ -112,13 +120,11 @@ class Experts(nn.Module):
         autocast lists); per-expert biases are expanded row by row, since ``grouped_mm``'s
         own ``bias`` is one vector for every group.
         """
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        dtype = dtype or self.w1.dtype
+        dtype = self.compute_dtype(x)
         offs = torch.cumsum(counts, dim=0).to(torch.int32)
         rows = x.shape[0]
         w1, b1, w2, b2 = (p.to(dtype) for p in (self.w1, self.b1, self.w2, self.b2))
-        with torch.autocast(device_type=device, enabled=False):
+        with torch.autocast(device_type=x.device.type, enabled=False):
             h = F.grouped_mm(x.to(dtype), w1, offs=offs)
             h = h + torch.repeat_interleave(b1, counts, dim=0, output_size=rows)
             h = self.drop(self.act(h))

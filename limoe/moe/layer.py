@@ -169,12 +169,12 @@ class MoELayer(nn.Module):
             expert_index, gates, position, dropped = expert_choice(probs, capacity)
             return probs, gates, expert_index, position, dropped, capacity
         probs, gates, expert_index = route(logits, self.top_k, self.renormalize_gates)
-        # BPR priority: the raw top-1 router probability (with renormalised k=1 gates
-        # every gate is 1, so the raw probability is the only informative score).
         if capacity is None and self.dispatch_mode == "sorted":
             # Dropless: nothing is dropped and the sorted dispatch needs no slot positions,
             # so skip assign_slots' sorts and scatters (a tenth of a small layer's time).
             return probs, gates, expert_index, None, torch.zeros_like(gates, dtype=torch.bool), None
+        # BPR priority: the raw top-1 router probability (with renormalised k=1 gates
+        # every gate is 1, so the raw probability is the only informative score).
         priority = probs.amax(dim=-1) if self.batch_priority else None
         position, dropped = assign_slots(expert_index, self.num_experts, capacity, priority)
         return probs, gates, expert_index, position, dropped, capacity

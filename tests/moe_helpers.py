@@ -1,0 +1,35 @@
+"""Helpers shared by the MoE tests: one expert by hand, distinct experts with a decisive
+router, and a forward/backward that returns every gradient."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from limoe.moe import MoELayer
+
+
+def expert_mlp(layer: MoELayer, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Expert e of ``layer`` applied to ``x`` by hand (fc1 -> GELU -> fc2)."""
+    ex = layer.experts
+    return F.gelu(x @ ex.w1[e] + ex.b1[e]) @ ex.w2[e] + ex.b2[e]
+
+
+def randomise(layer: MoELayer) -> MoELayer:
+    """Distinct experts and a router that decides (the init's are near-identical/uniform)."""
+    with torch.no_grad():
+        for p in layer.experts.parameters():
+            p.normal_(std=0.3)
+        layer.router.weight.normal_(std=1.0)
+    return layer
+
+
+def outputs_and_grads(layer: MoELayer, x: torch.Tensor, mode: str, probe: torch.Tensor):
+    """Forward in dispatch ``mode``, backward of <y, probe>: output and every gradient."""
+    layer.dispatch_mode = mode
+    layer.zero_grad()
+    x = x.clone().requires_grad_(True)
+    y, routing = layer(x)
+    (y * probe).sum().backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    return y.detach(), x.grad, grads, routing

@@ -32,3 +32,14 @@ def smoke_cfg(tmp_path: Path) -> DictConfig:
         cfg.paths.output_dir = str(tmp_path)
         cfg.paths.log_dir = str(tmp_path / "logs")
     return cfg
+
+
+# `experiment=smoke` sizes the shapes splits; these keys go for the file datamodules.
+SHAPES_ONLY_KEYS = (
+    "train_size",
+    "val_size",
+    "test_size",
+    "novel_size",
+    "partial_captions_from_step",
+)
+FILES_SMOKE = ["experiment=smoke", *(f"~data.{key}" for key in SHAPES_ONLY_KEYS)]

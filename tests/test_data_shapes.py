@@ -246,19 +246,23 @@ def test_datamodule_loaders():
     images, tokens = train[0]
     assert images.shape == (16, 3, 32, 32) and tokens.shape == (16, 32)
 
-    (val,) = [dm.val_dataloader()]
-    images, tokens, labels = next(iter(val))
+    (val,) = dm.val_dataloader()
+    batch = next(iter(val))
+    images, labels = batch["image"], batch["labels"]
     assert images.shape == (25, 3, 32, 32) and labels.shape == (25, 5)
+    assert batch["index"].tolist() == list(range(25)) and batch["valid"].all()
+    assert torch.equal(batch["text"][3], dm.dataset("val")[3][1])
     tasks = list(dm.zeroshot_tasks.values())
     for column, task in enumerate(tasks):
         assert 0 <= labels[:, column].min() and labels[:, column].max() < len(task.classnames)
 
     test, novel = dm.test_dataloader()
-    assert sum(len(b[0]) for b in test) == 20 and sum(len(b[0]) for b in novel) == 10
-    novel_labels = torch.cat([b[2] for b in novel])
+    assert sum(len(b["image"]) for b in test) == 20 and sum(len(b["image"]) for b in novel) == 10
+    novel_labels = torch.cat([b["labels"] for b in novel])
     assert {tuple(p) for p in novel_labels[:, :2].tolist()} <= set(NOVEL_PAIRS)
     assert dm.eval_names("validate") == dm.eval_names("fit") == ["val"]
     assert dm.eval_names("test") == ["test", "test_novel"]
+    assert dm.eval_tasks("test") == [tuple(zeroshot_tasks())] * 2
     assert dm.tokenizer is dm.dataset("val").tokenizer
 
 

@@ -1,6 +1,14 @@
-"""Datasets and datamodules: the embedded shapes dataset (more sources sit beside it)."""
+"""Datasets and datamodules: the embedded shapes data and open_clip's file formats."""
 
-from limoe.data.datamodule import ShapesDataModule
+from limoe.data.datamodule import ImageTextDataModule, PairDataModule, ShapesDataModule
 from limoe.data.shapes import ShapesDataset, ZeroShotTask, export_csv, zeroshot_tasks
 
-__all__ = ["ShapesDataModule", "ShapesDataset", "ZeroShotTask", "export_csv", "zeroshot_tasks"]
+__all__ = [
+    "ImageTextDataModule",
+    "PairDataModule",
+    "ShapesDataModule",
+    "ShapesDataset",
+    "ZeroShotTask",
+    "export_csv",
+    "zeroshot_tasks",
+]

@@ -1,30 +1,174 @@
-"""LightningDataModule for the embedded shapes dataset.
+"""LightningDataModules: the embedded shapes dataset, and image-caption files in open_clip's
+formats (CSV, WebDataset shards), with zero-shot tasks from ImageFolder trees.
 
-Plain keyword arguments only, so Hydra can build it straight from ``conf/data/shapes.yaml``.
-The evaluation loaders carry attribute labels for zero-shot classification; ``eval_names``
-tells the LightningModule which metric prefix each evaluation loader gets.
+Plain keyword arguments only, so Hydra builds them straight from ``conf/data/*.yaml``. Both
+share ``PairDataModule``: training loaders that resume mid-epoch, and evaluation loaders that
+yield dicts (``index``, ``image``, ``text`` for pairs, ``labels`` for zero-shot tasks,
+``valid``). ``eval_names(stage)`` gives each evaluation loader's metric prefix and
+``eval_tasks(stage)`` the zero-shot task of each column of its ``labels``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from open_clip.tokenizer import SimpleTokenizer
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from limoe.data.shapes import SPLITS, ShapesDataset, ZeroShotTask, zeroshot_tasks
+from limoe.data.csv import read_csv
+from limoe.data.imagefolder import imagefolder_task
+from limoe.data.loading import ResumableLoader, ResumableSampler
+from limoe.data.pairs import WHITE, IndexedSamples, PairDataset, build_transform
+from limoe.data.shapes import MEAN, SPLITS, STD, ShapesDataset, ZeroShotTask, zeroshot_tasks
+from limoe.data.webdataset import ShardStream, expand_urls, index_shards
+
+
+class EvalSet(NamedTuple):
+    """One evaluation loader: its metric prefix, its dict samples, the zero-shot task of each
+    column of its ``labels`` (empty: retrieval only)."""
+
+    prefix: str
+    samples: Dataset
+    tasks: tuple[str, ...]
+
+
+def _pair_sample(dataset: PairDataset, i: int) -> dict:
+    return dataset.sample(i)
+
+
+def _shapes_sample(dataset: ShapesDataset, i: int) -> dict:
+    image, tokens, labels = dataset[i]
+    return {"image": image, "text": tokens, "labels": labels, "valid": torch.tensor(True)}
+
+
+class PairDataModule(L.LightningDataModule):
+    """What every datamodule shares: zero-shot tasks from ImageFolder trees
+    (``zeroshot: {NAME: {root: DIR, templates: [...]}}``, evaluated at test time), dict
+    evaluation loaders, and ``ResumableLoader`` for training."""
+
+    def __init__(
+        self,
+        image_size: int,
+        eval_batch_size: int,
+        num_workers: int,
+        pin_memory: bool,
+        persistent_workers: bool,
+        zeroshot: Mapping | None,
+        mean: Sequence[float],
+        std: Sequence[float],
+        background: Sequence[int] = WHITE,
+    ) -> None:
+        super().__init__()
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.image_size = image_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.mean, self.std, self.background = tuple(mean), tuple(std), tuple(background)
+        for name, spec in (zeroshot or {}).items():
+            if not isinstance(spec, Mapping) or not spec.get("root"):
+                raise ValueError(f"data.zeroshot.{name} needs a root (an ImageFolder directory)")
+        self.zeroshot = {name: dict(spec) for name, spec in (zeroshot or {}).items()}
+        self._folder_sets: list[EvalSet] | None = None
+        self._folder_tasks: dict[str, ZeroShotTask] = {}
+
+    # --- to be given by each datamodule ----------------------------------------------------
+
+    def _own_tasks(self) -> dict[str, ZeroShotTask]:
+        return {}
+
+    def _own_eval_sets(self, stage: str) -> list[EvalSet]:
+        raise NotImplementedError
+
+    # --- shared -------------------------------------------------------------------------------
+
+    def _eval_transform(self):
+        return build_transform(self.image_size, train=False, mean=self.mean, std=self.std)
+
+    def folder_sets(self) -> list[EvalSet]:
+        """One test loader per ImageFolder task, built on first use."""
+        if self._folder_sets is None:
+            self._folder_sets = []
+            for name, spec in self.zeroshot.items():
+                task, items, labels = imagefolder_task(name, spec["root"], spec.get("templates"))
+                dataset = PairDataset(
+                    items, self._eval_transform(), self.image_size, labels=labels,
+                    background=self.background,
+                )  # fmt: skip
+                self._folder_tasks[name] = task
+                self._folder_sets.append(
+                    EvalSet("test", IndexedSamples(dataset, _pair_sample), (name,))
+                )
+        return self._folder_sets
+
+    @property
+    def zeroshot_tasks(self) -> dict[str, ZeroShotTask]:
+        self.folder_sets()
+        return {**self._own_tasks(), **self._folder_tasks}
+
+    def eval_sets(self, stage: str) -> list[EvalSet]:
+        if stage not in ("fit", "validate", "test"):
+            raise ValueError(f"unknown stage {stage!r}; expected fit, validate or test")
+        folders = self.folder_sets() if stage == "test" else []
+        return self._own_eval_sets(stage) + folders
+
+    def eval_names(self, stage: str) -> list[str]:
+        """Metric prefix of each evaluation loader of ``stage``, in dataloader_idx order."""
+        return [s.prefix for s in self.eval_sets(stage)]
+
+    def eval_tasks(self, stage: str) -> list[tuple[str, ...]]:
+        """The zero-shot task of each ``labels`` column, per evaluation loader of ``stage``."""
+        return [s.tasks for s in self.eval_sets(stage)]
+
+    def _eval_loader(self, samples: Dataset) -> DataLoader:
+        return DataLoader(
+            samples, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers,
+            pin_memory=self.pin_memory, persistent_workers=self.persistent_workers,
+        )  # fmt: skip
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._eval_loader(s.samples) for s in self.eval_sets("validate")]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self._eval_loader(s.samples) for s in self.eval_sets("test")]
+
+    def _world(self) -> tuple[int, int]:
+        """(rank, world size) of this process (0, 1 outside a Trainer)."""
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def _global_step(self) -> int:
+        return self.trainer.global_step if self.trainer is not None else 0
+
+    def _train_loader(self, dataset: Dataset, batch_size: int, shuffle: bool, seed: int):
+        """A resumable training loader over a map-style dataset, split across processes."""
+        rank, world_size = self._world()
+        sampler = ResumableSampler(
+            dataset, batch_size, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed
+        )
+        return ResumableLoader(
+            dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+            num_workers=self.num_workers, pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers, global_step=self._global_step,
+        )  # fmt: skip
+
 
 # Evaluation loaders per stage, as (split, metric prefix); the order is the dataloader_idx.
-_EVAL_SPLITS: dict[str, tuple[tuple[str, str], ...]] = {
+_SHAPES_EVAL: dict[str, tuple[tuple[str, str], ...]] = {
     "fit": (("val", "val"),),
     "validate": (("val", "val"),),
     "test": (("test", "test"), ("novel", "test_novel")),
 }
 
 
-class ShapesDataModule(L.LightningDataModule):
+class ShapesDataModule(PairDataModule):
     """Train/val/test/novel loaders over ShapesDataset, sharing one tokenizer."""
 
     def __init__(
@@ -45,8 +189,12 @@ class ShapesDataModule(L.LightningDataModule):
         partial_captions_from_step: int = 0,
         hard_negatives: float = 0.0,
         hard_negative_attributes: Sequence[str] = ("shape", "position"),
+        zeroshot: Mapping | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            image_size, eval_batch_size, num_workers, pin_memory, persistent_workers, zeroshot,
+            MEAN, STD,
+        )  # fmt: skip
         _check_positive(
             image_size=image_size,
             context_length=context_length,
@@ -70,18 +218,11 @@ class ShapesDataModule(L.LightningDataModule):
                 f"batch_size ({batch_size}) must be a multiple of the hard-negative group size "
                 f"({group} = 2 ** len(hard_negative_attributes)), so groups never span batches"
             )
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.save_hyperparameters(logger=False)
-        self.image_size = image_size
         self.context_length = context_length
         self.seed = seed
         self.sizes = {"train": train_size, "val": val_size, "test": test_size, "novel": novel_size}
         self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers and num_workers > 0
         self.partial_captions = partial_captions  # train split only: eval captions are full
         self.partial_captions_from_step = partial_captions_from_step
         self.hard_negatives = hard_negatives  # train split only: evaluation pairs are i.i.d.
@@ -89,8 +230,7 @@ class ShapesDataModule(L.LightningDataModule):
         self.tokenizer = SimpleTokenizer(context_length=context_length)
         self._datasets: dict[str, ShapesDataset] = {}
 
-    @property
-    def zeroshot_tasks(self) -> dict[str, ZeroShotTask]:
+    def _own_tasks(self) -> dict[str, ZeroShotTask]:
         return zeroshot_tasks()
 
     def dataset(self, split: str) -> ShapesDataset:
@@ -130,29 +270,20 @@ class ShapesDataModule(L.LightningDataModule):
         for stage_key in ("fit", "test") if stage is None else (stage,):
             if stage_key == "fit":
                 self.dataset("train")
-            for split, _ in _EVAL_SPLITS.get(stage_key, ()):
+            for split, _ in _SHAPES_EVAL.get(stage_key, ()):
                 self.dataset(split)
 
-    def eval_names(self, stage: str) -> list[str]:
-        """Metric prefix of each evaluation loader of ``stage``, in dataloader_idx order."""
-        if stage not in _EVAL_SPLITS:
-            raise ValueError(f"unknown stage {stage!r}; expected one of {tuple(_EVAL_SPLITS)}")
-        return [prefix for _, prefix in _EVAL_SPLITS[stage]]
-
-    def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
-        return DataLoader(
-            self.dataset(split),
-            batch_size=batch_size,
-            shuffle=False,  # samples are i.i.d. draws already; order keeps the curriculum
-            drop_last=train,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-        )
+    def _own_eval_sets(self, stage: str) -> list[EvalSet]:
+        tasks = tuple(zeroshot_tasks())
+        return [
+            EvalSet(prefix, IndexedSamples(self.dataset(split), _shapes_sample), tasks)
+            for split, prefix in _SHAPES_EVAL[stage]
+        ]
 
     def train_dataloader(self) -> DataLoader:
         self._warn_if_split_wraps()
-        return self._loader("train", self.batch_size, train=True)
+        # Read in order: samples are i.i.d. draws already, and the order keeps the curriculum.
+        return self._train_loader(self.dataset("train"), self.batch_size, False, self.seed)
 
     def _warn_if_split_wraps(self) -> None:
         """The curriculum lives in the sample order, so a run longer than one pass over the
@@ -167,13 +298,144 @@ class ShapesDataModule(L.LightningDataModule):
                 "(captions full again); raise data.train_size to keep the curriculum"
             )
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size, train=False)
 
-    def test_dataloader(self) -> list[DataLoader]:
-        return [
-            self._loader(split, self.eval_batch_size, train=False) for split in ("test", "novel")
-        ]
+class ImageTextDataModule(PairDataModule):
+    """Image-caption pairs from open_clip's formats: CSV files (``filepath``/``title`` columns,
+    tab separated, image paths relative to the CSV) and WebDataset tar shards
+    (``shards/{000000..000099}.tar`` of ``jpg``/``png``/``webp`` + ``txt`` members).
+
+    ``dataset_type`` ``auto`` reads ``*.csv``/``*.tsv`` as CSV and ``*.tar`` as shards, per
+    split. CSV training is map-style and shuffled per epoch; shard training streams
+    ``train_num_samples`` pairs per epoch. ``val_data`` and ``test_data`` report retrieval
+    metrics (``val/``, ``test/``); zero-shot tasks come from ``zeroshot`` folders.
+    """
+
+    def __init__(
+        self,
+        train_data: str | None = None,
+        val_data: str | None = None,
+        test_data: str | None = None,
+        dataset_type: str = "auto",
+        csv_img_key: str = "filepath",
+        csv_caption_key: str = "title",
+        csv_separator: str = "\t",
+        train_num_samples: int | None = None,
+        shuffle_buffer: int = 1000,
+        image_size: int = 32,
+        context_length: int = 32,
+        batch_size: int = 128,
+        eval_batch_size: int = 500,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        seed: int = 0,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        augment: Mapping | None = None,
+        background: Sequence[int] = WHITE,
+        zeroshot: Mapping | None = None,
+    ) -> None:
+        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+        super().__init__(
+            image_size, eval_batch_size, num_workers, pin_memory, persistent_workers, zeroshot,
+            mean or OPENAI_DATASET_MEAN, std or OPENAI_DATASET_STD, background,
+        )  # fmt: skip
+        _check_positive(
+            image_size=image_size, context_length=context_length, batch_size=batch_size,
+            eval_batch_size=eval_batch_size, shuffle_buffer=shuffle_buffer,
+        )  # fmt: skip
+        if dataset_type not in DATASET_TYPES:
+            raise ValueError(f"dataset_type must be one of {DATASET_TYPES}, got {dataset_type!r}")
+        self.save_hyperparameters(logger=False)
+        self.paths = {"train": train_data, "val": val_data, "test": test_data}
+        self.kinds = {
+            split: _data_kind(path, dataset_type, split)
+            for split, path in self.paths.items()
+            if path
+        }
+        if self.kinds.get("train") == "webdataset" and not train_num_samples:
+            raise ValueError("data.train_num_samples must be set to stream WebDataset shards")
+        self.csv_keys = (csv_img_key, csv_caption_key, csv_separator)
+        self.train_num_samples = train_num_samples
+        self.shuffle_buffer = shuffle_buffer
+        self.context_length = context_length
+        self.batch_size = batch_size
+        self.seed = seed
+        self.augment = dict(augment or {})
+        self.tokenizer = SimpleTokenizer(context_length=context_length)
+        self._datasets: dict[str, PairDataset] = {}
+
+    def _items(self, split: str) -> list:
+        path = self.paths[split]
+        if self.kinds[split] == "csv":
+            return read_csv(path, *self.csv_keys)
+        return index_shards(expand_urls(path))
+
+    def dataset(self, split: str) -> PairDataset:
+        """The pairs of ``split`` (``train`` only for CSV; shards are streamed)."""
+        if split not in self.paths:
+            raise ValueError(f"unknown split {split!r}; expected one of {tuple(self.paths)}")
+        if not self.paths[split]:
+            raise ValueError(f"data.{split}_data is not set")
+        if split == "train" and self.kinds[split] == "webdataset":
+            raise ValueError("training shards are streamed: there is no map-style train split")
+        if split not in self._datasets:
+            transform = build_transform(
+                self.image_size, split == "train", self.mean, self.std, self.augment
+            )
+            self._datasets[split] = PairDataset(
+                self._items(split), transform, self.image_size, tokenizer=self.tokenizer,
+                background=self.background,
+            )  # fmt: skip
+        return self._datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+        for split in needed.get(stage, ("train", "val", "test")):
+            if self.paths[split] and not (split == "train" and self.kinds[split] == "webdataset"):
+                self.dataset(split)
+        if stage == "fit" and not self.paths["train"]:
+            raise ValueError("data.train_data is not set: nothing to train on")
+
+    def _own_eval_sets(self, stage: str) -> list[EvalSet]:
+        split = "test" if stage == "test" else "val"
+        if not self.paths[split]:
+            return []
+        return [EvalSet(split, IndexedSamples(self.dataset(split), _pair_sample), ())]
+
+    def train_dataloader(self) -> DataLoader:
+        if self.kinds["train"] == "csv":
+            return self._train_loader(self.dataset("train"), self.batch_size, True, self.seed)
+        rank, world_size = self._world()
+        stream = ShardStream(
+            expand_urls(self.paths["train"]),
+            build_transform(self.image_size, True, self.mean, self.std, self.augment),
+            self.tokenizer, self.batch_size, self.train_num_samples, rank, world_size,
+            self.num_workers, self.seed, self.shuffle_buffer, self.background,
+        )  # fmt: skip
+        return ResumableLoader(
+            stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers, global_step=self._global_step,
+        )  # fmt: skip
+
+
+DATASET_TYPES = ("auto", "csv", "webdataset")
+
+
+def _data_kind(path: str, dataset_type: str, split: str) -> str:
+    """``csv`` or ``webdataset``: as given, or from the file extension for ``auto``."""
+    if dataset_type != "auto":
+        return dataset_type
+    name = str(path).split("::")[0].lower()
+    if name.endswith((".csv", ".tsv")):
+        return "csv"
+    if name.endswith(".tar"):
+        return "webdataset"
+    raise ValueError(
+        f"data.{split}_data={path}: cannot tell its format from the extension (.csv, .tsv or "
+        ".tar); set data.dataset_type=csv or webdataset"
+    )
 
 
 def _check_positive(**values: int) -> None:

@@ -99,35 +99,60 @@ class ContrastiveModule(L.LightningModule):
 
     # --- evaluation: zero-shot classification and retrieval over whole splits -------------
 
-    def _begin_eval(self) -> None:
+    def _begin_eval(self, stage: str) -> None:
+        """Text embeddings of the zero-shot tasks this stage's loaders carry labels for."""
         dm = self.trainer.datamodule
+        needed = {task for tasks in dm.eval_tasks(stage) for task in tasks}
         self._eval_features = defaultdict(list)
         self._classifiers = {
             name: zeroshot_classifier(self.model, dm.tokenizer, task.classnames, task.templates)
             for name, task in dm.zeroshot_tasks.items()
+            if name in needed
         }
 
-    def _eval_step(self, batch, dataloader_idx: int) -> None:
-        images, tokens, labels = batch
-        image_features = self.model.encode_image(images, normalize=True)
-        text_features = self.model.encode_text(tokens, normalize=True)
-        self._eval_features[dataloader_idx].append((image_features, text_features, labels))
+    def _eval_step(self, batch: dict, dataloader_idx: int) -> None:
+        features = {
+            "index": batch["index"],
+            "valid": batch["valid"],
+            "image": self.model.encode_image(batch["image"], normalize=True),
+        }
+        if "text" in batch:
+            features["text"] = self.model.encode_text(batch["text"], normalize=True)
+        if "labels" in batch:
+            features["labels"] = batch["labels"]
+        self._eval_features[dataloader_idx].append(features)
+
+    def _gather(self, batches: list[dict]) -> dict[str, Tensor]:
+        """One loader's features from every process, each sample once, in dataset order and
+        without the samples whose image could not be read. DDP's sampler gives every rank
+        the same number of samples, repeating some to do so; the index removes the repeats."""
+        local = {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
+        if self.trainer.world_size > 1:
+            local["valid"] = local["valid"].long()
+            local = {k: v.flatten(0, 1) for k, v in self.all_gather(local).items()}
+        order = torch.zeros(int(local["index"].max()) + 1, dtype=torch.long, device=self.device)
+        order[local["index"]] = torch.arange(len(local["index"]), device=self.device)
+        keep = order[local["valid"][order].bool()]
+        return {key: value[keep] for key, value in local.items()}
 
     def _end_eval(self, stage: str) -> None:
-        names = self.trainer.datamodule.eval_names(stage)
+        dm = self.trainer.datamodule
+        names, tasks = dm.eval_names(stage), dm.eval_tasks(stage)
         for idx, batches in sorted(self._eval_features.items()):
-            image_features, text_features, labels = (torch.cat(t) for t in zip(*batches))
-            metrics = retrieval_metrics(image_features, text_features)
-            for j, (task, classifier) in enumerate(self._classifiers.items()):
-                logits = image_features.float() @ classifier.float()
-                top = topk_accuracy(logits, labels[:, j], ks=(1, 5))
+            features = self._gather(batches)
+            metrics = {}
+            if "text" in features:
+                metrics.update(retrieval_metrics(features["image"], features["text"]))
+            for column, task in enumerate(tasks[idx]):
+                logits = features["image"].float() @ self._classifiers[task].float()
+                top = topk_accuracy(logits, features["labels"][:, column], ks=(1, 5))
                 metrics[f"{task}_zeroshot_top1"] = top[1]
                 metrics[f"{task}_zeroshot_top5"] = top[5]
             self.log_dict({f"{names[idx]}/{k}": v for k, v in metrics.items()}, sync_dist=True)
         self._eval_features = defaultdict(list)
 
     def on_validation_epoch_start(self) -> None:
-        self._begin_eval()
+        self._begin_eval("validate")
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx)
@@ -136,7 +161,7 @@ class ContrastiveModule(L.LightningModule):
         self._end_eval("validate")
 
     def on_test_epoch_start(self) -> None:
-        self._begin_eval()
+        self._begin_eval("test")
 
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx)

@@ -1,0 +1,134 @@
+"""``limoe-data export``: write the shapes data, or any open_clip CSV, as files that the
+``csv`` and ``webdataset`` data configs (and open_clip itself) read.
+
+    limoe-data export shapes --split train --size 10000 --format webdataset --out data/shards
+    limoe-data export shapes --split test --size 500 --format imagefolder --task shape --out data/zs
+    limoe-data export data/train.csv --format webdataset --out data/shards
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from limoe.data.csv import read_csv
+from limoe.data.pairs import IMAGE_EXTENSIONS
+from limoe.data.shapes import (
+    ATTRIBUTE_VALUES,
+    SPLITS,
+    _row_to_attributes,
+    export_csv,
+    render,
+    sample_table,
+)
+from limoe.data.webdataset import encode_image, write_shards
+
+FORMATS = ("webdataset", "csv", "imagefolder")
+
+
+def shapes_pairs(
+    split: str, size: int, image_size: int = 32, seed: int = 0
+) -> Iterator[tuple[bytes, str, str]]:
+    """``(png bytes, "png", caption)`` of the first ``size`` samples of a shapes split."""
+    table = sample_table(seed, split, np.arange(size))
+    for i in range(size):
+        attrs = _row_to_attributes(table, i)
+        yield encode_image(Image.fromarray(render(attrs, image_size))), "png", attrs.caption()
+
+
+def csv_pairs(rows: list[tuple[str, str]]) -> Iterator[tuple[bytes, str, str]]:
+    """``read_csv`` rows as image file bytes (formats other than jpg/png/webp as png)."""
+    for image_path, caption in rows:
+        ext = Path(image_path).suffix.lower().lstrip(".").replace("jpeg", "jpg")
+        if ext in IMAGE_EXTENSIONS:
+            yield Path(image_path).read_bytes(), ext, caption
+        else:
+            with Image.open(image_path) as image:
+                yield encode_image(image.convert("RGBA")), "png", caption
+
+
+def export_imagefolder(
+    split: str, size: int, out: str | Path, task: str, image_size: int = 32, seed: int = 0
+) -> Path:
+    """``out/<class>/<index>.png`` for one shapes attribute: a zero-shot ImageFolder tree."""
+    if task not in ATTRIBUTE_VALUES:
+        raise ValueError(f"--task must be one of {tuple(ATTRIBUTE_VALUES)}, got {task!r}")
+    out = Path(out)
+    table = sample_table(seed, split, np.arange(size))
+    for i in tqdm(range(size), desc=f"export {split}/{task}", unit="image"):
+        attrs = _row_to_attributes(table, i)
+        folder = out / attrs.names[task].replace(" ", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(render(attrs, image_size)).save(folder / f"{i:06d}.png")
+    return out
+
+
+def export(args: argparse.Namespace) -> str:
+    if args.format == "imagefolder":
+        if args.source != "shapes":
+            raise ValueError("--format imagefolder exports the shapes data only")
+        root = export_imagefolder(
+            args.split, args.size, args.out, args.task, args.image_size, args.seed
+        )
+        return f"wrote {args.size} images in class folders under {root}"
+    if args.format == "csv":
+        if args.source != "shapes":
+            raise ValueError("a CSV source is a CSV already; export it with --format webdataset")
+        path = export_csv(args.split, args.size, args.out, args.image_size, args.seed)
+        return f"wrote {args.size} samples to {path}"
+    if args.source == "shapes":
+        pairs, total = shapes_pairs(args.split, args.size, args.image_size, args.seed), args.size
+    else:
+        rows = read_csv(args.source, args.csv_img_key, args.csv_caption_key, args.csv_separator)
+        pairs, total = csv_pairs(rows), len(rows)
+    pattern = str(Path(args.out) / f"{args.prefix}%06d.tar")
+    pairs = tqdm(pairs, total=total, desc="export shards", unit="pair")
+    shards = write_shards(pairs, pattern, args.samples_per_shard)
+    if not shards:
+        raise ValueError(f"{args.source} holds no readable pairs: no shard written")
+    last = Path(shards[-1]).stem[len(args.prefix) :]
+    urls = Path(args.out) / f"{args.prefix}{{000000..{last}}}.tar"
+    return f"wrote {pairs.n} pairs to {len(shards)} shards: {urls}"
+
+
+def parser() -> argparse.ArgumentParser:
+    main = argparse.ArgumentParser(prog="limoe-data", description=__doc__.split("\n\n")[0])
+    commands = main.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("export", help="write shapes or a CSV as shards, CSV or folders")
+    p.add_argument("source", help="'shapes' or the path of an open_clip CSV")
+    p.add_argument("--format", choices=FORMATS, default="webdataset")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--split", choices=SPLITS, default="train", help="shapes split")
+    p.add_argument("--size", type=int, default=1000, help="number of shapes samples")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", default="shape", help="imagefolder: the attribute as class")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--prefix", default="", help="shard file name prefix")
+    p.add_argument("--csv-img-key", default="filepath")
+    p.add_argument("--csv-caption-key", default="title")
+    p.add_argument("--csv-separator", default="\t")
+    return main
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="limoe: %(message)s")
+    args = parser().parse_args(argv)
+    try:
+        if args.size < 1 or args.samples_per_shard < 1:
+            raise ValueError("--size and --samples-per-shard must be >= 1")
+        print(export(args))
+    except (ValueError, OSError) as error:
+        print(f"limoe-data: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

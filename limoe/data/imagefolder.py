@@ -1,0 +1,53 @@
+"""Zero-shot classification tasks from ImageFolder trees (``root/<class name>/<image>``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from torchvision.datasets.folder import find_classes, make_dataset
+
+from limoe.data.pairs import IMAGE_EXTENSIONS, keep_readable
+from limoe.data.shapes import ZeroShotTask
+
+# A short, generic subset of CLIP's ImageNet prompts: class-agnostic, usable for any folder.
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a bad photo of a {}.",
+    "a photo of the large {}.",
+    "a photo of the small {}.",
+    "a cropped photo of a {}.",
+    "a bright photo of a {}.",
+    "a blurry photo of a {}.",
+    "a close-up photo of a {}.",
+    "a drawing of a {}.",
+    "itap of a {}.",
+)
+
+
+def classname(folder: str) -> str:
+    """``golden_retriever`` and ``golden-retriever`` read as ``golden retriever``."""
+    return " ".join(folder.replace("_", " ").replace("-", " ").split())
+
+
+def imagefolder_task(
+    name: str, root: str | Path, templates: Sequence[str] | None = None
+) -> tuple[ZeroShotTask, list[tuple[str, None]], list[int]]:
+    """The task (class names from the folders, in torchvision's sorted order), its images and
+    their labels. Files that are not images are ignored, as torchvision's ImageFolder does."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"data.zeroshot.{name}.root={root} is not a directory")
+    templates = list(templates or DEFAULT_TEMPLATES)
+    bad = [t for t in templates if t.count("{}") != 1]
+    if bad:
+        raise ValueError(f"data.zeroshot.{name}.templates: {bad[0]!r} must hold one '{{}}'")
+    folders, class_to_idx = find_classes(str(root))
+    extensions = tuple("." + e for e in IMAGE_EXTENSIONS)
+    samples = make_dataset(str(root), class_to_idx, extensions=extensions, allow_empty=True)
+    if not samples:
+        raise ValueError(f"data.zeroshot.{name}.root={root} holds no {'/'.join(extensions)} images")
+    kept = keep_readable([(path, None) for path, _ in samples], str(root), need_caption=False)
+    label_of = dict(samples)
+    task = ZeroShotTask(name, [classname(f) for f in folders], templates)
+    return task, kept, [label_of[path] for path, _ in kept]

@@ -1,0 +1,194 @@
+"""Image-caption pairs read from files: decoding to RGB, open_clip's transforms, and the
+skipping of bad samples.
+
+One map-style dataset, ``PairDataset``, serves every file format: a CSV row, a member of a
+WebDataset tar shard and an ImageFolder file are all an image *source* plus a caption or a
+class label. Bad input never stops a run: a missing file or an empty caption is dropped when
+the dataset is built, an image that fails to decode is replaced by another sample in training
+and marked invalid in evaluation (so metrics leave it out); each is logged with its path.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from open_clip.transform import image_transform
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+log = logging.getLogger("limoe.data")
+
+IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+WHITE = (255, 255, 255)
+# Stride between the tries of a training sample whose image fails: far from the failed index,
+# so the stand-in seldom lands in the same batch.
+SUBSTITUTE_STRIDE = 7919
+MAX_TRIES = 32
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """A file inside an uncompressed tar archive, read by offset (random access); ``name``
+    (the member's name) is for messages."""
+
+    path: str
+    offset: int
+    size: int
+    name: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.name or self.offset}"
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            return f.read(self.size)
+
+
+ImageSource = str | TarMember
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """Any PIL mode as RGB; transparency (RGBA, LA, palette with a transparent colour) is
+    composited on ``background`` rather than dropped, which would show the hidden colours."""
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        base = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(base, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def open_image(source: ImageSource | bytes, background: tuple[int, int, int] = WHITE):
+    """Decode an image file, tar member or bytes to an RGB PIL image (fully loaded, so a
+    truncated file fails here rather than inside a transform)."""
+    if isinstance(source, TarMember):
+        source = source.read()
+    image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    image.load()
+    return to_rgb(image, background)
+
+
+def build_transform(
+    image_size: int,
+    train: bool,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    augment: dict | None = None,
+) -> Callable:
+    """open_clip's transform: RandomResizedCrop (+ ``augment``, open_clip's AugmentationCfg
+    keys) in training; resize of the shortest side and centre crop in evaluation."""
+    return image_transform(
+        image_size,
+        is_train=train,
+        mean=tuple(mean) if mean else None,
+        std=tuple(std) if std else None,
+        aug_cfg=dict(augment or {}),
+    )
+
+
+def keep_readable(
+    items: Sequence[tuple[ImageSource, str | None]], where: str, need_caption: bool = True
+) -> list[tuple[ImageSource, str | None]]:
+    """The items whose file exists and whose caption is not empty; the others are logged with
+    their path and left out."""
+    kept = []
+    for source, caption in items:
+        if isinstance(source, str) and not Path(source).is_file():
+            log.warning("skipping %s: missing image file %s", where, source)
+        elif need_caption and not (caption or "").strip():
+            log.warning("skipping %s: empty caption for %s", where, source)
+        else:
+            kept.append((source, caption))
+    if len(items) > len(kept):
+        log.warning("%s: skipped %d of %d samples", where, len(items) - len(kept), len(items))
+    return kept
+
+
+class PairDataset(Dataset):
+    """``(image [3,H,W], tokens [L])`` from image sources and captions, or
+    ``(image, label)`` where ``labels`` are given instead of a tokenizer (ImageFolder).
+
+    ``sample(i)`` returns a dict with ``valid`` False where the image cannot be decoded;
+    ``__getitem__`` (training) stands in the next readable sample, ``MAX_TRIES`` at most.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[tuple[ImageSource, str | None]],
+        transform: Callable,
+        image_size: int,
+        tokenizer: Callable | None = None,
+        labels: Sequence[int] | None = None,
+        background: tuple[int, int, int] = WHITE,
+    ) -> None:
+        if labels is not None and len(labels) != len(items):
+            raise ValueError(f"{len(labels)} labels for {len(items)} images")
+        self.items = list(items)
+        self.transform = transform
+        self.image_size = image_size
+        self.tokenizer = tokenizer
+        self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
+        self.background = tuple(background)
+        self.failed = 0  # images that failed to decode in this process
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _image(self, i: int) -> Tensor | None:
+        source = self.items[i][0]
+        try:
+            return self.transform(open_image(source, self.background))
+        except Exception as error:  # PIL raises many types for broken files
+            self.failed += 1
+            log.warning(
+                "skipping unreadable image %s (%s): %s", source, type(error).__name__, error
+            )
+            return None
+
+    def sample(self, i: int) -> dict[str, Tensor]:
+        """One sample as a dict (``image``, ``text`` or ``labels`` [1], ``valid``): what the
+        evaluation loaders yield, so that no sample is replaced there."""
+        image = self._image(i)
+        out = {"valid": torch.tensor(image is not None)}
+        out["image"] = image if image is not None else torch.zeros(3, *_size2(self.image_size))
+        if self.tokenizer is not None:
+            out["text"] = self.tokenizer([self.items[i][1]])[0]
+        if self.labels is not None:
+            out["labels"] = self.labels[i : i + 1]  # one task; shapes carries one per attribute
+        return out
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        for attempt in range(MAX_TRIES):
+            j = (i + attempt * SUBSTITUTE_STRIDE) % len(self)
+            sample = self.sample(j)
+            if sample["valid"]:
+                second = sample["text"] if self.tokenizer is not None else sample["labels"][0]
+                return sample["image"], second
+        raise RuntimeError(f"no readable image among {MAX_TRIES} samples tried from index {i}")
+
+
+def _size2(image_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(image_size, int):
+        return image_size, image_size
+    return tuple(image_size[-2:])
+
+
+class IndexedSamples(Dataset):
+    """Evaluation view of a dataset: each item a dict with its ``index`` (ranks gather and
+    de-duplicate by it under DDP, whose sampler pads the last shard with repeats)."""
+
+    def __init__(self, dataset: Dataset, to_dict: Callable[[Dataset, int], dict]) -> None:
+        self.dataset = dataset
+        self.to_dict = to_dict
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"index": torch.tensor(i), **self.to_dict(self.dataset, i)}

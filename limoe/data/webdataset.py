@@ -1,0 +1,180 @@
+"""WebDataset tar shards (open_clip's large-scale format): streaming training, indexed
+evaluation, and writing shards.
+
+Training streams samples the way open_clip's ``--dataset-resampled`` does: each process and
+worker draws shards with replacement, shuffles samples in a buffer and batches them; an epoch
+is ``train_num_samples`` pairs over all processes. Every draw is seeded by (seed, epoch, rank,
+worker), so an epoch can be replayed, and a resumed run skips the batches it already trained
+on. Evaluation reads shards by member offset (``index_shards``), as a map-style dataset, so
+every pair is evaluated exactly once whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import multiprocessing as mp
+import random
+import tarfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import islice
+from pathlib import Path
+
+import braceexpand
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from limoe.data.pairs import IMAGE_EXTENSIONS, WHITE, TarMember, keep_readable, open_image
+
+log = logging.getLogger("limoe.data")
+
+
+def expand_urls(patterns: str | Sequence[str]) -> list[str]:
+    """Shard paths from brace patterns (``shards/{000000..000099}.tar``), several patterns
+    joined by ``::`` as open_clip does; every shard must exist."""
+    if isinstance(patterns, str):
+        patterns = patterns.split("::")
+    urls = [url for pattern in patterns for url in braceexpand.braceexpand(pattern)]
+    missing = [url for url in urls if not Path(url).is_file()]
+    if not urls or missing:
+        raise ValueError(f"no shard file {missing[0] if missing else patterns!r}")
+    return urls
+
+
+def log_and_continue(error: Exception) -> bool:
+    """webdataset's error handler, as in open_clip: log the bad sample and go on."""
+    log.warning("skipping sample: %r", error)
+    return True
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """webdataset's member naming: the key is the path up to the first dot of the file name."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def index_shards(urls: Sequence[str]) -> list[tuple[TarMember, str]]:
+    """``(image member, caption)`` of every sample of the shards, in shard order; samples
+    without an image or with an empty caption are logged and left out."""
+    items = []
+    for url in urls:
+        samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+        with tarfile.open(url) as tar:
+            members = [m for m in tar.getmembers() if m.isfile()]
+            for member in members:
+                key, ext = _split_key(member.name)
+                samples.setdefault(key, {})[ext] = member
+            for key, files in samples.items():
+                image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
+                if image is None:
+                    log.warning("skipping %s:%s: no %s image", url, key, "/".join(IMAGE_EXTENSIONS))
+                    continue
+                source = TarMember(url, image.offset_data, image.size, image.name)
+                caption = _read_text(tar, files["txt"]) if "txt" in files else ""
+                items.append((source, caption))
+    return keep_readable(items, f"shards {urls[0]}..")
+
+
+def _read_text(tar: tarfile.TarFile, member: tarfile.TarInfo) -> str:
+    return tar.extractfile(member).read().decode("utf-8")
+
+
+class ShardStream(IterableDataset):
+    """Batches ``(images [B,3,H,W], tokens [B,L])`` streamed from shards; ``len()`` is the
+    number of batches this process reads per epoch."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        transform: Callable,
+        tokenizer: Callable,
+        batch_size: int,
+        num_samples: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        background: tuple[int, int, int] = WHITE,
+    ) -> None:
+        batches = num_samples // (batch_size * world_size)
+        if batches < 1:
+            raise ValueError(
+                f"train_num_samples={num_samples} is less than one batch of {batch_size} pairs "
+                f"on each of {world_size} processes"
+            )
+        self.urls = list(urls)
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.rank = rank
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.background = tuple(background)
+        self.workers = max(1, num_workers)
+        self.batches_per_worker = math.ceil(batches / self.workers)
+        # (epoch, batches to skip): shared with worker processes, also persistent ones.
+        self._position = mp.Array("q", [0, 0])
+
+    def __len__(self) -> int:
+        return self.batches_per_worker * self.workers
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        self._position[0], self._position[1] = epoch, batches
+
+    def _shards(self, rng: random.Random) -> Iterator[dict[str, str]]:
+        while True:
+            yield {"url": rng.choice(self.urls)}
+
+    def _pair(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        where = f"{sample.get('__url__')}:{sample.get('__key__')}"
+        image = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
+        if image is None:
+            raise ValueError(f"{where} has no {'/'.join(IMAGE_EXTENSIONS)} image")
+        caption = sample.get("txt", b"").decode("utf-8").strip()
+        if not caption:
+            raise ValueError(f"{where} has an empty caption")
+        try:
+            pixels = self.transform(open_image(image, self.background))
+        except Exception as error:
+            raise ValueError(f"{where}: unreadable image ({error})") from error
+        return pixels, self.tokenizer([caption])[0]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        epoch, skip = self._position[0], self._position[1]
+        stream_seed = hash((self.seed, epoch, self.rank, worker)) & (2**63 - 1)
+        rng = random.Random(stream_seed)
+        data: Iterable = self._shards(rng)
+        data = wds.tarfile_to_samples(handler=log_and_continue)(data)
+        data = wds.shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)(data)
+        data = wds.map(self._pair, handler=log_and_continue)(data)
+        data = wds.batched(self.batch_size, partial=False)(data)
+        # The loader takes batches from the workers in turn: batch j is worker j % workers's.
+        skipped = max(0, math.ceil((skip - worker) / self.workers))
+        return islice(data, skipped, self.batches_per_worker)
+
+
+def write_shards(
+    pairs: Iterable[tuple[bytes, str, str]], pattern: str, samples_per_shard: int = 1000
+) -> list[str]:
+    """Write ``(image bytes, extension, caption)`` pairs as shards with webdataset's
+    ShardWriter; ``pattern`` is a printf pattern such as ``out/%06d.tar``."""
+    Path(pattern).parent.mkdir(parents=True, exist_ok=True)
+    written: list[str] = []
+    with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0) as sink:
+        for i, (image, ext, caption) in enumerate(pairs):
+            sink.write({"__key__": f"{i:09d}", ext: image, "txt": caption})
+        written = sorted({pattern % n for n in range(sink.shard)})
+    return written
+
+
+def encode_image(image, ext: str = "png") -> bytes:
+    """PIL image -> file bytes (``png``, ``jpg`` or ``webp``)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format={"jpg": "JPEG", "jpeg": "JPEG"}.get(ext, ext.upper()))
+    return buffer.getvalue()

@@ -131,6 +131,8 @@ def run_training(cfg: DictConfig, output_dir: Path) -> dict:
     metrics["train/wall_seconds"] = train_seconds
     metrics["train/steps"] = trainer.global_step
     metrics["train/samples_per_second"] = samples / train_seconds
+    if not trainer.is_global_zero:  # every rank has the same metrics; one writes them
+        return {}
     return write_metrics(metrics, output_dir / "metrics.json")
 
 

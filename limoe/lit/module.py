@@ -85,9 +85,19 @@ class ContrastiveModule(L.LightningModule):
         if out.get("routing") and self._logging_step():
             stats = routing_stats(out["routing"], self.model.moe_layers)
             log.update({f"train/{k}": v for k, v in stats.items()})
+        log = self._mean_over_ranks(log)
         self.log_dict(log, prog_bar=False, batch_size=images.shape[0])
-        self.log("loss", loss, prog_bar=True, logger=False, batch_size=images.shape[0])
+        self.log("loss", log["train/loss"], prog_bar=True, logger=False, batch_size=images.shape[0])
         return loss
+
+    def _mean_over_ranks(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The mean of each logged value over the processes, in one all-reduce (the losses
+        and the routing statistics are each process's own batch)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return values
+        stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()])
+        stacked = self.trainer.strategy.reduce(stacked, reduce_op="mean")
+        return dict(zip(values, stacked.unbind()))
 
     def _logging_step(self) -> bool:
         every = self.trainer.log_every_n_steps if self._trainer is not None else 1

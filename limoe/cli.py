@@ -34,7 +34,7 @@ from limoe.bench import (
     run_layer_bench,
     run_train_bench,
 )
-from limoe.lit import ContrastiveModule, read_history
+from limoe.lit import ContrastiveModule, NonFiniteLossError, read_history
 from limoe.models import model_cost, parameter_counts
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -115,7 +115,10 @@ def run_training(cfg: DictConfig, output_dir: Path) -> dict:
     print(f"limoe: model {cfg.model._target_} with {params['params_total']:,} parameters "
           f"({params['params_active_per_token']:,} active per token); run dir {output_dir}")  # fmt: skip
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except NonFiniteLossError as error:
+        raise NonFiniteLossError(f"{error}; {_last_good_checkpoint(output_dir)}") from None
     train_seconds = time.perf_counter() - start
     # ModelCheckpoint writes last.ckpt at validation time; make it hold the final weights.
     trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
@@ -134,6 +137,16 @@ def run_training(cfg: DictConfig, output_dir: Path) -> dict:
     if not trainer.is_global_zero:  # every rank has the same metrics; one writes them
         return {}
     return write_metrics(metrics, output_dir / "metrics.json")
+
+
+def _last_good_checkpoint(output_dir: Path) -> str:
+    """Where a stopped run's weights are: its newest checkpoint, written before the stop."""
+    checkpoints = sorted(
+        (output_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime
+    )
+    if not checkpoints:
+        return "no checkpoint had been written"
+    return f"the last good checkpoint is {checkpoints[-1]} (resume with ckpt_path=...)"
 
 
 def _config_dir() -> contextlib.AbstractContextManager:
@@ -185,7 +198,9 @@ def _run_or_fail(run, *args):
     """Run a command body; a configuration error ends the command with one line naming it."""
     try:
         return run(*args)
-    except (InstantiationException, OmegaConfBaseException, ValueError, TypeError) as error:
+    except (
+        InstantiationException, OmegaConfBaseException, ValueError, TypeError, NonFiniteLossError
+    ) as error:  # fmt: skip
         _fail(error)
 
 

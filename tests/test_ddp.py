@@ -1,5 +1,6 @@
 """More than one process: 2 CPU processes under ``trainer=ddp`` compute the same loss,
-gradients and evaluation metrics as one process on the same global batch."""
+gradients and evaluation metrics as one process on the same global batch, with the experts
+replicated (data parallel) or split between the processes (``model.moe.expert_parallel``)."""
 
 from __future__ import annotations
 
@@ -28,13 +29,27 @@ def one_step(out: Path, overrides: list[str]) -> list[dict]:
     return [torch.load(path) for path in sorted(out.glob("rank*.pt"))]
 
 
+TWO_PROCESSES = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=8"]
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> tuple[list[dict], list[dict]]:
-    root = tmp_path_factory.mktemp("ddp")
-    single = one_step(root / "single", ["trainer=cpu", "data.batch_size=16"])
-    ddp = one_step(root / "ddp", ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                                  "data.batch_size=8"])  # fmt: skip
-    return single, ddp
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ddp")
+
+
+@pytest.fixture(scope="module")
+def single(root) -> list[dict]:
+    return one_step(root / "single", ["trainer=cpu", "data.batch_size=16"])
+
+
+@pytest.fixture(scope="module")
+def runs(root, single) -> tuple[list[dict], list[dict]]:
+    return single, one_step(root / "ddp", TWO_PROCESSES)
+
+
+@pytest.fixture(scope="module")
+def expert_parallel(root, single) -> tuple[list[dict], list[dict]]:
+    return single, one_step(root / "ep", [*TWO_PROCESSES, "model.moe.expert_parallel=true"])
 
 
 def test_two_processes_see_half_the_global_batch_each(runs):
@@ -71,3 +86,52 @@ def test_evaluation_over_uneven_shards_equals_one_process(runs):
     for r in ddp:
         for key, value in single[0]["val"].items():
             assert r["val"][key] == pytest.approx(value, abs=1e-6), key
+
+
+EXPERT_WEIGHTS = ("w1", "b1", "w2", "b2")
+
+
+def is_expert(name: str) -> bool:
+    return ".experts." in name and name.rsplit(".", 1)[1] in EXPERT_WEIGHTS
+
+
+def test_expert_parallel_gives_the_single_process_loss_and_gradients(expert_parallel):
+    """Each rank holds half the experts; its expert gradients are its block of the
+    single-process ones, the replicated weights' gradients are the same everywhere."""
+    single, ep = expert_parallel
+    reference = single[0]["grads"]
+    for rank, run in enumerate(ep):
+        assert run["logged_loss"] == pytest.approx(single[0]["logged_loss"], rel=1e-5)
+        assert run["grads"].keys() == reference.keys()
+        for name, grad in run["grads"].items():
+            expected = reference[name]
+            if is_expert(name):
+                half = expected.shape[0] // 2
+                assert grad.shape[0] == half
+                expected = expected[rank * half : (rank + 1) * half]
+            torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6, msg=name)
+    for r in ep:
+        for key, value in single[0]["val"].items():
+            assert r["val"][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_expert_parallel_checkpoint_holds_every_expert_and_loads_on_one_process(
+    expert_parallel, root
+):
+    from limoe.lit import ContrastiveModule
+
+    ep_ckpt = torch.load(root / "ep/last.ckpt", weights_only=False)
+    one_ckpt = torch.load(root / "single/last.ckpt", weights_only=False)
+    for name, value in one_ckpt["state_dict"].items():
+        assert ep_ckpt["state_dict"][name].shape == value.shape, name
+    # AdamW's first moment after one step is (1 - beta1) * gradient: gathered from both ranks,
+    # it matches the single process's for every expert.
+    ep_state = ep_ckpt["optimizer_states"][0]["state"]
+    one_state = one_ckpt["optimizer_states"][0]["state"]
+    assert ep_state.keys() == one_state.keys()
+    for i in one_state:
+        torch.testing.assert_close(ep_state[i]["exp_avg"], one_state[i]["exp_avg"],
+                                   rtol=1e-3, atol=1e-7)  # fmt: skip
+    module = ContrastiveModule.load_from_checkpoint(root / "ep/last.ckpt")
+    experts = [m for n, m in module.model.named_modules() if n.endswith("mlp.experts")]
+    assert experts and all(m.w1.shape[0] == 4 and m.parallel is None for m in experts)

@@ -19,8 +19,9 @@ class RoutingHistory(L.Callback):
 
     Validation encodes images and captions in separate calls; this callback routes both
     modalities of a pair set in one call, as in training, so capacity and Batch Priority
-    Routing act on the same mixed token set. Models without MoE layers are skipped. Only
-    global rank 0 writes (its first ``num_pairs`` pairs of ``split``).
+    Routing act on the same mixed token set. Models without MoE layers are skipped. Every
+    rank routes the first ``num_pairs`` pairs of ``split`` (expert-parallel layers need all
+    ranks); global rank 0 writes.
     """
 
     def __init__(
@@ -61,11 +62,13 @@ class RoutingHistory(L.Callback):
 
     def _record(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         model = pl_module.model
-        if not trainer.is_global_zero or not getattr(model, "moe_layers", None):
+        if not getattr(model, "moe_layers", None):
             return
         images, tokens = self._load_pairs(trainer.datamodule)
-        with torch.no_grad():
+        with torch.no_grad():  # on every rank: expert-parallel layers exchange tokens
             _, _, routings = model.tower(images.to(pl_module.device), tokens.to(pl_module.device))
+        if not trainer.is_global_zero:
+            return
         layers = {
             str(layer): layer_summary(routing, MODALITY_NAMES, self.threshold, self.min_share)
             for layer, routing in zip(model.moe_layers, routings)

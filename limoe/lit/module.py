@@ -14,11 +14,14 @@ from collections.abc import Mapping
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from open_clip.loss import ClipLoss
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from limoe.eval import retrieval_metrics, topk_accuracy, zeroshot_classifier
 from limoe.lit.routing import routing_stats
+from limoe.moe import MoELayer
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learned temperature at 1/100
 
@@ -37,6 +40,11 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss or gradient; the run stops before the optimiser
+    step, so every checkpoint written so far holds finite weights."""
+
+
 class ContrastiveModule(L.LightningModule):
     def __init__(self, model: Mapping, optim: Mapping, data: Mapping | None = None) -> None:
         super().__init__()
@@ -46,6 +54,8 @@ class ContrastiveModule(L.LightningModule):
         self.clip_loss = ClipLoss()
         self._eval_features: dict[int, list] = defaultdict(list)
         self._classifiers: dict[str, Tensor] = {}
+        self._rng_to_restore: dict | None = None
+        self._expert_group = None  # the process group of expert-parallel all-to-alls
 
     def setup(self, stage: str) -> None:
         world_size = self.trainer.world_size
@@ -56,6 +66,41 @@ class ContrastiveModule(L.LightningModule):
             rank=self.global_rank,
             world_size=world_size,
         )
+        if world_size > 1:
+            self._shard_experts(world_size)
+
+    # --- expert parallelism -----------------------------------------------------------------
+
+    def _parallel_experts(self) -> list[Tensor]:
+        return [
+            p
+            for layer in self.model.modules()
+            if isinstance(layer, MoELayer) and layer.experts.parallel is not None
+            for p in layer.experts.parameters()
+        ]
+
+    def _shard_experts(self, world_size: int) -> None:
+        """``model.moe.expert_parallel``: each process keeps E / world_size experts of every
+        MoE layer. DDP must not average those gradients (each rank holds different experts);
+        they already sum every rank's loss through the all-to-all, so they are divided by
+        world_size to match the mean DDP takes of the replicated weights' gradients."""
+        if self._parallel_experts():  # sharded at an earlier stage
+            return
+        if not any(isinstance(m, MoELayer) and m.expert_parallel for m in self.model.modules()):
+            return
+        # A process group of their own: DDP all-reduces gradients on the default group during
+        # backward, and interleaving the experts' all-to-alls with it would pair mismatched
+        # collectives across ranks.
+        group = torch.distributed.new_group(list(range(world_size)))
+        self._expert_group = group
+        for layer in self.model.modules():
+            if isinstance(layer, MoELayer):
+                layer.shard_experts(self.global_rank, world_size, group)
+        sharded = {id(p) for p in self._parallel_experts()}
+        names = [n for n, p in self.named_parameters() if id(p) in sharded]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, names)
+        for p in self._parallel_experts():
+            p.register_hook(lambda grad: grad / world_size)
 
     def forward(self, images: Tensor, tokens: Tensor) -> dict:
         out = self.model(images, tokens)
@@ -85,7 +130,9 @@ class ContrastiveModule(L.LightningModule):
         if out.get("routing") and self._logging_step():
             stats = routing_stats(out["routing"], self.model.moe_layers)
             log.update({f"train/{k}": v for k, v in stats.items()})
-        log = self._mean_over_ranks(log)
+        log = self._mean_over_ranks(log)  # NaN on any rank makes the mean NaN on every rank
+        if not torch.isfinite(log["train/loss"]):
+            self._stop(f"loss {log['train/loss'].item()}")
         self.log_dict(log, prog_bar=False, batch_size=images.shape[0])
         self.log("loss", log["train/loss"], prog_bar=True, logger=False, batch_size=images.shape[0])
         return loss
@@ -98,6 +145,124 @@ class ContrastiveModule(L.LightningModule):
         stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()])
         stacked = self.trainer.strategy.reduce(stacked, reduce_op="mean")
         return dict(zip(values, stacked.unbind()))
+
+    def _stop(self, what: str) -> None:
+        raise NonFiniteLossError(f"non-finite {what} at step {self.global_step}; run stopped")
+
+    def grad_norm(self) -> Tensor:
+        """The L2 norm of the whole model's gradient. With expert parallelism each rank holds
+        a part of the experts, so their squared norms are summed over the ranks."""
+        sharded = {id(p) for p in self._parallel_experts()}
+        shared = [
+            p.grad for p in self.model.parameters() if p.grad is not None and id(p) not in sharded
+        ]
+        squared = (
+            torch.nn.utils.get_total_norm(shared) ** 2
+            if shared
+            else torch.zeros((), device=self.device)
+        )
+        if sharded:
+            local = [p.grad for p in self._parallel_experts() if p.grad is not None]
+            expert_squared = torch.nn.utils.get_total_norm(local) ** 2 if local else squared * 0
+            torch.distributed.all_reduce(expert_squared, group=self._expert_group)
+            squared = squared + expert_squared
+        return squared.sqrt()
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Stop on a non-finite gradient before it reaches the weights (the norm is the same
+        on every rank after DDP's all-reduce, so all ranks stop together)."""
+        norm = self.grad_norm()
+        if not torch.isfinite(norm):
+            self._stop(f"gradient norm {norm.item()}")
+        if self._logging_step():
+            self.log("train/grad_norm", norm, batch_size=1)
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        """Lightning's clipping, except that with expert parallelism the norm is the whole
+        model's (``grad_norm``), not this rank's part: every rank scales by the same factor,
+        as one process would."""
+        if (
+            not self._parallel_experts()
+            or not gradient_clip_val
+            or gradient_clip_algorithm == "value"
+        ):
+            return super().configure_gradient_clipping(
+                optimizer, gradient_clip_val, gradient_clip_algorithm
+            )
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self.grad_norm())
+
+    # --- exact resume: the random streams (gating noise) continue where they were ---------
+
+    def _parallel_state_indices(self) -> list[int]:
+        """Indices, in the optimiser's state dict, of the expert weights split over ranks."""
+        sharded = {id(p) for p in self._parallel_experts()}
+        flat = [p for group in self._param_groups() for p in group["params"]]
+        return [i for i, p in enumerate(flat) if id(p) in sharded]
+
+    def _full_optimizer_states(self, checkpoint: dict) -> None:
+        """Expert parallelism: the AdamW moments of every expert, gathered from all ranks (a
+        collective, like the weights' state dict hook), so a checkpoint loads at any size."""
+        indices = self._parallel_state_indices()
+        if not indices or "optimizer_states" not in checkpoint:
+            return
+        group = self._expert_group
+        flat = [p for g in self._param_groups() for p in g["params"]]
+        for optimizer_state in checkpoint["optimizer_states"]:
+            for i in indices:
+                zeros = torch.zeros_like(flat[i])  # AdamW's state, for a weight never updated
+                fresh = {"step": torch.zeros(()), "exp_avg": zeros, "exp_avg_sq": zeros.clone()}
+                # A new dict: the optimiser's state_dict() shares its per-weight dicts with
+                # the live optimiser, which must keep this rank's block.
+                state = dict(optimizer_state["state"].get(i, fresh))
+                for key in ("exp_avg", "exp_avg_sq"):
+                    blocks = [torch.empty_like(state[key]) for _ in range(self.trainer.world_size)]
+                    torch.distributed.all_gather(blocks, state[key].contiguous(), group=group)
+                    state[key] = torch.cat(blocks)
+                optimizer_state["state"][i] = state
+
+    def _local_optimizer_states(self, checkpoint: dict) -> None:
+        """This rank's block of the full expert moments (the weights: ``_take_local_experts``)."""
+        experts = [m.experts.parallel for m in self.model.modules()
+                   if isinstance(m, MoELayer) and m.experts.parallel]  # fmt: skip
+        if not experts or "optimizer_states" not in checkpoint:
+            return
+        rank, world_size, _, _ = experts[0]
+        flat = [p for g in self._param_groups() for p in g["params"]]
+        for optimizer_state in checkpoint["optimizer_states"]:
+            for i in self._parallel_state_indices():
+                local = flat[i].shape[0]
+                for key, value in optimizer_state["state"].get(i, {}).items():
+                    if (
+                        torch.is_tensor(value)
+                        and value.ndim
+                        and value.shape[0] == local * world_size
+                    ):
+                        optimizer_state["state"][i][key] = value[rank * local : (rank + 1) * local]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._full_optimizer_states(checkpoint)
+        states = _collect_rng_states()
+        name, keys, pos, has_gauss, gauss = states["numpy"]  # a tensor, not an ndarray, so
+        states["numpy"] = (name, torch.from_numpy(keys), pos, has_gauss, gauss)  # weights_only
+        checkpoint["rng_states"] = states
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._local_optimizer_states(checkpoint)
+        states = checkpoint.get("rng_states")
+        if states is not None:
+            name, keys, pos, has_gauss, gauss = states["numpy"]
+            states = {**states, "numpy": (name, keys.numpy(), pos, has_gauss, gauss)}
+        self._rng_to_restore = states
+
+    def on_train_start(self) -> None:
+        """Restore the saved random states only now: starting the data loaders draws from the
+        generator, which the interrupted run did before, not after, the checkpoint."""
+        if self._rng_to_restore is not None:
+            _set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
 
     def _logging_step(self) -> bool:
         every = self.trainer.log_every_n_steps if self._trainer is not None else 1
@@ -181,15 +346,21 @@ class ContrastiveModule(L.LightningModule):
 
     # --- optimisation ------------------------------------------------------------------------
 
-    def configure_optimizers(self):
+    def _param_groups(self) -> list[dict]:
+        """AdamW's groups: decayed weights, then the rest (their order indexes its state)."""
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        groups = [
+        return [
             {"params": [p for n, p in named if not no_weight_decay(n, p)],
              "weight_decay": self.optim["weight_decay"]},
             {"params": [p for n, p in named if no_weight_decay(n, p)], "weight_decay": 0.0},
         ]  # fmt: skip
+
+    def configure_optimizers(self):
         optimizer = torch.optim.AdamW(
-            groups, lr=self.optim["lr"], betas=tuple(self.optim["betas"]), eps=self.optim["eps"]
+            self._param_groups(),
+            lr=self.optim["lr"],
+            betas=tuple(self.optim["betas"]),
+            eps=self.optim["eps"],
         )
         total = self.trainer.max_steps
         if total is None or total < 0:

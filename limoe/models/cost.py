@@ -32,7 +32,10 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     unused = 0
     for layer in model.modules():
         if isinstance(layer, MoELayer):
-            expert_params = sum(p.numel() for p in layer.experts.parameters())
+            here = sum(p.numel() for p in layer.experts.parameters())
+            parallel = layer.experts.parallel  # expert parallelism: this process holds 1 / W
+            expert_params = here * (parallel[1] if parallel else 1)
+            total += expert_params - here
             unused += expert_params * (layer.num_experts - layer.top_k) // layer.num_experts
     return {"params_total": total, "params_active_per_token": total - unused}
 

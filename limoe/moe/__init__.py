@@ -7,6 +7,7 @@ Pipeline of one ``MoELayer`` call, each step a function you can test on its own:
 plus the auxiliary losses in ``losses``. ``reference`` holds GShard's one-hot einsum
 dispatch, which the sorted path must equal. Two more routers fill the same record:
 ``expert_choice`` (experts pick tokens) and ``soft`` (Soft MoE's weighted slots).
+``parallel`` spreads the experts over processes (expert parallelism, all-to-all).
 """
 
 from .dispatch import combine, gather_tokens, sort_by_expert
@@ -21,6 +22,7 @@ from .losses import (
     local_entropy_loss,
     z_loss,
 )
+from .parallel import parallel_dispatch, shard_experts
 from .reference import dispatch_tensors, onehot_moe
 from .routing import (
     Routing,
@@ -51,7 +53,9 @@ __all__ = [
     "local_entropy_loss",
     "onehot_moe",
     "pack_groups",
+    "parallel_dispatch",
     "route",
+    "shard_experts",
     "soft_moe",
     "sort_by_expert",
     "z_loss",

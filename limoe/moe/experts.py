@@ -56,6 +56,9 @@ class Experts(nn.Module):
         self.b2 = nn.Parameter(torch.empty(num_experts, dim))
         self.act = act_layer()
         self.drop = nn.Dropout(drop)
+        # (rank, world size, group, total experts) once ``parallel.shard_experts`` has kept
+        # this process's block of experts; None: all experts are here.
+        self.parallel: tuple | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .dispatch import combine, gather_tokens, sort_by_expert
 from .experts import Experts
 from .losses import LOSS_NAMES, compute_aux_losses, weighted_sum
+from .parallel import parallel_dispatch, shard_experts
 from .reference import onehot_moe
 from .routing import (
     Routing,
@@ -48,6 +49,10 @@ class MoELayer(nn.Module):
     expert did not pick it) or ``soft`` (Soft MoE, Puigcerver et al. 2023: ``slots_per_expert``
     slots per expert and per ``group`` of tokens, each a weighted average of the group; the
     record's single choice is the expert that wrote most of the token's output).
+
+    ``expert_parallel=True`` lets ``shard_experts`` spread the experts over the processes of
+    a ``torch.distributed`` group once it exists (``parallel``: tokens travel by all-to-all);
+    until then, and on one process, the layer holds every expert.
     """
 
     DISPATCH_MODES = ("sorted", "onehot")
@@ -77,12 +82,19 @@ class MoELayer(nn.Module):
         gemm: str = "auto",
         router: str = "topk",
         slots_per_expert: int = 1,
+        expert_parallel: bool = False,
     ) -> None:
         super().__init__()
         _check_config(num_experts, top_k, capacity_factor, min_capacity)
         if dispatch not in self.DISPATCH_MODES:
             raise ValueError(f"dispatch must be one of {self.DISPATCH_MODES}, got {dispatch!r}")
         _check_router(router, capacity_factor, slots_per_expert, self.ROUTERS)
+        if expert_parallel and (router == "soft" or dispatch != "sorted"):
+            raise ValueError(
+                "expert_parallel needs dispatch='sorted' and router 'topk' or 'expert_choice', "
+                f"got dispatch={dispatch!r}, router={router!r}"
+            )
+        self.expert_parallel = expert_parallel
         self.dispatch_mode = dispatch
         self.router_type = router
         self.slots_per_expert = slots_per_expert
@@ -179,8 +191,18 @@ class MoELayer(nn.Module):
         position, dropped = assign_slots(expert_index, self.num_experts, capacity, priority)
         return probs, gates, expert_index, position, dropped, capacity
 
+    def shard_experts(self, rank: int, world_size: int, group=None) -> None:
+        """Keep this process's ``num_experts / world_size`` experts (``expert_parallel`` layers
+        only; call on every process of ``group``, after ``torch.distributed`` is set up)."""
+        if self.expert_parallel and world_size > 1 and self.experts.parallel is None:
+            shard_experts(self.experts, rank, world_size, group)
+
     def dispatch(self, x: Tensor, expert_index: Tensor, gates: Tensor, dropped: Tensor) -> Tensor:
         """Kept choices -> sorted by expert -> expert GEMMs -> gate-weighted scatter back to tokens."""
+        if self.experts.parallel is not None:
+            group = self.experts.parallel[2]
+            args = (x, expert_index, gates, dropped, self.experts, self.num_experts, group)
+            return parallel_dispatch(*args)
         choices = expert_index.shape[1]  # top_k, or E for expert choice
         choice_index, counts = sort_by_expert(expert_index, dropped, self.num_experts)
         expert_in = gather_tokens(x, choice_index, choices)

@@ -45,6 +45,7 @@ def main() -> None:
     (val,) = trainer.validate(module, datamodule=datamodule, verbose=False)
     snapshot.saved["val"] = val
     trainer.fit(module, datamodule=datamodule)
+    trainer.save_checkpoint(out / "last.ckpt")  # every rank takes part (expert parallelism)
 
 
 if __name__ == "__main__":

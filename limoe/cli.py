@@ -94,8 +94,12 @@ def write_metrics(metrics: dict, path: Path) -> dict:
 
 
 def _cost(module: ContrastiveModule, datamodule, num_pairs: int) -> dict:
-    """Parameters and forward FLOPs per pair, counted on the first ``num_pairs`` val pairs."""
-    dataset = datamodule.dataset("val")
+    """Parameters and forward FLOPs per pair, counted on the first ``num_pairs`` val pairs
+    (test pairs where the data has no val split)."""
+    try:
+        dataset = datamodule.dataset("val")
+    except ValueError:
+        dataset = datamodule.dataset("test")
     images, tokens = default_collate([dataset[i][:2] for i in range(min(num_pairs, len(dataset)))])
     return model_cost(module.model, images.to(module.device), tokens.to(module.device))
 

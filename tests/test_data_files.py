@@ -349,12 +349,11 @@ def test_train_on_csv_reports_retrieval_and_imagefolder_zeroshot_without_broken_
     images and equal a plain recomputation from the saved weights."""
     csv_path = csv_dir / "pairs.csv"
     overrides = [
-        *FILES_SMOKE, "data=csv", f"data.train_data={csv_path}", f"data.val_data={csv_path}",
-        f"data.test_data={csv_path}", "data.batch_size=2", f"+data.zeroshot.pets.root={folder}",
+        *FILES_SMOKE, "data=csv", f"data.train_data={csv_path}", f"data.test_data={csv_path}", "data.batch_size=2", f"+data.zeroshot.pets.root={folder}",
         "+data.zeroshot.pets.templates=['a photo of a {}.', 'a {}']", "trainer.max_steps=3",
-        "trainer.val_check_interval=3", "callbacks.routing_history=null",
+        "trainer.val_check_interval=3",
     ]  # fmt: skip
-    metrics = train_run(overrides, tmp_path)
+    metrics = train_run(overrides, tmp_path)  # no val data: no validation, no routing history
     assert {"test/pets_zeroshot_top1", "test/pets_zeroshot_top5", "test/image_to_text_R@1",
             "test/text_to_image_R@5"} <= set(metrics)  # fmt: skip
     module = ContrastiveModule.load_from_checkpoint(tmp_path / "checkpoints/last.ckpt")
@@ -390,7 +389,7 @@ def test_train_streams_shards(shards, tmp_path):
     pattern = str(shards / "{000000..000001}.tar")
     overrides = [*FILES_SMOKE, "data=webdataset", f"data.train_data='{pattern}'",
                  "data.train_num_samples=4", "data.batch_size=2", "trainer.max_steps=5",
-                 "trainer.val_check_interval=2", "test=false", "callbacks.routing_history=null"]  # fmt: skip
+                 "trainer.val_check_interval=2", "test=false"]  # fmt: skip
     assert train_run(overrides, tmp_path) == {}
     ckpt = torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=False)
     loader_state = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]

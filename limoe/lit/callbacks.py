@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import default_collate
 
 from limoe.lit.routing import MODALITY_NAMES, layer_summary
@@ -41,12 +42,19 @@ class RoutingHistory(L.Callback):
         self.min_share = min_share
         self._pairs: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _load_pairs(self, datamodule) -> tuple[torch.Tensor, torch.Tensor]:
+    def _load_pairs(self, datamodule) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The first ``num_pairs`` pairs of ``split``; None (with a warning, once) when the
+        data has no such split, e.g. ``data=csv`` without ``data.val_data``."""
         if self._pairs is None:
-            dataset = datamodule.dataset(self.split)
+            try:
+                dataset = datamodule.dataset(self.split)
+            except ValueError as error:
+                rank_zero_warn(f"RoutingHistory records nothing: {error}")
+                self._pairs = ()
+                return None
             samples = [dataset[i][:2] for i in range(min(self.num_pairs, len(dataset)))]
             self._pairs = default_collate(samples)
-        return self._pairs
+        return self._pairs or None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The routing at initialisation, the baseline of the curves (not on resume)."""
@@ -64,7 +72,10 @@ class RoutingHistory(L.Callback):
         model = pl_module.model
         if not getattr(model, "moe_layers", None):
             return
-        images, tokens = self._load_pairs(trainer.datamodule)
+        pairs = self._load_pairs(trainer.datamodule)
+        if pairs is None:
+            return
+        images, tokens = pairs
         with torch.no_grad():  # on every rank: expert-parallel layers exchange tokens
             _, _, routings = model.tower(images.to(pl_module.device), tokens.to(pl_module.device))
         if not trainer.is_global_zero:

@@ -17,11 +17,16 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from open_clip.loss import ClipLoss
 from torch import Tensor
-from torch.nn.parallel import DistributedDataParallel
 
 from limoe.eval import retrieval_metrics, topk_accuracy, zeroshot_classifier
+from limoe.lit.parallel import (
+    gather_optimizer_states,
+    grad_norm,
+    local_optimizer_states,
+    parallel_experts,
+    shard_experts,
+)
 from limoe.lit.routing import routing_stats
-from limoe.moe import MoELayer
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learned temperature at 1/100
 
@@ -66,41 +71,9 @@ class ContrastiveModule(L.LightningModule):
             rank=self.global_rank,
             world_size=world_size,
         )
-        if world_size > 1:
-            self._shard_experts(world_size)
-
-    # --- expert parallelism -----------------------------------------------------------------
-
-    def _parallel_experts(self) -> list[Tensor]:
-        return [
-            p
-            for layer in self.model.modules()
-            if isinstance(layer, MoELayer) and layer.experts.parallel is not None
-            for p in layer.experts.parameters()
-        ]
-
-    def _shard_experts(self, world_size: int) -> None:
-        """``model.moe.expert_parallel``: each process keeps E / world_size experts of every
-        MoE layer. DDP must not average those gradients (each rank holds different experts);
-        they already sum every rank's loss through the all-to-all, so they are divided by
-        world_size to match the mean DDP takes of the replicated weights' gradients."""
-        if self._parallel_experts():  # sharded at an earlier stage
-            return
-        if not any(isinstance(m, MoELayer) and m.expert_parallel for m in self.model.modules()):
-            return
-        # A process group of their own: DDP all-reduces gradients on the default group during
-        # backward, and interleaving the experts' all-to-alls with it would pair mismatched
-        # collectives across ranks.
-        group = torch.distributed.new_group(list(range(world_size)))
-        self._expert_group = group
-        for layer in self.model.modules():
-            if isinstance(layer, MoELayer):
-                layer.shard_experts(self.global_rank, world_size, group)
-        sharded = {id(p) for p in self._parallel_experts()}
-        names = [n for n, p in self.named_parameters() if id(p) in sharded]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, names)
-        for p in self._parallel_experts():
-            p.register_hook(lambda grad: grad / world_size)
+        if world_size > 1 and not parallel_experts(self.model):  # once, before DDP wraps
+            # model.moe.expert_parallel: each rank keeps E / world_size experts per layer.
+            self._expert_group = shard_experts(self, self.model, self.global_rank, world_size)
 
     def forward(self, images: Tensor, tokens: Tensor) -> dict:
         out = self.model(images, tokens)
@@ -149,29 +122,10 @@ class ContrastiveModule(L.LightningModule):
     def _stop(self, what: str) -> None:
         raise NonFiniteLossError(f"non-finite {what} at step {self.global_step}; run stopped")
 
-    def grad_norm(self) -> Tensor:
-        """The L2 norm of the whole model's gradient. With expert parallelism each rank holds
-        a part of the experts, so their squared norms are summed over the ranks."""
-        sharded = {id(p) for p in self._parallel_experts()}
-        shared = [
-            p.grad for p in self.model.parameters() if p.grad is not None and id(p) not in sharded
-        ]
-        squared = (
-            torch.nn.utils.get_total_norm(shared) ** 2
-            if shared
-            else torch.zeros((), device=self.device)
-        )
-        if sharded:
-            local = [p.grad for p in self._parallel_experts() if p.grad is not None]
-            expert_squared = torch.nn.utils.get_total_norm(local) ** 2 if local else squared * 0
-            torch.distributed.all_reduce(expert_squared, group=self._expert_group)
-            squared = squared + expert_squared
-        return squared.sqrt()
-
     def on_before_optimizer_step(self, optimizer) -> None:
         """Stop on a non-finite gradient before it reaches the weights (the norm is the same
         on every rank after DDP's all-reduce, so all ranks stop together)."""
-        norm = self.grad_norm()
+        norm = grad_norm(self.model, self._expert_group)
         if not torch.isfinite(norm):
             self._stop(f"gradient norm {norm.item()}")
         if self._logging_step():
@@ -184,7 +138,7 @@ class ContrastiveModule(L.LightningModule):
         model's (``grad_norm``), not this rank's part: every rank scales by the same factor,
         as one process would."""
         if (
-            not self._parallel_experts()
+            not parallel_experts(self.model)
             or not gradient_clip_val
             or gradient_clip_algorithm == "value"
         ):
@@ -192,65 +146,30 @@ class ContrastiveModule(L.LightningModule):
                 optimizer, gradient_clip_val, gradient_clip_algorithm
             )
         params = [p for p in self.model.parameters() if p.grad is not None]
-        torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self.grad_norm())
+        norm = grad_norm(self.model, self._expert_group)
+        torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
 
-    # --- exact resume: the random streams (gating noise) continue where they were ---------
+    # --- checkpoints: every expert's optimiser state, the random streams (exact resume) ----
 
-    def _parallel_state_indices(self) -> list[int]:
-        """Indices, in the optimiser's state dict, of the expert weights split over ranks."""
-        sharded = {id(p) for p in self._parallel_experts()}
-        flat = [p for group in self._param_groups() for p in group["params"]]
-        return [i for i, p in enumerate(flat) if id(p) in sharded]
-
-    def _full_optimizer_states(self, checkpoint: dict) -> None:
-        """Expert parallelism: the AdamW moments of every expert, gathered from all ranks (a
-        collective, like the weights' state dict hook), so a checkpoint loads at any size."""
-        indices = self._parallel_state_indices()
-        if not indices or "optimizer_states" not in checkpoint:
-            return
-        group = self._expert_group
-        flat = [p for g in self._param_groups() for p in g["params"]]
-        for optimizer_state in checkpoint["optimizer_states"]:
-            for i in indices:
-                zeros = torch.zeros_like(flat[i])  # AdamW's state, for a weight never updated
-                fresh = {"step": torch.zeros(()), "exp_avg": zeros, "exp_avg_sq": zeros.clone()}
-                # A new dict: the optimiser's state_dict() shares its per-weight dicts with
-                # the live optimiser, which must keep this rank's block.
-                state = dict(optimizer_state["state"].get(i, fresh))
-                for key in ("exp_avg", "exp_avg_sq"):
-                    blocks = [torch.empty_like(state[key]) for _ in range(self.trainer.world_size)]
-                    torch.distributed.all_gather(blocks, state[key].contiguous(), group=group)
-                    state[key] = torch.cat(blocks)
-                optimizer_state["state"][i] = state
-
-    def _local_optimizer_states(self, checkpoint: dict) -> None:
-        """This rank's block of the full expert moments (the weights: ``_take_local_experts``)."""
-        experts = [m.experts.parallel for m in self.model.modules()
-                   if isinstance(m, MoELayer) and m.experts.parallel]  # fmt: skip
-        if not experts or "optimizer_states" not in checkpoint:
-            return
-        rank, world_size, _, _ = experts[0]
-        flat = [p for g in self._param_groups() for p in g["params"]]
-        for optimizer_state in checkpoint["optimizer_states"]:
-            for i in self._parallel_state_indices():
-                local = flat[i].shape[0]
-                for key, value in optimizer_state["state"].get(i, {}).items():
-                    if (
-                        torch.is_tensor(value)
-                        and value.ndim
-                        and value.shape[0] == local * world_size
-                    ):
-                        optimizer_state["state"][i][key] = value[rank * local : (rank + 1) * local]
+    def _optimizer_params(self) -> list[Tensor]:
+        """The weights in the optimiser's order, which indexes its state dict."""
+        return [p for group in self._param_groups() for p in group["params"]]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        self._full_optimizer_states(checkpoint)
+        if self._expert_group is not None:  # every expert's moments, from all ranks
+            params, world_size = self._optimizer_params(), self.trainer.world_size
+            gather_optimizer_states(checkpoint, params, self.model, world_size, self._expert_group)
         states = _collect_rng_states()
         name, keys, pos, has_gauss, gauss = states["numpy"]  # a tensor, not an ndarray, so
         states["numpy"] = (name, torch.from_numpy(keys), pos, has_gauss, gauss)  # weights_only
         checkpoint["rng_states"] = states
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._local_optimizer_states(checkpoint)
+        if self._expert_group is not None:
+            rank, world_size = self.global_rank, self.trainer.world_size
+            local_optimizer_states(
+                checkpoint, self._optimizer_params(), self.model, rank, world_size
+            )
         states = checkpoint.get("rng_states")
         if states is not None:
             name, keys, pos, has_gauss, gauss = states["numpy"]

@@ -30,15 +30,22 @@ def limoe_train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
                           env=env)  # fmt: skip
 
 
-def test_a_killed_run_resumed_from_last_ckpt_ends_as_an_uninterrupted_one(tmp_path):
-    whole = limoe_train(tmp_path / "whole")
+# Two gloo processes with the experts split between them: each rank's random stream, data
+# shard and block of expert optimiser state must come back.
+EXPERT_PARALLEL = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                   "data.batch_size=16", "model.moe.expert_parallel=true"]  # fmt: skip
+
+
+@pytest.mark.parametrize("processes", [[], EXPERT_PARALLEL], ids=["one-process", "ddp-experts"])
+def test_a_killed_run_resumed_from_last_ckpt_ends_as_an_uninterrupted_one(processes, tmp_path):
+    whole = limoe_train(tmp_path / "whole", *processes)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = limoe_train(tmp_path / "killed", "+callbacks.crash._target_=faults.CrashAt",
-                         "+callbacks.crash.step=4")  # fmt: skip
+    killed = limoe_train(tmp_path / "killed", *processes,
+                         "+callbacks.crash._target_=faults.CrashAt", "+callbacks.crash.step=4")  # fmt: skip
     assert killed.returncode == 9 and not (tmp_path / "killed/metrics.json").exists()
     last = tmp_path / "killed/checkpoints/last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 4
-    resumed = limoe_train(tmp_path / "resumed", f"ckpt_path={last}")
+    resumed = limoe_train(tmp_path / "resumed", *processes, f"ckpt_path={last}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected = json.loads((tmp_path / "whole/metrics.json").read_text())
     got = json.loads((tmp_path / "resumed/metrics.json").read_text())

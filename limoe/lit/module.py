@@ -7,6 +7,7 @@ same model, and ``limoe-eval`` the same evaluation data, from the checkpoint alo
 
 from __future__ import annotations
 
+import io
 import math
 from collections import defaultdict
 from collections.abc import Mapping
@@ -43,6 +44,16 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def all_gather_states(states: dict) -> list[dict]:
+    """Every rank's ``states``, through bytes: ``all_gather_object`` alone cannot unpickle
+    tensors under torch.load's weights-only default."""
+    buffer = io.BytesIO()
+    torch.save(states, buffer)
+    blobs = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(blobs, buffer.getvalue())
+    return [torch.load(io.BytesIO(blob), weights_only=True) for blob in blobs]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -162,7 +173,8 @@ class ContrastiveModule(L.LightningModule):
         states = _collect_rng_states()
         name, keys, pos, has_gauss, gauss = states["numpy"]  # a tensor, not an ndarray, so
         states["numpy"] = (name, torch.from_numpy(keys), pos, has_gauss, gauss)  # weights_only
-        checkpoint["rng_states"] = states
+        distributed = self._trainer is not None and self.trainer.world_size > 1
+        checkpoint["rng_states"] = all_gather_states(states) if distributed else [states]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self._expert_group is not None:
@@ -170,8 +182,11 @@ class ContrastiveModule(L.LightningModule):
             local_optimizer_states(
                 checkpoint, self._optimizer_params(), self.model, rank, world_size
             )
-        states = checkpoint.get("rng_states")
-        if states is not None:
+        per_rank = checkpoint.get("rng_states")
+        states = None
+        if per_rank:  # this rank's states (rank 0's where the world size has changed)
+            rank = self.global_rank if self.global_rank < len(per_rank) else 0
+            states = per_rank[rank]
             name, keys, pos, has_gauss, gauss = states["numpy"]
             states = {**states, "numpy": (name, keys.numpy(), pos, has_gauss, gauss)}
         self._rng_to_restore = states

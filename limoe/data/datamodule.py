@@ -16,6 +16,7 @@ from typing import NamedTuple
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.tokenizer import SimpleTokenizer
 from torch.utils.data import DataLoader, Dataset
 
@@ -126,11 +127,18 @@ class PairDataModule(L.LightningDataModule):
         """The zero-shot task of each ``labels`` column, per evaluation loader of ``stage``."""
         return [s.tasks for s in self.eval_sets(stage)]
 
+    def _workers(self) -> dict:
+        """The DataLoader options on worker processes, shared by every loader."""
+        return {
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.persistent_workers,
+        }
+
     def _eval_loader(self, samples: Dataset) -> DataLoader:
         return DataLoader(
-            samples, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers,
-            pin_memory=self.pin_memory, persistent_workers=self.persistent_workers,
-        )  # fmt: skip
+            samples, batch_size=self.eval_batch_size, shuffle=False, **self._workers()
+        )
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self._eval_loader(s.samples) for s in self.eval_sets("validate")]
@@ -155,8 +163,7 @@ class PairDataModule(L.LightningDataModule):
         )
         return ResumableLoader(
             dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-            num_workers=self.num_workers, pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers, global_step=self._global_step,
+            global_step=self._global_step, **self._workers(),
         )  # fmt: skip
 
 
@@ -335,8 +342,6 @@ class ImageTextDataModule(PairDataModule):
         background: Sequence[int] = WHITE,
         zeroshot: Mapping | None = None,
     ) -> None:
-        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
         super().__init__(
             image_size, eval_batch_size, num_workers, pin_memory, persistent_workers, zeroshot,
             mean or OPENAI_DATASET_MEAN, std or OPENAI_DATASET_STD, background,
@@ -415,9 +420,8 @@ class ImageTextDataModule(PairDataModule):
             self.num_workers, self.seed, self.shuffle_buffer, self.background,
         )  # fmt: skip
         return ResumableLoader(
-            stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers, global_step=self._global_step,
-        )  # fmt: skip
+            stream, batch_size=None, global_step=self._global_step, **self._workers()
+        )
 
 
 DATASET_TYPES = ("auto", "csv", "webdataset")

@@ -14,20 +14,12 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
 from limoe.data.csv import read_csv
 from limoe.data.pairs import IMAGE_EXTENSIONS
-from limoe.data.shapes import (
-    ATTRIBUTE_VALUES,
-    SPLITS,
-    _row_to_attributes,
-    export_csv,
-    render,
-    sample_table,
-)
+from limoe.data.shapes import ATTRIBUTE_VALUES, SPLITS, export_csv, rendered_samples
 from limoe.data.webdataset import encode_image, write_shards
 
 FORMATS = ("webdataset", "csv", "imagefolder")
@@ -37,10 +29,8 @@ def shapes_pairs(
     split: str, size: int, image_size: int = 32, seed: int = 0
 ) -> Iterator[tuple[bytes, str, str]]:
     """``(png bytes, "png", caption)`` of the first ``size`` samples of a shapes split."""
-    table = sample_table(seed, split, np.arange(size))
-    for i in range(size):
-        attrs = _row_to_attributes(table, i)
-        yield encode_image(Image.fromarray(render(attrs, image_size))), "png", attrs.caption()
+    for _, attrs, image in rendered_samples(split, size, image_size, seed):
+        yield encode_image(Image.fromarray(image)), "png", attrs.caption()
 
 
 def csv_pairs(rows: list[tuple[str, str]]) -> Iterator[tuple[bytes, str, str]]:
@@ -61,12 +51,11 @@ def export_imagefolder(
     if task not in ATTRIBUTE_VALUES:
         raise ValueError(f"--task must be one of {tuple(ATTRIBUTE_VALUES)}, got {task!r}")
     out = Path(out)
-    table = sample_table(seed, split, np.arange(size))
-    for i in tqdm(range(size), desc=f"export {split}/{task}", unit="image"):
-        attrs = _row_to_attributes(table, i)
+    samples = rendered_samples(split, size, image_size, seed)
+    for i, attrs, image in tqdm(samples, total=size, desc=f"export {split}/{task}", unit="image"):
         folder = out / attrs.names[task].replace(" ", "_")
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(render(attrs, image_size)).save(folder / f"{i:06d}.png")
+        Image.fromarray(image).save(folder / f"{i:06d}.png")
     return out
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -601,6 +601,17 @@ class ShapesDataset(Dataset):
 # --------------------------------------------------------------------------- export
 
 
+def rendered_samples(
+    split: str, size: int, image_size: int = 32, seed: int = 0
+) -> Iterator[tuple[int, Attributes, np.ndarray]]:
+    """``(index, attributes, image [H, W, 3] uint8)`` of the first ``size`` samples of a
+    split, as the exporters write them (full captions, no curriculum)."""
+    table = sample_table(seed, split, np.arange(size))
+    for i in range(size):
+        attrs = _row_to_attributes(table, i)
+        yield i, attrs, render(attrs, image_size)
+
+
 def export_csv(
     split: str, size: int, out_dir: str | Path, image_size: int = 32, seed: int = 0
 ) -> Path:
@@ -614,15 +625,13 @@ def export_csv(
     out_dir = Path(out_dir)
     image_dir = out_dir / split
     image_dir.mkdir(parents=True, exist_ok=True)
-    table = sample_table(seed, split, np.arange(size))
     csv_path = out_dir / f"{split}.csv"
     with csv_path.open("w", newline="") as f:
         writer = csv.writer(f, delimiter="\t")
         writer.writerow(["filepath", "title"])
-        for i in range(size):
-            attrs = _row_to_attributes(table, i)
+        for i, attrs, image in rendered_samples(split, size, image_size, seed):
             rel = f"{split}/{i:06d}.png"
-            Image.fromarray(render(attrs, image_size)).save(out_dir / rel)
+            Image.fromarray(image).save(out_dir / rel)
             writer.writerow([rel, attrs.caption()])
     return csv_path
 

@@ -165,12 +165,10 @@ def write_shards(
     """Write ``(image bytes, extension, caption)`` pairs as shards with webdataset's
     ShardWriter; ``pattern`` is a printf pattern such as ``out/%06d.tar``."""
     Path(pattern).parent.mkdir(parents=True, exist_ok=True)
-    written: list[str] = []
     with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0) as sink:
         for i, (image, ext, caption) in enumerate(pairs):
             sink.write({"__key__": f"{i:09d}", ext: image, "txt": caption})
-        written = sorted({pattern % n for n in range(sink.shard)})
-    return written
+        return [pattern % n for n in range(sink.shard)]  # numbered from 0; gone once closed
 
 
 def encode_image(image, ext: str = "png") -> bytes:

@@ -71,7 +71,7 @@ class ContrastiveModule(L.LightningModule):
         self._eval_features: dict[int, list] = defaultdict(list)
         self._classifiers: dict[str, Tensor] = {}
         self._rng_to_restore: dict | None = None
-        self._expert_group = None  # the process group of expert-parallel all-to-alls
+        self._grad_norm: Tensor | None = None  # this step's, for clipping
 
     def setup(self, stage: str) -> None:
         world_size = self.trainer.world_size
@@ -84,7 +84,7 @@ class ContrastiveModule(L.LightningModule):
         )
         if world_size > 1 and not parallel_experts(self.model):  # once, before DDP wraps
             # model.moe.expert_parallel: each rank keeps E / world_size experts per layer.
-            self._expert_group = shard_experts(self, self.model, self.global_rank, world_size)
+            shard_experts(self, self.model, self.global_rank, world_size)
 
     def forward(self, images: Tensor, tokens: Tensor) -> dict:
         out = self.model(images, tokens)
@@ -135,8 +135,10 @@ class ContrastiveModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Stop on a non-finite gradient before it reaches the weights (the norm is the same
-        on every rank after DDP's all-reduce, so all ranks stop together)."""
-        norm = grad_norm(self.model, self._expert_group)
+        on every rank after DDP's all-reduce, so all ranks stop together). Lightning clips
+        right after this hook; the norm is kept for it rather than computed twice."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._grad_norm = norm = grad_norm(params, self.model)
         if not torch.isfinite(norm):
             self._stop(f"gradient norm {norm.item()}")
         if self._logging_step():
@@ -145,20 +147,15 @@ class ContrastiveModule(L.LightningModule):
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
     ) -> None:
-        """Lightning's clipping, except that with expert parallelism the norm is the whole
-        model's (``grad_norm``), not this rank's part: every rank scales by the same factor,
-        as one process would."""
-        if (
-            not parallel_experts(self.model)
-            or not gradient_clip_val
-            or gradient_clip_algorithm == "value"
-        ):
+        """Lightning's clip by norm (``clip_grad_norm_``) with this step's ``grad_norm``:
+        computed once, and with expert parallelism the whole model's, so every rank scales
+        by the same factor, as one process would."""
+        if not gradient_clip_val or gradient_clip_algorithm == "value":
             return super().configure_gradient_clipping(
                 optimizer, gradient_clip_val, gradient_clip_algorithm
             )
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = grad_norm(self.model, self._expert_group)
-        torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self._grad_norm)
 
     # --- checkpoints: every expert's optimiser state, the random streams (exact resume) ----
 
@@ -167,9 +164,8 @@ class ContrastiveModule(L.LightningModule):
         return [p for group in self._param_groups() for p in group["params"]]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self._expert_group is not None:  # every expert's moments, from all ranks
-            params, world_size = self._optimizer_params(), self.trainer.world_size
-            gather_optimizer_states(checkpoint, params, self.model, world_size, self._expert_group)
+        if parallel_experts(self.model):  # every expert's moments, from all ranks
+            gather_optimizer_states(checkpoint, self._optimizer_params(), self.model)
         states = _collect_rng_states()
         name, keys, pos, has_gauss, gauss = states["numpy"]  # a tensor, not an ndarray, so
         states["numpy"] = (name, torch.from_numpy(keys), pos, has_gauss, gauss)  # weights_only
@@ -177,11 +173,8 @@ class ContrastiveModule(L.LightningModule):
         checkpoint["rng_states"] = all_gather_states(states) if distributed else [states]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self._expert_group is not None:
-            rank, world_size = self.global_rank, self.trainer.world_size
-            local_optimizer_states(
-                checkpoint, self._optimizer_params(), self.model, rank, world_size
-            )
+        if parallel_experts(self.model):
+            local_optimizer_states(checkpoint, self._optimizer_params(), self.model)
         per_rank = checkpoint.get("rng_states")
         states = None
         if per_rank:  # this rank's states (rank 0's where the world size has changed)

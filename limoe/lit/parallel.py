@@ -15,7 +15,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from limoe.moe import MoELayer
+from limoe.moe import ExpertShard, MoELayer, gather_blocks
+
+
+def expert_shard(model: nn.Module) -> ExpertShard | None:
+    """Where this process's experts sit (the same for every layer), None when unsharded."""
+    return next(
+        (m.experts.parallel for m in model.modules()
+         if isinstance(m, MoELayer) and m.experts.parallel is not None),
+        None,
+    )  # fmt: skip
 
 
 def parallel_experts(model: nn.Module) -> list[Tensor]:
@@ -28,12 +37,12 @@ def parallel_experts(model: nn.Module) -> list[Tensor]:
     ]
 
 
-def shard_experts(module: nn.Module, model: nn.Module, rank: int, world_size: int):
+def shard_experts(module: nn.Module, model: nn.Module, rank: int, world_size: int) -> None:
     """Keep this rank's ``E / world_size`` experts of every ``expert_parallel`` layer of
-    ``model`` (a part of ``module``, the LightningModule DDP wraps); returns their process
-    group, None where no layer is expert-parallel. Call on every rank, before DDP wraps."""
+    ``model`` (a part of ``module``, the LightningModule DDP wraps). Call on every rank,
+    before DDP wraps the module."""
     if not any(isinstance(m, MoELayer) and m.expert_parallel for m in model.modules()):
-        return None
+        return
     # A process group of their own: DDP all-reduces gradients on the default group during
     # backward, and interleaving the experts' all-to-alls with it would pair mismatched
     # collectives across ranks.
@@ -46,25 +55,26 @@ def shard_experts(module: nn.Module, model: nn.Module, rank: int, world_size: in
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
     for p in parallel_experts(model):
         p.register_hook(lambda grad: grad / world_size)
-    return group
 
 
-def grad_norm(model: nn.Module, group=None) -> Tensor:
-    """The L2 norm of the whole model's gradient. Each rank holds a part of the parallel
-    experts, so their squared norms are summed over the ranks of ``group``."""
-    experts = parallel_experts(model)
-    sharded = {id(p) for p in experts}
-    shared = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in sharded]
-    device = next(model.parameters()).device
-    squared = (
-        torch.nn.utils.get_total_norm(shared) ** 2 if shared else torch.zeros((), device=device)
-    )
-    if experts:
-        local = [p.grad for p in experts if p.grad is not None]
-        expert_squared = torch.nn.utils.get_total_norm(local) ** 2 if local else squared * 0
-        torch.distributed.all_reduce(expert_squared, group=group)
-        squared = squared + expert_squared
-    return squared.sqrt()
+def grad_norm(params: Sequence[Tensor], model: nn.Module) -> Tensor:
+    """The L2 norm of the gradients of ``params`` (``clip_grad_norm_``'s total norm). With
+    expert parallelism each rank holds a part of the experts, so their squared norms are
+    summed over the ranks."""
+    shard = expert_shard(model)
+    grads = [p.grad for p in params if p.grad is not None]
+    if shard is None:
+        return torch.nn.utils.get_total_norm(grads)
+    sharded = {id(p) for p in parallel_experts(model)}
+    shared = [p.grad for p in params if p.grad is not None and id(p) not in sharded]
+    local = [p.grad for p in params if p.grad is not None and id(p) in sharded]
+    shared_squared, expert_squared = (_squared_norm(g, params[0]) for g in (shared, local))
+    torch.distributed.all_reduce(expert_squared, group=shard.group)
+    return (shared_squared + expert_squared).sqrt()
+
+
+def _squared_norm(grads: list[Tensor], like: Tensor) -> Tensor:
+    return torch.nn.utils.get_total_norm(grads) ** 2 if grads else like.new_zeros(())
 
 
 def _sharded_indices(params: Sequence[Tensor], model: nn.Module) -> list[int]:
@@ -72,12 +82,11 @@ def _sharded_indices(params: Sequence[Tensor], model: nn.Module) -> list[int]:
     return [i for i, p in enumerate(params) if id(p) in sharded]
 
 
-def gather_optimizer_states(
-    checkpoint: dict, params: Sequence[Tensor], model: nn.Module, world_size: int, group=None
-) -> None:
+def gather_optimizer_states(checkpoint: dict, params: Sequence[Tensor], model: nn.Module) -> None:
     """AdamW's moments of every expert, gathered from all ranks into ``checkpoint`` (a
     collective, like the weights' state dict hook), so the checkpoint loads at any size.
     ``params`` are the weights in the optimiser's order, which indexes its state."""
+    shard = expert_shard(model)
     for optimizer_state in checkpoint.get("optimizer_states", []):
         for i in _sharded_indices(params, model):
             zeros = torch.zeros_like(params[i])  # AdamW's state, for a weight never updated
@@ -86,20 +95,17 @@ def gather_optimizer_states(
             # live optimiser, which must keep this rank's block.
             state = dict(optimizer_state["state"].get(i, fresh))
             for key in ("exp_avg", "exp_avg_sq"):
-                blocks = [torch.empty_like(state[key]) for _ in range(world_size)]
-                torch.distributed.all_gather(blocks, state[key].contiguous(), group=group)
-                state[key] = torch.cat(blocks)
+                state[key] = gather_blocks(state[key], shard)
             optimizer_state["state"][i] = state
 
 
-def local_optimizer_states(
-    checkpoint: dict, params: Sequence[Tensor], model: nn.Module, rank: int, world_size: int
-) -> None:
+def local_optimizer_states(checkpoint: dict, params: Sequence[Tensor], model: nn.Module) -> None:
     """This rank's block of the full expert moments in ``checkpoint`` (the weights are
     sliced by ``limoe.moe.parallel``'s load hook)."""
+    shard = expert_shard(model)
     for optimizer_state in checkpoint.get("optimizer_states", []):
         for i in _sharded_indices(params, model):
-            local = params[i].shape[0]
+            full = params[i].shape[0] * shard.world_size
             for key, value in optimizer_state["state"].get(i, {}).items():
-                if torch.is_tensor(value) and value.ndim and value.shape[0] == local * world_size:
-                    optimizer_state["state"][i][key] = value[rank * local : (rank + 1) * local]
+                if torch.is_tensor(value) and value.ndim and value.shape[0] == full:
+                    optimizer_state["state"][i][key] = shard.block(value)

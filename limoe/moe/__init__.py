@@ -11,7 +11,7 @@ dispatch, which the sorted path must equal. Two more routers fill the same recor
 """
 
 from .dispatch import combine, gather_tokens, sort_by_expert
-from .experts import Experts
+from .experts import Experts, ExpertShard
 from .layer import MoELayer
 from .losses import (
     LOSS_NAMES,
@@ -22,7 +22,7 @@ from .losses import (
     local_entropy_loss,
     z_loss,
 )
-from .parallel import parallel_dispatch, shard_experts
+from .parallel import gather_blocks, parallel_dispatch, shard_experts
 from .reference import dispatch_tensors, onehot_moe
 from .routing import (
     Routing,
@@ -36,6 +36,7 @@ from .soft import pack_groups, soft_moe
 
 __all__ = [
     "LOSS_NAMES",
+    "ExpertShard",
     "Experts",
     "MoELayer",
     "Routing",
@@ -46,6 +47,7 @@ __all__ = [
     "compute_capacity",
     "dispatch_tensors",
     "expert_choice",
+    "gather_blocks",
     "gather_tokens",
     "global_entropy_loss",
     "importance_loss",

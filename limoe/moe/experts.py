@@ -4,6 +4,8 @@ grouped GEMM for all of them)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -19,6 +21,21 @@ def grouped_mm_supported(x: Tensor, *weights: Tensor) -> bool:
     if torch.cuda.get_device_capability(x.device) < (8, 0):
         return False
     return all(w.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0 for w in weights)
+
+
+@dataclass(frozen=True)
+class ExpertShard:
+    """Where an ``Experts`` block sits: this is ``rank``'s block of ``world_size`` equal
+    blocks, exchanged over the process ``group``."""
+
+    rank: int
+    world_size: int
+    group: object = None
+
+    def block(self, full: Tensor) -> Tensor:
+        """This rank's rows of a tensor holding every expert along dim 0."""
+        size = full.shape[0] // self.world_size
+        return full[self.rank * size : (self.rank + 1) * size]
 
 
 class Experts(nn.Module):
@@ -56,9 +73,9 @@ class Experts(nn.Module):
         self.b2 = nn.Parameter(torch.empty(num_experts, dim))
         self.act = act_layer()
         self.drop = nn.Dropout(drop)
-        # (rank, world size, group, total experts) once ``parallel.shard_experts`` has kept
-        # this process's block of experts; None: all experts are here.
-        self.parallel: tuple | None = None
+        # Set by ``parallel.shard_experts`` once this process keeps only its block of the
+        # experts; None: all experts are here.
+        self.parallel: ExpertShard | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

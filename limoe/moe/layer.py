@@ -200,7 +200,7 @@ class MoELayer(nn.Module):
     def dispatch(self, x: Tensor, expert_index: Tensor, gates: Tensor, dropped: Tensor) -> Tensor:
         """Kept choices -> sorted by expert -> expert GEMMs -> gate-weighted scatter back to tokens."""
         if self.experts.parallel is not None:
-            group = self.experts.parallel[2]
+            group = self.experts.parallel.group
             args = (x, expert_index, gates, dropped, self.experts, self.num_experts, group)
             return parallel_dispatch(*args)
         choices = expert_index.shape[1]  # top_k, or E for expert choice

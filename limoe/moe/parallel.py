@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.distributed.nn.functional import all_to_all_single
 
 from .dispatch import combine, gather_tokens, sort_by_expert
-from .experts import Experts
+from .experts import Experts, ExpertShard
 
 EXPERT_WEIGHTS = ("w1", "b1", "w2", "b2")
 
@@ -80,6 +80,13 @@ def parallel_dispatch(
     return combine(returned, choice_index, gates, x.shape[0], choices)
 
 
+def gather_blocks(local: Tensor, shard: ExpertShard) -> Tensor:
+    """Every rank's block of an expert tensor, concatenated along dim 0 (a collective)."""
+    blocks = [torch.empty_like(local) for _ in range(shard.world_size)]
+    dist.all_gather(blocks, local.detach().contiguous(), group=shard.group)
+    return torch.cat(blocks)
+
+
 def shard_experts(experts: Experts, rank: int, world_size: int, group=None) -> None:
     """Keep this rank's block of experts (``E / world_size`` of them) as the parameters, and
     make state dicts hold the full set (gathered on save, sliced on load)."""
@@ -89,35 +96,27 @@ def shard_experts(experts: Experts, rank: int, world_size: int, group=None) -> N
             f"expert parallelism needs num_experts ({total}) divisible by the number of "
             f"processes ({world_size})"
         )
-    local = total // world_size
-    block = slice(rank * local, (rank + 1) * local)
+    shard = ExpertShard(rank, world_size, group)
     for name in EXPERT_WEIGHTS:
         full = getattr(experts, name)
-        setattr(experts, name, nn.Parameter(full.detach()[block].clone()))
-    experts.num_experts = local
-    experts.parallel = (rank, world_size, group, total)
+        setattr(experts, name, nn.Parameter(shard.block(full.detach()).clone()))
+    experts.num_experts = total // world_size
+    experts.parallel = shard
     experts.register_state_dict_post_hook(_gather_full_experts)
     experts.register_load_state_dict_pre_hook(_take_local_experts)
 
 
 def _gather_full_experts(experts: Experts, state: dict, prefix: str, local_metadata) -> None:
     """State dict hook: the full ``[E, ...]`` weights from every rank (a collective)."""
-    _, world_size, group, _ = experts.parallel
     for name in EXPERT_WEIGHTS:
-        key = prefix + name
-        if key not in state:
-            continue
-        local = state[key].detach().contiguous()
-        blocks = [torch.empty_like(local) for _ in range(world_size)]
-        dist.all_gather(blocks, local, group=group)
-        state[key] = torch.cat(blocks)
+        if prefix + name in state:
+            state[prefix + name] = gather_blocks(state[prefix + name], experts.parallel)
 
 
 def _take_local_experts(experts: Experts, state: dict, prefix: str, *args) -> None:
     """Load hook: a full ``[E, ...]`` weight becomes this rank's block."""
-    rank, world_size, _, total = experts.parallel
-    local = total // world_size
+    shard = experts.parallel
     for name in EXPERT_WEIGHTS:
         key = prefix + name
-        if key in state and state[key].shape[0] == total:
-            state[key] = state[key][rank * local : (rank + 1) * local]
+        if key in state and state[key].shape[0] == experts.num_experts * shard.world_size:
+            state[key] = shard.block(state[key])

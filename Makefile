@@ -7,7 +7,7 @@ ARGS ?=
 
 .PHONY: install train dense compare analyze bench test test-all lint format notebooks lab clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -e '.[dev]'
 	touch $(STAMP)
@@ -37,12 +37,12 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check limoe tests
-	$(BIN)/ruff format --check limoe tests
+	$(BIN)/ruff check limoe tests conf setup.py
+	$(BIN)/ruff format --check limoe tests conf setup.py
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix limoe tests
-	$(BIN)/ruff format limoe tests
+	$(BIN)/ruff check --fix limoe tests conf setup.py
+	$(BIN)/ruff format limoe tests conf setup.py
 
 notebooks lab: $(STAMP)  ## JupyterLab on notebooks/ from the project's venv
 	$(BIN)/jupyter lab notebooks

@@ -7,7 +7,6 @@ message naming what is wrong, instead of a stack trace.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import time
@@ -16,14 +15,13 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import default_collate
 
+from limoe import config
 from limoe.analysis.report import write_report
 from limoe.analysis.routing import collect_routing
 from limoe.bench import (
@@ -34,10 +32,9 @@ from limoe.bench import (
     run_layer_bench,
     run_train_bench,
 )
+from limoe.config import CONFIG_PATH
 from limoe.lit import ContrastiveModule, NonFiniteLossError, read_history
 from limoe.models import model_cost, parameter_counts
-
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def _root_cause(error: BaseException) -> BaseException:
@@ -67,8 +64,7 @@ def _check_overrides(config_name: str, argv: list[str]) -> None:
         return
     overrides = [a for a in argv if not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))]
     try:
-        with initialize_config_dir(CONF_DIR, version_base="1.3"):
-            compose(config_name, overrides=overrides)
+        config.compose_config(config_name, overrides)
     except Exception as error:  # Hydra raises several unrelated exception types here
         print(f"limoe: error: {_one_line(str(error))}", file=sys.stderr)
         sys.exit(2)
@@ -153,21 +149,12 @@ def _last_good_checkpoint(output_dir: Path) -> str:
     return f"the last good checkpoint is {checkpoints[-1]} (resume with ckpt_path=...)"
 
 
-def _config_dir() -> contextlib.AbstractContextManager:
-    """``conf/`` for Hydra's compose API; inside a running app (``limoe-bench`` composes train
-    configs) Hydra is already initialised on that same directory."""
-    if GlobalHydra.instance().is_initialized():
-        return contextlib.nullcontext()
-    return initialize_config_dir(CONF_DIR, version_base="1.3")
-
-
 def _compose(
     overrides: list[str] | None, output_dir: str | Path | None, name: str
 ) -> tuple[DictConfig, dict]:
     """The config as ``compose_config`` returns it, and the option chosen in each config group
     (``{"model": "limoe", ...}``, what Hydra records in ``.hydra/hydra.yaml``)."""
-    with _config_dir():
-        cfg = compose(name, overrides=list(overrides or []), return_hydra_config=True)
+    cfg = config.compose_config(name, overrides, return_hydra_config=True)
     choices = dict(cfg.hydra.runtime.choices)
     with open_dict(cfg):
         del cfg["hydra"]
@@ -215,7 +202,7 @@ def _run_and_print(run, *args) -> None:
         print(f"{key}: {metrics[key]:.4f}")
 
 
-@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
 def _train(cfg: DictConfig) -> None:
     _run_and_print(run_training, cfg, Path(cfg.paths.output_dir))
 
@@ -235,7 +222,7 @@ def run_evaluation(cfg: DictConfig) -> dict:
     return write_metrics(metrics, out / "metrics.json")
 
 
-@hydra.main(config_path=CONF_DIR, config_name="eval", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="eval", version_base="1.3")
 def _evaluate(cfg: DictConfig) -> None:
     _run_and_print(run_evaluation, cfg)
 
@@ -279,7 +266,7 @@ def run_analysis(cfg: DictConfig) -> dict:
     }
 
 
-@hydra.main(config_path=CONF_DIR, config_name="analyze", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="analyze", version_base="1.3")
 def _analyze(cfg: DictConfig) -> None:
     _run_and_print(run_analysis, cfg)
 
@@ -352,7 +339,7 @@ def run_bench(cfg: DictConfig) -> dict:
     return results
 
 
-@hydra.main(config_path=CONF_DIR, config_name="bench", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="bench", version_base="1.3")
 def _bench(cfg: DictConfig) -> None:
     _run_or_fail(run_bench, cfg)
 

@@ -4,23 +4,20 @@ config."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+from limoe.config import compose_config, config_options
 
 
 def model_config(name: str, overrides: list[str] | None = None) -> DictConfig:
     """Compose ``conf/train.yaml`` with ``model=name`` and return its resolved ``model`` node."""
-    if not (CONF_DIR / "model" / f"{name}.yaml").exists():
-        known = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+    known = config_options("model")
+    if name not in known:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(known)}")
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[f"model={name}", *(overrides or [])])
+    cfg = compose_config("train", [f"model={name}", *(overrides or [])])
     return OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
 
 

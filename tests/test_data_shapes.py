@@ -17,9 +17,9 @@ from limoe.data import (
     ShapesDataset,
     ZeroShotTask,
     export_csv,
-    shapes,
     zeroshot_tasks,
 )
+from limoe.data.export import main as limoe_data
 from limoe.data.shapes import (
     BACKGROUND_RGB,
     BACKGROUNDS,
@@ -297,10 +297,14 @@ def test_export_csv_round_trip(tmp_path):
             assert np.array_equal(np.asarray(image.convert("RGB")), render(attrs))
 
 
-def test_export_cli(tmp_path, capsys):
-    shapes.main(["--split", "novel", "--size", "3", "--out", str(tmp_path)])
+def test_export_csv_through_limoe_data(tmp_path, capsys):
+    limoe_data(["export", "shapes", "--format", "csv", "--split", "novel", "--size", "3",
+                "--out", str(tmp_path)])  # fmt: skip
     assert (tmp_path / "novel.csv").exists() and len(list((tmp_path / "novel").iterdir())) == 3
     assert "wrote 3 samples" in capsys.readouterr().out
+    with (tmp_path / "novel.csv").open(newline="") as f:
+        titles = [row["title"] for row in csv.DictReader(f, delimiter="\t")]
+    assert titles == [sample_attributes(0, i, "novel").caption() for i in range(3)]
 
 
 def test_partial_captions_by_hand():

@@ -14,7 +14,6 @@ on its own, in any worker, in any order, and always looks the same.
 
 from __future__ import annotations
 
-import argparse
 import csv
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -367,11 +366,6 @@ def sample_attributes(seed: int, index: int, split: str = "train") -> Attributes
     return _row_to_attributes(sample_table(seed, split, [index]), 0)
 
 
-def make_caption(attrs: Attributes) -> str:
-    """The caption of a sample: its template filled with the attribute words."""
-    return attrs.caption()
-
-
 # --------------------------------------------------------------------------- rendering
 
 
@@ -634,19 +628,3 @@ def export_csv(
             Image.fromarray(image).save(out_dir / rel)
             writer.writerow([rel, attrs.caption()])
     return csv_path
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Export the shapes dataset as PNGs + CSV.")
-    parser.add_argument("--split", default="train", choices=SPLITS)
-    parser.add_argument("--size", type=int, default=1000)
-    parser.add_argument("--out", default="data/shapes_csv")
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    path = export_csv(args.split, args.size, args.out, args.image_size, args.seed)
-    print(f"wrote {args.size} samples to {path}")
-
-
-if __name__ == "__main__":
-    main()

@@ -15,12 +15,12 @@ from PIL import Image
 from limoe.data import (
     ShapesDataModule,
     ShapesDataset,
-    ZeroShotTask,
     export_csv,
     zeroshot_tasks,
 )
 from limoe.data.export import main as limoe_data
 from limoe.data.shapes import (
+    ATTRIBUTE_VALUES,
     BACKGROUND_RGB,
     BACKGROUNDS,
     CAPTION_TEMPLATES,
@@ -40,6 +40,7 @@ from limoe.data.shapes import (
     shape_mask,
     split_seed,
 )
+from limoe.eval.plan import ZeroShotTask
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +229,8 @@ def test_zeroshot_tasks():
     assert tasks["colour"].classnames == list(COLOURS)
     assert tasks["position"].classnames == list(POSITIONS)
     for task in tasks.values():
-        assert isinstance(task, ZeroShotTask) and task.attribute == task.name
+        assert isinstance(task, ZeroShotTask)
+        assert task.classnames == list(ATTRIBUTE_VALUES[task.name])  # one task per attribute
         assert all(t.count("{}") == 1 for t in task.templates)
         assert len(task.prompts(task.classnames[0])) == len(task.templates)
 

@@ -25,6 +25,8 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 from torch.utils.data import Dataset
 
+from limoe.eval.plan import ZeroShotTask
+
 # --------------------------------------------------------------------------- attributes
 
 COLOURS: tuple[str, ...] = (
@@ -433,22 +435,6 @@ def render(attrs: Attributes, image_size: int = 32) -> np.ndarray:
 # --------------------------------------------------------------------------- zero-shot tasks
 
 
-@dataclass
-class ZeroShotTask:
-    """An open_clip-style zero-shot task: class names plus prompt templates with one ``{}``.
-
-    ``attribute`` names the Attributes field whose index is the label.
-    """
-
-    name: str
-    classnames: list[str]
-    templates: list[str]
-    attribute: str = ""
-
-    def prompts(self, classname: str) -> list[str]:
-        return [t.format(classname) for t in self.templates]
-
-
 ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
     "colour": COLOURS,
     "shape": SHAPES,
@@ -476,7 +462,7 @@ TASK_NAMES: tuple[str, ...] = tuple(name for name, _, _ in _TASK_SPECS)
 def zeroshot_tasks() -> dict[str, ZeroShotTask]:
     """The zero-shot tasks, in label order; a fresh dict so callers may edit it freely."""
     return {
-        name: ZeroShotTask(name, list(classes), list(templates), attribute=name)
+        name: ZeroShotTask(name, list(classes), list(templates))
         for name, classes, templates in _TASK_SPECS
     }
 

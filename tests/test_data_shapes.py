@@ -15,12 +15,12 @@ from PIL import Image
 from limoe.data import (
     ShapesDataModule,
     ShapesDataset,
-    ZeroShotTask,
     export_csv,
-    shapes,
     zeroshot_tasks,
 )
+from limoe.data.export import main as limoe_data
 from limoe.data.shapes import (
+    ATTRIBUTE_VALUES,
     BACKGROUND_RGB,
     BACKGROUNDS,
     CAPTION_TEMPLATES,
@@ -40,6 +40,7 @@ from limoe.data.shapes import (
     shape_mask,
     split_seed,
 )
+from limoe.eval.plan import ZeroShotTask
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +229,8 @@ def test_zeroshot_tasks():
     assert tasks["colour"].classnames == list(COLOURS)
     assert tasks["position"].classnames == list(POSITIONS)
     for task in tasks.values():
-        assert isinstance(task, ZeroShotTask) and task.attribute == task.name
+        assert isinstance(task, ZeroShotTask)
+        assert task.classnames == list(ATTRIBUTE_VALUES[task.name])  # one task per attribute
         assert all(t.count("{}") == 1 for t in task.templates)
         assert len(task.prompts(task.classnames[0])) == len(task.templates)
 
@@ -297,10 +299,14 @@ def test_export_csv_round_trip(tmp_path):
             assert np.array_equal(np.asarray(image.convert("RGB")), render(attrs))
 
 
-def test_export_cli(tmp_path, capsys):
-    shapes.main(["--split", "novel", "--size", "3", "--out", str(tmp_path)])
+def test_export_csv_through_limoe_data(tmp_path, capsys):
+    limoe_data(["export", "shapes", "--format", "csv", "--split", "novel", "--size", "3",
+                "--out", str(tmp_path)])  # fmt: skip
     assert (tmp_path / "novel.csv").exists() and len(list((tmp_path / "novel").iterdir())) == 3
     assert "wrote 3 samples" in capsys.readouterr().out
+    with (tmp_path / "novel.csv").open(newline="") as f:
+        titles = [row["title"] for row in csv.DictReader(f, delimiter="\t")]
+    assert titles == [sample_attributes(0, i, "novel").caption() for i in range(3)]
 
 
 def test_partial_captions_by_hand():

@@ -1,7 +1,8 @@
 """Datasets and datamodules: the embedded shapes data and open_clip's file formats."""
 
 from limoe.data.datamodule import ImageTextDataModule, PairDataModule, ShapesDataModule
-from limoe.data.shapes import ShapesDataset, ZeroShotTask, export_csv, zeroshot_tasks
+from limoe.data.shapes import ShapesDataset, export_csv, zeroshot_tasks
+from limoe.eval.plan import ZeroShotTask
 
 __all__ = [
     "ImageTextDataModule",

@@ -24,8 +24,9 @@ from limoe.data.csv import read_csv
 from limoe.data.imagefolder import imagefolder_task
 from limoe.data.loading import ResumableLoader, ResumableSampler
 from limoe.data.pairs import WHITE, IndexedSamples, PairDataset, build_transform
-from limoe.data.shapes import MEAN, SPLITS, STD, ShapesDataset, ZeroShotTask, zeroshot_tasks
+from limoe.data.shapes import MEAN, SPLITS, STD, ShapesDataset, zeroshot_tasks
 from limoe.data.webdataset import ShardStream, expand_urls, index_shards
+from limoe.eval.plan import ZeroShotTask
 
 
 class EvalSet(NamedTuple):

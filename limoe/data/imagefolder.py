@@ -8,7 +8,7 @@ from pathlib import Path
 from torchvision.datasets.folder import find_classes, make_dataset
 
 from limoe.data.pairs import IMAGE_EXTENSIONS, keep_readable
-from limoe.data.shapes import ZeroShotTask
+from limoe.eval.plan import ZeroShotTask
 
 # A short, generic subset of CLIP's ImageNet prompts: class-agnostic, usable for any folder.
 DEFAULT_TEMPLATES: tuple[str, ...] = (

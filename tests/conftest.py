@@ -6,32 +6,30 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from limoe.cli import compose_config
+from limoe.train import compose
 
 # Two cores: more threads than that only contend (the suite runs under CI's 2 CPUs).
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-def compose_train(overrides: list[str] | None = None) -> DictConfig:
-    return compose_config(overrides)
+# One training step and one validation batch, without the configured callbacks and loggers.
+FAST_DEV_RUN = ["+trainer.fast_dev_run=true", "~callbacks", "~logger",
+                "trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"]  # fmt: skip
 
 
 @pytest.fixture
 def train_cfg() -> DictConfig:
     """``conf/train.yaml`` as ``limoe-train`` composes it with no overrides."""
-    return compose_train()
+    return compose()
 
 
 @pytest.fixture
 def smoke_cfg(tmp_path: Path) -> DictConfig:
     """``conf/train.yaml`` + ``experiment=smoke``, writing into ``tmp_path``, on CPU."""
-    cfg = compose_train(["experiment=smoke", "trainer=cpu"])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path)
-        cfg.paths.log_dir = str(tmp_path / "logs")
-    return cfg
+    return compose(["experiment=smoke", "trainer=cpu", f"paths.log_dir={tmp_path / 'logs'}"],
+                   output_dir=tmp_path)  # fmt: skip
 
 
 # `experiment=smoke` sizes the shapes splits; these keys go for the file datamodules.

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from limoe.bench import check_targets, format_table, layer_cases, time_interleaved
-from limoe.cli import _flags_to_overrides, compose_config, run_bench
+from limoe.bench.run import run_bench
+from limoe.cli import flags_to_overrides
+from limoe.train import compose
 
 BIN = Path(sys.executable).parent
 TINY_LAYER = [
@@ -50,7 +52,7 @@ def test_layer_cases_leave_out_top_k_above_num_experts():
 
 
 def _bench_cfg(tmp_path: Path, overrides: list[str]):
-    return compose_config(
+    return compose(
         [*overrides, f"out={tmp_path / 'bench.json'}", "progress=false"], tmp_path, "bench"
     )
 
@@ -125,7 +127,7 @@ def test_targets_and_table_from_rows_built_by_hand():
 
 def test_device_flag_reads_as_an_override():
     argv = ["--device", "cuda", "--dtype=bfloat16", "suite=layer", "-m"]
-    assert _flags_to_overrides(argv) == ["device=cuda", "dtype=bfloat16", "suite=layer", "-m"]
+    assert flags_to_overrides(argv) == ["device=cuda", "dtype=bfloat16", "suite=layer", "-m"]
 
 
 def test_limoe_bench_console_script(tmp_path):

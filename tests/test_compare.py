@@ -18,6 +18,7 @@ from limoe.analysis.compare import compare, find_runs, group_by_arm, summarise
 from limoe.models import LIMoE, build_clip, create_model, model_cost, parameter_counts
 from limoe.models.cost import count_flops, flops_per_pair
 from limoe.moe import MoELayer
+from limoe.runs import write_metrics
 
 BIN = Path(sys.executable).parent
 SIZE = dict(embed_dim=8, image_size=8, patch_size=4, width=16, depth=2, num_heads=2,
@@ -136,14 +137,10 @@ def test_clip_arm_rejects_what_open_clip_cannot_build(kwargs, message):
 
 
 def fake_run(root: Path, name: str, arm: str, seed: int, metrics: dict, val: list) -> Path:
-    """A run directory as ``limoe-train`` writes it: metrics, CSV log and Hydra's files."""
+    """A run directory as ``limoe-train`` writes it: metrics.json (arm, metrics, config) and the
+    CSV log, and nothing else."""
     run = root / name
-    (run / ".hydra").mkdir(parents=True)
-    (run / "metrics.json").write_text(json.dumps(metrics))
-    (run / ".hydra" / "config.yaml").write_text(f"seed: {seed}\ndata:\n  batch_size: 4\n")
-    (run / ".hydra" / "hydra.yaml").write_text(
-        f"hydra:\n  runtime:\n    choices:\n      model: {arm}\n"
-    )
+    write_metrics(run / "metrics.json", metrics, arm, {"seed": seed, "data": {"batch_size": 4}})
     rows = ["step,train/loss,val/image_to_text_R@1,val/shape_zeroshot_top1", "0,2.0,,"]
     rows += [f"{step},,{r1},{shape}" for step, r1, shape in val]
     (run / "metrics.csv").write_text("\n".join(rows) + "\n")
@@ -211,5 +208,7 @@ def test_smoke_comparison_runs_every_arm_end_to_end(tmp_path):
     for png in ("curves_step.png", "curves_flops.png"):
         assert (tmp_path / "cmp" / png).stat().st_size > 10_000
     metrics = json.loads(next(sweep.glob("limoe_seed0_*/metrics.json")).read_text())
+    assert metrics["arm"] == "limoe" and metrics["config"]["model"]["moe_layers"] == [2, 3]
+    assert metrics["config"]["seed"] == 0 and metrics["config"]["arm"] == "limoe"
     assert metrics["model/params_active_per_token"] < metrics["model/params_total"]
     assert metrics["model/flops_per_pair"] > 0 and metrics["train/samples_per_second"] > 0

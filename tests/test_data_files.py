@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FILES_SMOKE, compose_train
+from conftest import FILES_SMOKE
 from hydra.utils import instantiate
 from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 
-from limoe.cli import train_run
 from limoe.data import ImageTextDataModule
 from limoe.data.csv import read_csv
 from limoe.data.export import main as limoe_data
@@ -26,6 +25,7 @@ from limoe.data.pairs import PairDataset, build_transform, open_image, to_rgb
 from limoe.data.shapes import render, sample_attributes
 from limoe.data.webdataset import ShardStream, expand_urls, index_shards
 from limoe.lit import ContrastiveModule
+from limoe.train import compose, train
 
 SIZE = 16
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # pixel p in 0..255 becomes p / 127.5 - 1
@@ -286,12 +286,12 @@ def test_imagefolder_test_loader_marks_the_broken_image_invalid(folder):
 
 
 def test_data_configs_compose_and_instantiate(csv_dir, shards):
-    cfg = compose_train(["data=csv", f"data.train_data={csv_dir / 'pairs.csv'}"])
+    cfg = compose(["data=csv", f"data.train_data={csv_dir / 'pairs.csv'}"])
     dm = instantiate(cfg.data)
     assert isinstance(dm, ImageTextDataModule) and dm.kinds == {"train": "csv"}
     assert cfg.model.image_size == cfg.data.image_size
     pattern = str(shards / "{000000..000001}.tar")
-    cfg = compose_train(["data=webdataset", f"data.train_data='{pattern}'"])
+    cfg = compose(["data=webdataset", f"data.train_data='{pattern}'"])
     dm = instantiate(cfg.data)
     assert dm.kinds == {"train": "webdataset"} and dm.train_num_samples == 256000
     with pytest.raises(ValueError, match="cannot tell its format"):
@@ -353,7 +353,7 @@ def test_train_on_csv_reports_retrieval_and_imagefolder_zeroshot_without_broken_
         "+data.zeroshot.pets.templates=['a photo of a {}.', 'a {}']", "trainer.max_steps=3",
         "trainer.val_check_interval=3",
     ]  # fmt: skip
-    metrics = train_run(overrides, tmp_path)  # no val data: no validation, no routing history
+    metrics = train(compose(overrides, tmp_path))  # no val data: no validation, no routing history
     assert {"test/pets_zeroshot_top1", "test/pets_zeroshot_top5", "test/image_to_text_R@1",
             "test/text_to_image_R@5"} <= set(metrics)  # fmt: skip
     module = ContrastiveModule.load_from_checkpoint(tmp_path / "checkpoints/last.ckpt")
@@ -390,7 +390,7 @@ def test_train_streams_shards(shards, tmp_path):
     overrides = [*FILES_SMOKE, "data=webdataset", f"data.train_data='{pattern}'",
                  "data.train_num_samples=4", "data.batch_size=2", "trainer.max_steps=5",
                  "trainer.val_check_interval=2", "test=false"]  # fmt: skip
-    assert train_run(overrides, tmp_path) == {}
+    assert train(compose(overrides, tmp_path)) == {}
     ckpt = torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=False)
     loader_state = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert ckpt["global_step"] == 5 and loader_state == [{"epoch": 2, "batches": 1}]  # 2 a epoch

@@ -6,14 +6,12 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from hydra.utils import instantiate
+from conftest import FAST_DEV_RUN
 from moe_helpers import expert_mlp, outputs_and_grads, randomise
-from omegaconf import OmegaConf
 
-from limoe.cli import compose_config
-from limoe.lit import ContrastiveModule
 from limoe.models import LIMoE
 from limoe.moe import MoELayer, expert_choice, pack_groups
+from limoe.train import build_datamodule, build_module, build_trainer, compose
 
 DIM, HIDDEN = 8, 16
 
@@ -168,17 +166,12 @@ def test_limoe_with_router_keeps_pairs_and_modalities_apart(router):
 def test_router_choice_trains_from_the_config(router, tmp_path):
     """``model.moe.router=...`` through the real configs: one Lightning step moves the router
     and the experts."""
-    cfg = compose_config(["experiment=smoke", "trainer=cpu", f"model.moe.router={router}",
-                          "model.moe.capacity_factor=1.0"], tmp_path)  # fmt: skip
+    cfg = compose(["experiment=smoke", "trainer=cpu", f"model.moe.router={router}",
+                   "model.moe.capacity_factor=1.0", *FAST_DEV_RUN], tmp_path)  # fmt: skip
     L.seed_everything(0)
-    model, optim, data = (
-        OmegaConf.to_container(n, resolve=True) for n in (cfg.model, cfg.optim, cfg.data)
-    )
-    module = ContrastiveModule(model, optim, data)
+    datamodule, module, trainer = build_datamodule(cfg), build_module(cfg), build_trainer(cfg)
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
-    trainer = L.Trainer(fast_dev_run=True, accelerator="cpu", logger=False,
-                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-    trainer.fit(module, datamodule=instantiate(cfg.data))
+    trainer.fit(module, datamodule=datamodule)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     changed = {n for n, p in module.model.named_parameters() if not torch.equal(p, before[n])}
     assert {"blocks.2.mlp.router.weight", "blocks.2.mlp.experts.w1"} <= changed

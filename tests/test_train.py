@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +11,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from conftest import FAST_DEV_RUN
 
-from limoe.lit import ContrastiveModule, read_history
+from limoe.lit import read_history
+from limoe.train import build_datamodule, build_module, build_trainer, compose
 
 BIN = Path(sys.executable).parent
 TINY = [
@@ -29,19 +30,11 @@ TINY = [
 ]
 
 
-def plain(node):
-    return OmegaConf.to_container(node, resolve=True)
-
-
-def test_compose_and_fast_dev_run_updates_weights(smoke_cfg):
+def test_compose_and_fast_dev_run_updates_weights(tmp_path):
+    cfg = compose(["experiment=smoke", "trainer=cpu", *FAST_DEV_RUN], tmp_path)
     L.seed_everything(0)
-    datamodule = instantiate(smoke_cfg.data)
-    module = ContrastiveModule(
-        plain(smoke_cfg.model), plain(smoke_cfg.optim), plain(smoke_cfg.data)
-    )
+    datamodule, module, trainer = build_datamodule(cfg), build_module(cfg), build_trainer(cfg)
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
-    trainer = L.Trainer(fast_dev_run=True, accelerator="cpu", logger=False,
-                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 1
     loss = trainer.callback_metrics["train/loss"]
@@ -49,7 +42,7 @@ def test_compose_and_fast_dev_run_updates_weights(smoke_cfg):
     changed = [n for n, p in module.model.named_parameters() if not torch.equal(p, before[n])]
     assert any("router" in n for n in changed) and any("experts.w1" in n for n in changed)
     assert "val/image_to_text_R@1" in trainer.callback_metrics
-    first_moe = smoke_cfg.model.moe_layers[0]
+    first_moe = cfg.model.moe_layers[0]
     assert f"train/routing/layer{first_moe}/expert0/image" in trainer.callback_metrics
 
 
@@ -81,6 +74,8 @@ def test_limoe_train_writes_the_run_directory(trained_run):
             assert 0.0 <= metrics[f"{prefix}/image_to_text_R@{k}"] <= 1.0
             assert 0.0 <= metrics[f"{prefix}/text_to_image_R@{k}"] <= 1.0
     assert metrics["train/steps"] == 4
+    assert metrics["arm"] == "limoe" and metrics["config"]["trainer"]["max_steps"] == 4
+    assert metrics["config"]["paths"]["output_dir"] == str(trained_run)
 
 
 def test_limoe_eval_recomputes_the_same_metrics(trained_run, tmp_path):
@@ -90,9 +85,23 @@ def test_limoe_eval_recomputes_the_same_metrics(trained_run, tmp_path):
     trained = json.loads((trained_run / "metrics.json").read_text())
     evaluated = json.loads((tmp_path / "metrics.json").read_text())
     test_keys = {k for k in trained if k.startswith("test")}
-    assert test_keys == set(evaluated)
+    assert test_keys | {"arm", "config"} == set(evaluated)  # the run's arm and config come along
+    assert evaluated["arm"] == trained["arm"] and evaluated["config"] == trained["config"]
     for key in test_keys:
         assert evaluated[key] == pytest.approx(trained[key], abs=1e-6), key
+
+
+def test_limoe_eval_into_the_run_directory_keeps_its_record(trained_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    before = json.loads((run_dir / "metrics.json").read_text())
+    result = run([str(BIN / "limoe-eval"), f"ckpt={run_dir / 'checkpoints/last.ckpt'}"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = json.loads((run_dir / "metrics.json").read_text())
+    assert set(after) == set(before)  # training metrics, costs, arm and config kept
+    assert after["train/steps"] == before["train/steps"] == 4
+    for key in (k for k in before if k.startswith("test")):
+        assert after[key] == pytest.approx(before[key], abs=1e-6), key
 
 
 def test_resume_from_last_checkpoint_continues_the_run(trained_run, tmp_path):

@@ -1,9 +1,9 @@
 """``limoe-compare``: gather finished runs into a table and learning curves, one group per arm.
 
-A run is a directory with ``metrics.json`` (final test metrics and costs), ``metrics.csv``
-(Lightning's CSVLogger) and Hydra's ``.hydra/`` files; its arm is the ``model`` config it was
-composed with. Runs of one arm (one per seed) become mean ± std (sample std; 0 for a single
-seed) in the table and a band in the plots.
+A run is a directory with ``metrics.json`` (its arm, final test metrics and costs, and config)
+and ``metrics.csv`` (Lightning's CSVLogger); its arm is the ``model`` config it was composed
+with, or what ``arm=...`` named it. Runs of one arm (one per seed) become mean ± std (sample
+std; 0 for a single seed) in the table and a band in the plots.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from omegaconf import OmegaConf
+
+from limoe.runs import read_metrics
 
 # forward + backward of a training step costs about three forward passes
 TRAIN_FLOPS_PER_FORWARD = 3
@@ -31,19 +32,6 @@ class Run:
     batch_size: int
     metrics: dict[str, float]
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
-
-
-def _arm_and_config(run_dir: Path) -> tuple[str, dict]:
-    """The arm (the ``model`` choice Hydra recorded) and the composed config of a run."""
-    config_path = run_dir / ".hydra" / "config.yaml"
-    if not config_path.is_file():
-        raise ValueError(f"{run_dir} has metrics.json but no .hydra/config.yaml")
-    config = OmegaConf.to_container(OmegaConf.load(config_path))
-    hydra_path = run_dir / ".hydra" / "hydra.yaml"
-    arm = None
-    if hydra_path.is_file():
-        arm = OmegaConf.load(hydra_path).hydra.runtime.choices.get("model")
-    return arm or run_dir.name, config
 
 
 def read_curves(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
@@ -60,10 +48,13 @@ def read_curves(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def load_run(run_dir: Path) -> Run:
-    arm, config = _arm_and_config(run_dir)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    return Run(arm=arm, batch_size=int(config["data"]["batch_size"]), metrics=metrics,
-               curves=read_curves(run_dir / "metrics.csv"))  # fmt: skip
+    """A run from its ``metrics.json`` (arm, metrics, config) and ``metrics.csv`` (curves)."""
+    record = read_metrics(run_dir / "metrics.json")
+    batch_size = record.config.get("data", {}).get("batch_size")
+    if batch_size is None:
+        raise ValueError(f"{run_dir}/metrics.json records no config (data.batch_size)")
+    return Run(arm=record.arm or run_dir.name, batch_size=int(batch_size),
+               metrics=record.metrics, curves=read_curves(run_dir / "metrics.csv"))  # fmt: skip
 
 
 def find_runs(paths: list[Path]) -> list[Run]:

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
+from limoe.data.loading import collate_pairs
 from limoe.data.shapes import caption_roles, shape_mask
 from limoe.lit.routing import MODALITY_NAMES, concat_routings, layer_summary
 from limoe.models.limoe import IMAGE, TEXT, text_padding_mask
@@ -104,8 +104,7 @@ def collect_routing(
     origins: list[tuple[Tensor, ...]] = []
     starts = range(0, num_pairs, batch_size)
     for start in tqdm(starts, desc="routing", unit="batch", disable=not progress):
-        items = [dataset[i][:2] for i in range(start, min(start + batch_size, num_pairs))]
-        images, tokens = default_collate(items)
+        images, tokens = collate_pairs(dataset, range(start, min(start + batch_size, num_pairs)))
         _, _, routings = model.tower(images.to(device), tokens.to(device))
         for records, routing in zip(per_layer, routings):
             records.append(_to_cpu(routing))

@@ -1,4 +1,5 @@
-"""Training loaders that resume mid-epoch where a checkpoint left off.
+"""Loading pairs: a fixed collated batch (``first_pairs``), and training loaders that resume
+mid-epoch where a checkpoint left off.
 
 Lightning saves the ``state_dict`` of a training DataLoader that has one, and hands it back
 before the first ``iter()`` of a resumed run. ``ResumableLoader``'s state is the epoch and the
@@ -9,9 +10,22 @@ one would have seen. Without this, Lightning restarts the epoch's data from its 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
+
+
+def collate_pairs(dataset: Dataset, indices: Iterable[int]) -> tuple[Tensor, Tensor]:
+    """``(images, tokens)`` of the pairs at ``indices``, collated into one batch: the first two
+    fields of each item, whatever else the dataset returns (labels, ...)."""
+    return tuple(default_collate([dataset[i][:2] for i in indices]))
+
+
+def first_pairs(dataset: Dataset, num_pairs: int) -> tuple[Tensor, Tensor]:
+    """The first ``num_pairs`` pairs of ``dataset`` (all of them if it is smaller), collated:
+    the fixed batch that FLOP counts, routing records and benchmarks use."""
+    return collate_pairs(dataset, range(min(num_pairs, len(dataset))))
 
 
 class ResumableSampler(DistributedSampler):

@@ -8,8 +8,8 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import default_collate
 
+from limoe.data.loading import first_pairs
 from limoe.lit.routing import MODALITY_NAMES, layer_summary
 
 
@@ -52,8 +52,7 @@ class RoutingHistory(L.Callback):
                 rank_zero_warn(f"RoutingHistory records nothing: {error}")
                 self._pairs = ()
                 return None
-            samples = [dataset[i][:2] for i in range(min(self.num_pairs, len(dataset)))]
-            self._pairs = default_collate(samples)
+            self._pairs = first_pairs(dataset, self.num_pairs)
         return self._pairs or None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -7,11 +7,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from limoe.cli import compose_config
-from limoe.lit import ContrastiveModule
+from limoe.train import build_datamodule, build_module, build_trainer, compose
 
 
 class Snapshot(L.Callback):
@@ -34,14 +31,13 @@ class Snapshot(L.Callback):
 
 def main() -> None:
     out, overrides = Path(sys.argv[1]), sys.argv[2:]
-    cfg = compose_config(overrides, output_dir=out)
-    plain = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
+    quiet = ["~callbacks", "~logger", "+trainer.enable_checkpointing=false",
+             "trainer.enable_progress_bar=false"]  # fmt: skip
+    cfg = compose([*overrides, *quiet], output_dir=out)
     L.seed_everything(cfg.seed)
-    datamodule = instantiate(cfg.data)
-    module = ContrastiveModule(plain(cfg.model), plain(cfg.optim), plain(cfg.data))
+    datamodule, module = build_datamodule(cfg), build_module(cfg)
     snapshot = Snapshot(out)
-    trainer = instantiate(cfg.trainer, callbacks=[snapshot], logger=False,
-                          enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
+    trainer = build_trainer(cfg, callbacks=[snapshot])
     (val,) = trainer.validate(module, datamodule=datamodule, verbose=False)
     snapshot.saved["val"] = val
     trainer.fit(module, datamodule=datamodule)

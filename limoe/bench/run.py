@@ -1,0 +1,83 @@
+"""``limoe-bench``: run the suites a ``conf/bench.yaml`` config asks for, print the tables and
+targets, and write every repeat to JSON (after each suite, so a failure later loses nothing).
+
+The training suite steps each model as ``limoe-train model=NAME`` builds it
+(``limoe.train.compose`` and ``build_module``), on one batch of that config's val split.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+from limoe.data.loading import first_pairs
+from limoe.train import build_datamodule, build_module, compose, plain
+
+from .layer import layer_cases, run_layer_bench
+from .report import check_targets, format_table, machine_info
+from .train import run_train_bench
+
+SUITES = ("layer", "train", "all")
+
+
+def bench_dtype(cfg: DictConfig) -> torch.dtype:
+    """``cfg.dtype``, or bfloat16 on CUDA and float32 elsewhere when it is null."""
+    name = cfg.dtype or ("bfloat16" if torch.device(cfg.device).type == "cuda" else "float32")
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or null, got {name!r}")
+    return getattr(torch, name)
+
+
+def bench_layer(cfg: DictConfig, dtype: torch.dtype) -> list[dict]:
+    layer = cfg.layer
+    cases = layer_cases(
+        layer.num_experts, layer.top_k, layer.capacity_factor, layer.tokens, layer.dim,
+        layer.mlp_ratio,
+    )  # fmt: skip
+    return run_layer_bench(
+        cases, layer.modes, layer.passes, layer.warmup, layer.repeats, cfg.device, dtype,
+        plain(layer.moe), layer.image_fraction, cfg.seed, cfg.progress,
+    )  # fmt: skip
+
+
+def bench_train(cfg: DictConfig, dtype: torch.dtype) -> list[dict]:
+    """Each model of ``train.models``, stepped on the same batch: the first pairs of the
+    first model's val split."""
+    modules, batch = {}, None
+    for name in cfg.train.models:
+        run_cfg = compose([f"model={name}", *cfg.train.overrides])
+        L.seed_everything(cfg.seed, verbose=False)
+        modules[name] = build_module(run_cfg)
+        if batch is None:
+            size = cfg.train.batch_size or run_cfg.data.batch_size
+            batch = first_pairs(build_datamodule(run_cfg).dataset("val"), size)
+    images, tokens = (t.to(cfg.device) for t in batch)
+    return run_train_bench(
+        modules, images, tokens, cfg.train.warmup, cfg.train.repeats, dtype, cfg.progress
+    )
+
+
+def run_bench(cfg: DictConfig) -> dict:
+    """Run the chosen suites; print the tables and targets; write everything to JSON."""
+    if cfg.suite not in SUITES:
+        raise ValueError(f"suite must be one of {SUITES}, got {cfg.suite!r}")
+    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but torch sees no CUDA GPU")
+    dtype = bench_dtype(cfg)
+    results = {"machine": machine_info(cfg.device), "dtype": str(dtype).removeprefix("torch.")}
+    results.update(config=plain(cfg), layer=[], train=[], targets=[])
+    out = Path(cfg.out) if cfg.out else Path(cfg.paths.output_dir) / "bench.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    suites = {"layer": bench_layer, "train": bench_train}
+    for name, run in suites.items():
+        if cfg.suite in (name, "all"):
+            results[name] = run(cfg, dtype)
+            results["targets"] = check_targets(results["layer"], results["train"])
+            out.write_text(json.dumps(results, indent=2) + "\n")  # kept if a later suite fails
+    print(format_table(results))
+    print(f"limoe: benchmark of {results['machine']['device']} ({results['dtype']}) -> {out}")
+    return results

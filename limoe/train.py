@@ -1,0 +1,162 @@
+"""The one run builder: every run is composed and built here, whoever starts it
+(``limoe-train``, ``limoe-eval``, ``limoe-analyze``, ``limoe-bench``, the notebooks, the tests).
+
+``compose(overrides)`` gives the config that ``limoe-train key=value ...`` runs;
+``train(cfg)`` fits, tests and writes ``metrics.json``; ``evaluate(cfg)`` recomputes the test
+metrics of a checkpoint. The pieces, each built from its part of the config:
+``build_datamodule``, ``build_module``, ``build_trainer`` (callbacks and loggers included),
+and ``load_checkpoint`` for a trained module with the data it was trained on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from limoe.config import compose_config
+from limoe.data.loading import first_pairs
+from limoe.lit import ContrastiveModule, NonFiniteLossError
+from limoe.models import model_cost, parameter_counts
+from limoe.runs import read_metrics, write_metrics
+
+
+def compose(
+    overrides: Sequence[str] | None = None,
+    output_dir: str | Path | None = None,
+    name: str = "train",
+) -> DictConfig:
+    """The config ``limoe-<name> key=value ...`` runs, composed outside a Hydra app.
+
+    What Hydra fills in when the app starts is filled in here: ``arm``, the name of the
+    model config chosen (unless set), and ``paths.output_dir``, which becomes ``output_dir``.
+    """
+    cfg = compose_config(name, list(overrides or []), return_hydra_config=True)
+    choices = cfg.hydra.runtime.choices
+    with open_dict(cfg):
+        if "arm" in cfg and OmegaConf.is_interpolation(cfg, "arm"):
+            cfg.arm = choices.get("model")
+        del cfg["hydra"]
+        if output_dir is not None:
+            cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+def plain(node: DictConfig) -> dict:
+    """A config node as plain, resolved Python containers."""
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    return instantiate(cfg.data)
+
+
+def build_module(cfg: DictConfig) -> ContrastiveModule:
+    return ContrastiveModule(model=plain(cfg.model), optim=plain(cfg.optim), data=plain(cfg.data))
+
+
+def _instantiate_all(node: DictConfig | None) -> list:
+    """Every ``_target_`` entry of a name -> config group (``callbacks``, ``logger``)."""
+    if not node:
+        return []
+    return [instantiate(c) for c in node.values() if c is not None and "_target_" in c]
+
+
+def build_trainer(cfg: DictConfig, callbacks: Sequence[L.Callback] = (), **kwargs) -> L.Trainer:
+    """The Trainer of ``cfg.trainer`` with the callbacks of ``cfg.callbacks`` (then
+    ``callbacks``) and the loggers of ``cfg.logger``; ``kwargs`` override Trainer arguments."""
+    kwargs.setdefault("logger", _instantiate_all(cfg.get("logger")) or False)
+    configured = _instantiate_all(cfg.get("callbacks"))
+    return instantiate(cfg.trainer, callbacks=[*configured, *callbacks], **kwargs)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit, save ``checkpoints/last.ckpt``, test and write ``metrics.json`` into
+    ``cfg.paths.output_dir``; returns the metrics (on global rank 0; ``{}`` on the others,
+    and where ``cfg.test`` is false)."""
+    output_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule, module = build_datamodule(cfg), build_module(cfg)
+    trainer = build_trainer(cfg)
+    params = parameter_counts(module.model)
+    print(f"limoe: model {cfg.model._target_} with {params['params_total']:,} parameters "
+          f"({params['params_active_per_token']:,} active per token); run dir {output_dir}")  # fmt: skip
+    start = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except NonFiniteLossError as error:
+        raise NonFiniteLossError(f"{error}; {_last_good_checkpoint(output_dir)}") from None
+    train_seconds = time.perf_counter() - start
+    # ModelCheckpoint writes last.ckpt at validation time; make it hold the final weights.
+    trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
+    if not cfg.get("test", True):
+        return {}
+    metrics = _test(trainer, module, datamodule)
+    # FLOPs after training: the experts only run the tokens the trained router keeps.
+    cost = _cost(module, datamodule, cfg.data.batch_size)
+    print(f"limoe: {cost['model/flops_per_pair'] / 1e6:.2f} MFLOPs forward per image-text pair")
+    samples = trainer.global_step * cfg.data.batch_size * trainer.world_size
+    metrics.update(cost)
+    metrics["train/wall_seconds"] = train_seconds
+    metrics["train/steps"] = trainer.global_step
+    metrics["train/samples_per_second"] = samples / train_seconds
+    if not trainer.is_global_zero:  # every rank has the same metrics; one writes them
+        return {}
+    return write_metrics(output_dir / "metrics.json", metrics, cfg.get("arm"), plain(cfg))
+
+
+def _test(trainer: L.Trainer, module: L.LightningModule, datamodule) -> dict[str, float]:
+    trainer.test(module, datamodule=datamodule)
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test")}
+
+
+def _cost(module: ContrastiveModule, datamodule, num_pairs: int) -> dict[str, float]:
+    """Parameters and forward FLOPs per pair, counted on the first ``num_pairs`` val pairs
+    (test pairs where the data has no val split)."""
+    try:
+        dataset = datamodule.dataset("val")
+    except ValueError:
+        dataset = datamodule.dataset("test")
+    images, tokens = first_pairs(dataset, num_pairs)
+    return model_cost(module.model, images.to(module.device), tokens.to(module.device))
+
+
+def _last_good_checkpoint(output_dir: Path) -> str:
+    """Where a stopped run's weights are: its newest checkpoint, written before the stop."""
+    checkpoints = sorted(
+        (output_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime
+    )
+    if not checkpoints:
+        return "no checkpoint had been written"
+    return f"the last good checkpoint is {checkpoints[-1]} (resume with ckpt_path=...)"
+
+
+def load_checkpoint(
+    ckpt: str | Path, data: Mapping | None = None
+) -> tuple[ContrastiveModule, L.LightningDataModule, Path]:
+    """A trained module, the datamodule it was trained with (``data`` keys override that
+    config) and the checkpoint's run directory."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_file():
+        raise ValueError(f"ckpt={ckpt} is not a file")
+    module = ContrastiveModule.load_from_checkpoint(ckpt, map_location="cpu")
+    data_cfg = OmegaConf.merge(module.hparams["data"], data or {})
+    return module, instantiate(data_cfg), ckpt.resolve().parent.parent
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """``limoe-eval``: the test metrics of ``cfg.ckpt``, written to ``metrics.json`` in
+    ``cfg.out`` or the checkpoint's run directory. The run's record there keeps its arm,
+    config and training metrics; elsewhere the new file gets the arm and config."""
+    module, datamodule, run_dir = load_checkpoint(cfg.ckpt, cfg.get("data"))
+    trainer = build_trainer(cfg, logger=False)
+    metrics = _test(trainer, module, datamodule)
+    out = Path(cfg.out) if cfg.get("out") else run_dir
+    run = read_metrics(run_dir / "metrics.json")
+    kept = run.metrics if out.resolve() == run_dir else {}
+    written = write_metrics(out / "metrics.json", {**kept, **metrics}, run.arm, run.config)
+    return {k: written[k] for k in metrics}

@@ -273,8 +273,10 @@ def test_imagefolder_task_names_classes_after_folders(folder):
 
 def test_imagefolder_test_loader_marks_the_broken_image_invalid(folder):
     dm = ImageTextDataModule(zeroshot={"pets": {"root": str(folder)}}, image_size=SIZE)
-    assert dm.eval_names("test") == ["test"] and dm.eval_tasks("test") == [("pets",)]
-    assert dm.eval_names("validate") == []
+    (eval_set,) = dm.eval_plan("test").sets
+    assert eval_set.prefix == "test" and [task.name for task in eval_set.tasks] == ["pets"]
+    assert eval_set.tasks[0].classnames == ["cat", "golden retriever", "sea lion"]
+    assert dm.eval_plan("validate").sets == ()
     (loader,) = dm.test_dataloader()
     batch = next(iter(loader))
     assert batch["labels"][:, 0].tolist() == [0, 0, 0, 1, 1, 2, 2]

@@ -42,6 +42,8 @@ from limoe.data.shapes import (
 )
 from limoe.eval.plan import ZeroShotTask
 
+STAGES = ("fit", "validate", "test")
+
 
 @pytest.fixture(scope="module")
 def train_ds() -> ShapesDataset:
@@ -254,7 +256,7 @@ def test_datamodule_loaders():
     assert images.shape == (25, 3, 32, 32) and labels.shape == (25, 5)
     assert batch["index"].tolist() == list(range(25)) and batch["valid"].all()
     assert torch.equal(batch["text"][3], dm.dataset("val")[3][1])
-    tasks = list(dm.zeroshot_tasks.values())
+    tasks = dm.eval_plan("validate").sets[0].tasks
     for column, task in enumerate(tasks):
         assert 0 <= labels[:, column].min() and labels[:, column].max() < len(task.classnames)
 
@@ -262,10 +264,18 @@ def test_datamodule_loaders():
     assert sum(len(b["image"]) for b in test) == 20 and sum(len(b["image"]) for b in novel) == 10
     novel_labels = torch.cat([b["labels"] for b in novel])
     assert {tuple(p) for p in novel_labels[:, :2].tolist()} <= set(NOVEL_PAIRS)
-    assert dm.eval_names("validate") == dm.eval_names("fit") == ["val"]
-    assert dm.eval_names("test") == ["test", "test_novel"]
-    assert dm.eval_tasks("test") == [tuple(zeroshot_tasks())] * 2
-    assert dm.tokenizer is dm.dataset("val").tokenizer
+    prefixes = {stage: [s.prefix for s in dm.eval_plan(stage).sets] for stage in STAGES}
+    assert prefixes == {"fit": ["val"], "validate": ["val"], "test": ["test", "test_novel"]}
+    plan = dm.eval_plan("test")
+    assert [s.tasks for s in plan.sets] == [tuple(zeroshot_tasks().values())] * 2
+    assert (
+        list(plan.tasks)
+        == list(zeroshot_tasks())
+        == ["colour", "shape", "size", "position", "background"]
+    )  # the labels' order
+    assert plan.tokenizer is dm.tokenizer is dm.dataset("val").tokenizer
+    with pytest.raises(ValueError, match="unknown stage 'predict'"):
+        dm.eval_plan("predict")
 
 
 @pytest.mark.parametrize(
@@ -336,7 +346,7 @@ def test_partial_captions_only_in_training_and_at_the_configured_share():
         ds = dm.dataset(split)
         assert all(ds.attributes(i).mention == FULL_MENTION for i in range(len(ds)))
     # Zero-shot prompts speak the partial-caption language.
-    assert dm.zeroshot_tasks["position"].templates[0] == "a shape in the {}"
+    assert dm.eval_plan("test").tasks["position"].templates[0] == "a shape in the {}"
 
 
 def test_partial_captions_start_at_the_configured_step():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from limoe.eval import retrieval_metrics, topk_accuracy
+from limoe.eval import gather_split, retrieval_metrics, topk_accuracy
 
 
 def test_retrieval_recall_by_hand():
@@ -33,3 +33,22 @@ def test_topk_accuracy_by_hand():
     assert acc[1] == pytest.approx(1 / 3)
     assert acc[2] == pytest.approx(2 / 3)
     assert acc[3] == 1.0
+
+
+def test_gather_split_keeps_each_sample_once_in_order_without_the_invalid():
+    """Two processes' batches as DDP's sampler gives them: interleaved indices, sample 0
+    repeated to even the shards out, and sample 3 unreadable."""
+    rank0 = {"index": torch.tensor([0, 2, 4]), "valid": torch.tensor([True, True, True]),
+             "image": torch.tensor([[0.0], [2.0], [4.0]])}  # fmt: skip
+    rank1 = {"index": torch.tensor([1, 3, 0]), "valid": torch.tensor([True, False, True]),
+             "image": torch.tensor([[1.0], [3.0], [0.0]])}  # fmt: skip
+
+    def all_gather(local: dict) -> dict:  # what LightningModule.all_gather returns: [W, ...]
+        other = {k: v.long() if k == "valid" else v for k, v in rank1.items()}
+        return {k: torch.stack([v, other[k]]) for k, v in local.items()}
+
+    split = gather_split([rank0], all_gather)
+    assert split["index"].tolist() == [0, 1, 2, 4]
+    assert split["image"][:, 0].tolist() == [0.0, 1.0, 2.0, 4.0]
+    alone = gather_split([rank1, rank0], None)  # one process, two batches: same split
+    assert alone["index"].tolist() == [0, 1, 2, 4]

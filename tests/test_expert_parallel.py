@@ -1,5 +1,6 @@
 """Expert parallelism on 2 CPU processes (gloo): the sharded layer's outputs and gradients
-equal the single-process layer's with the same weights, and state dicts hold every expert."""
+equal the single-process layer's with the same weights, and state dicts hold every expert;
+the expert weights stay out of DDP's gradient reduction."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from limoe.lit.parallel import exclude_from_ddp
 from limoe.moe import MoELayer
 
 WORLD = 2
@@ -55,7 +57,7 @@ def worker(rank: int, case: str, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     layer = make_layer(case)
-    layer.shard_experts(rank, WORLD)
+    layer.shard(rank, WORLD)
     loss, y, x = loss_of(layer, rank)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
@@ -64,7 +66,7 @@ def worker(rank: int, case: str, port: int, out: str) -> None:
     with torch.no_grad():
         for p in fresh.parameters():
             p.zero_()
-    fresh.shard_experts(rank, WORLD)
+    fresh.shard(rank, WORLD)
     fresh.load_state_dict(state)
     loaded = {n: p.detach().clone() for n, p in fresh.named_parameters()}
     torch.save({"y": y.detach(), "x_grad": x.grad, "grads": grads, "state": state,
@@ -123,5 +125,47 @@ def test_expert_parallel_needs_sorted_topk_or_expert_choice():
     with pytest.raises(ValueError, match="expert_parallel needs dispatch='sorted'"):
         MoELayer(DIM, HIDDEN, EXPERTS, expert_parallel=True, dispatch="onehot")
     layer = MoELayer(DIM, HIDDEN, EXPERTS, expert_parallel=True)
-    layer.shard_experts(0, 1)  # one process: every expert stays
+    layer.shard(0, 1)  # one process: every expert stays
     assert layer.experts.w1.shape[0] == EXPERTS and layer.experts.parallel is None
+
+
+class PartlyUsed(torch.nn.Module):
+    """One linear layer used in forward, one not (as an expert block DDP must not average)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used, self.unused = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(x)
+
+
+def ddp_two_steps(rank: int, port: int, out: str) -> None:
+    """Two DDP steps of ``PartlyUsed`` with and without ``exclude_from_ddp``; DDP (without
+    ``find_unused_parameters``) refuses the second step while it waits for ``unused``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=1)
+    outcome = {}
+    for excluded in (False, True):
+        module = PartlyUsed()
+        if excluded:
+            exclude_from_ddp(module, ["unused.weight", "unused.bias"])
+        ddp = torch.nn.parallel.DistributedDataParallel(module)
+        try:
+            for _ in range(2):
+                ddp(torch.ones(1, 2)).sum().backward()
+            outcome[excluded] = "ok"
+        except RuntimeError as error:
+            outcome[excluded] = str(error).split(".")[0]
+    torch.save(outcome, out)
+    dist.destroy_process_group()
+
+
+def test_exclude_from_ddp_keeps_parameters_out_of_ddp(tmp_path):
+    """The one use of torch's private ``_set_params_and_buffers_to_ignore_for_model``: this
+    fails if it stops keeping the expert weights out of DDP's gradient reduction."""
+    out = tmp_path / "outcome.pt"
+    mp.spawn(ddp_two_steps, args=(free_port(), str(out)), nprocs=1)
+    outcome = torch.load(out)
+    assert outcome[True] == "ok"
+    assert "Expected to have finished reduction in the prior iteration" in outcome[False]

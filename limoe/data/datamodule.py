@@ -4,14 +4,13 @@ formats (CSV, WebDataset shards), with zero-shot tasks from ImageFolder trees.
 Plain keyword arguments only, so Hydra builds them straight from ``conf/data/*.yaml``. Both
 share ``PairDataModule``: training loaders that resume mid-epoch, and evaluation loaders that
 yield dicts (``index``, ``image``, ``text`` for pairs, ``labels`` for zero-shot tasks,
-``valid``). ``eval_names(stage)`` gives each evaluation loader's metric prefix and
-``eval_tasks(stage)`` the zero-shot task of each column of its ``labels``.
+``valid``). ``eval_plan(stage)`` hands the evaluation over: each loader's metric prefix,
+samples and zero-shot tasks, and the tokenizer (``limoe.eval.EvalPlan``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
 
 import lightning as L
 import torch
@@ -26,16 +25,7 @@ from limoe.data.loading import ResumableLoader, ResumableSampler
 from limoe.data.pairs import WHITE, IndexedSamples, PairDataset, build_transform
 from limoe.data.shapes import MEAN, SPLITS, STD, ShapesDataset, zeroshot_tasks
 from limoe.data.webdataset import ShardStream, expand_urls, index_shards
-from limoe.eval.plan import ZeroShotTask
-
-
-class EvalSet(NamedTuple):
-    """One evaluation loader: its metric prefix, its dict samples, the zero-shot task of each
-    column of its ``labels`` (empty: retrieval only)."""
-
-    prefix: str
-    samples: Dataset
-    tasks: tuple[str, ...]
+from limoe.eval.plan import EvalPlan, EvalSet
 
 
 def _pair_sample(dataset: PairDataset, i: int) -> dict:
@@ -78,12 +68,8 @@ class PairDataModule(L.LightningDataModule):
                 raise ValueError(f"data.zeroshot.{name} needs a root (an ImageFolder directory)")
         self.zeroshot = {name: dict(spec) for name, spec in (zeroshot or {}).items()}
         self._folder_sets: list[EvalSet] | None = None
-        self._folder_tasks: dict[str, ZeroShotTask] = {}
 
     # --- to be given by each datamodule ----------------------------------------------------
-
-    def _own_tasks(self) -> dict[str, ZeroShotTask]:
-        return {}
 
     def _own_eval_sets(self, stage: str) -> list[EvalSet]:
         raise NotImplementedError
@@ -103,30 +89,18 @@ class PairDataModule(L.LightningDataModule):
                     items, self._eval_transform(), self.image_size, labels=labels,
                     background=self.background,
                 )  # fmt: skip
-                self._folder_tasks[name] = task
                 self._folder_sets.append(
-                    EvalSet("test", IndexedSamples(dataset, _pair_sample), (name,))
+                    EvalSet("test", IndexedSamples(dataset, _pair_sample), (task,))
                 )
         return self._folder_sets
 
-    @property
-    def zeroshot_tasks(self) -> dict[str, ZeroShotTask]:
-        self.folder_sets()
-        return {**self._own_tasks(), **self._folder_tasks}
-
-    def eval_sets(self, stage: str) -> list[EvalSet]:
+    def eval_plan(self, stage: str) -> EvalPlan:
+        """What ``stage`` (``fit`` or ``validate``: the val loaders; ``test``) evaluates: its
+        loaders, in ``dataloader_idx`` order, and the tokenizer for the zero-shot prompts."""
         if stage not in ("fit", "validate", "test"):
             raise ValueError(f"unknown stage {stage!r}; expected fit, validate or test")
         folders = self.folder_sets() if stage == "test" else []
-        return self._own_eval_sets(stage) + folders
-
-    def eval_names(self, stage: str) -> list[str]:
-        """Metric prefix of each evaluation loader of ``stage``, in dataloader_idx order."""
-        return [s.prefix for s in self.eval_sets(stage)]
-
-    def eval_tasks(self, stage: str) -> list[tuple[str, ...]]:
-        """The zero-shot task of each ``labels`` column, per evaluation loader of ``stage``."""
-        return [s.tasks for s in self.eval_sets(stage)]
+        return EvalPlan(tuple(self._own_eval_sets(stage) + folders), self.tokenizer)
 
     def _workers(self) -> dict:
         """The DataLoader options on worker processes, shared by every loader."""
@@ -142,10 +116,10 @@ class PairDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self._eval_loader(s.samples) for s in self.eval_sets("validate")]
+        return [self._eval_loader(s.samples) for s in self.eval_plan("validate").sets]
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [self._eval_loader(s.samples) for s in self.eval_sets("test")]
+        return [self._eval_loader(s.samples) for s in self.eval_plan("test").sets]
 
     def _world(self) -> tuple[int, int]:
         """(rank, world size) of this process (0, 1 outside a Trainer)."""
@@ -238,9 +212,6 @@ class ShapesDataModule(PairDataModule):
         self.tokenizer = SimpleTokenizer(context_length=context_length)
         self._datasets: dict[str, ShapesDataset] = {}
 
-    def _own_tasks(self) -> dict[str, ZeroShotTask]:
-        return zeroshot_tasks()
-
     def dataset(self, split: str) -> ShapesDataset:
         """The dataset of one split, built on first use (cheap: attributes are hashed)."""
         if split not in SPLITS:
@@ -282,7 +253,7 @@ class ShapesDataModule(PairDataModule):
                 self.dataset(split)
 
     def _own_eval_sets(self, stage: str) -> list[EvalSet]:
-        tasks = tuple(zeroshot_tasks())
+        tasks = tuple(zeroshot_tasks().values())
         return [
             EvalSet(prefix, IndexedSamples(self.dataset(split), _shapes_sample), tasks)
             for split, prefix in _SHAPES_EVAL[stage]

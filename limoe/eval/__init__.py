@@ -1,11 +1,17 @@
-"""Evaluation: zero-shot classification and image-text retrieval."""
+"""Evaluation: zero-shot classification and image-text retrieval over the loaders of an
+evaluation plan, which each datamodule hands over."""
 
-from limoe.eval.plan import ZeroShotTask
+from limoe.eval.evaluation import Evaluation, gather_split
+from limoe.eval.plan import EvalPlan, EvalSet, ZeroShotTask
 from limoe.eval.retrieval import retrieval_metrics
 from limoe.eval.zeroshot import topk_accuracy, zeroshot_accuracy, zeroshot_classifier
 
 __all__ = [
+    "EvalPlan",
+    "EvalSet",
+    "Evaluation",
     "ZeroShotTask",
+    "gather_split",
     "retrieval_metrics",
     "topk_accuracy",
     "zeroshot_accuracy",

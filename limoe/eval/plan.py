@@ -1,8 +1,14 @@
-"""What an evaluation runs: zero-shot classification tasks, shared by every dataset."""
+"""What an evaluation runs, as a datamodule hands it over: for each evaluation loader its
+metric prefix, its samples and the zero-shot task of each column of its ``labels``, plus the
+tokenizer that turns the tasks' prompts into tokens. Nothing else of the datamodule is read.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from torch.utils.data import Dataset
 
 
 @dataclass
@@ -15,3 +21,27 @@ class ZeroShotTask:
 
     def prompts(self, classname: str) -> list[str]:
         return [t.format(classname) for t in self.templates]
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One evaluation loader. Its samples are dicts (``index``, ``image``, ``valid``, and
+    ``text`` for retrieval and/or ``labels [len(tasks)]`` for zero-shot); metrics are logged
+    as ``{prefix}/image_to_text_R@1``, ``{prefix}/{task}_zeroshot_top1``, ..."""
+
+    prefix: str
+    samples: Dataset
+    tasks: tuple[ZeroShotTask, ...] = ()  # the task of each column of ``labels``
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """Every evaluation loader of one stage (in ``dataloader_idx`` order) and the tokenizer."""
+
+    sets: tuple[EvalSet, ...]
+    tokenizer: Callable
+
+    @property
+    def tasks(self) -> dict[str, ZeroShotTask]:
+        """The zero-shot tasks the loaders carry labels for, by name."""
+        return {task.name: task for s in self.sets for task in s.tasks}

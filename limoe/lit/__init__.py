@@ -1,11 +1,16 @@
-"""Lightning: the contrastive training module, callbacks and routing statistics."""
+"""Lightning: the contrastive training module and its callbacks (routing history, exact
+resume, expert parallelism)."""
 
 from limoe.lit.callbacks import RoutingHistory, read_history
 from limoe.lit.module import ContrastiveModule, NonFiniteLossError
+from limoe.lit.parallel import ExpertParallel
+from limoe.lit.resume import ExactResume
 from limoe.lit.routing import concat_routings, expert_counts, layer_summary, routing_stats
 
 __all__ = [
     "ContrastiveModule",
+    "ExactResume",
+    "ExpertParallel",
     "NonFiniteLossError",
     "RoutingHistory",
     "concat_routings",

@@ -4,13 +4,17 @@ processes, the whole model's gradient norm, and optimiser states that hold every
 ``limoe.moe.parallel`` moves the tokens; this module fits that into Lightning's DDP:
 the experts' weights leave DDP's gradient averaging (each rank holds different experts) and
 their gradients, which sum every rank's loss through the all-to-all, are divided by the
-world size to match the mean DDP takes of the replicated weights' gradients.
+world size to match the mean DDP takes of the replicated weights' gradients. The
+``ExpertParallel`` callback does it at the right moments; ``ContrastiveModule`` brings it
+along (``configure_callbacks``), so every run of a model with ``expert_parallel`` layers
+has it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import lightning as L
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -27,7 +31,7 @@ def expert_shard(model: nn.Module) -> ExpertShard | None:
     )  # fmt: skip
 
 
-def parallel_experts(model: nn.Module) -> list[Tensor]:
+def sharded_expert_params(model: nn.Module) -> list[Tensor]:
     """The expert weights this process holds a block of (empty before sharding)."""
     return [
         p
@@ -37,7 +41,15 @@ def parallel_experts(model: nn.Module) -> list[Tensor]:
     ]
 
 
-def shard_experts(module: nn.Module, model: nn.Module, rank: int, world_size: int) -> None:
+def exclude_from_ddp(module: nn.Module, names: Sequence[str]) -> None:
+    """Keep the parameters ``names`` of ``module`` out of DDP's gradient averaging (call before
+    DDP wraps it). torch's only way is the private ``DistributedDataParallel.
+    _set_params_and_buffers_to_ignore_for_model``; this is the one place that calls it
+    (``tests/test_expert_parallel.py`` fails if it stops working)."""
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, list(names))
+
+
+def distribute_experts(module: nn.Module, model: nn.Module, rank: int, world_size: int) -> None:
     """Keep this rank's ``E / world_size`` experts of every ``expert_parallel`` layer of
     ``model`` (a part of ``module``, the LightningModule DDP wraps). Call on every rank,
     before DDP wraps the module."""
@@ -49,11 +61,10 @@ def shard_experts(module: nn.Module, model: nn.Module, rank: int, world_size: in
     group = torch.distributed.new_group(list(range(world_size)))
     for layer in model.modules():
         if isinstance(layer, MoELayer):
-            layer.shard_experts(rank, world_size, group)
-    sharded = {id(p) for p in parallel_experts(model)}
-    names = [n for n, p in module.named_parameters() if id(p) in sharded]
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
-    for p in parallel_experts(model):
+            layer.shard(rank, world_size, group)
+    sharded = {id(p) for p in sharded_expert_params(model)}
+    exclude_from_ddp(module, [n for n, p in module.named_parameters() if id(p) in sharded])
+    for p in sharded_expert_params(model):
         p.register_hook(lambda grad: grad / world_size)
 
 
@@ -65,7 +76,7 @@ def grad_norm(params: Sequence[Tensor], model: nn.Module) -> Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if shard is None:
         return torch.nn.utils.get_total_norm(grads)
-    sharded = {id(p) for p in parallel_experts(model)}
+    sharded = {id(p) for p in sharded_expert_params(model)}
     shared = [p.grad for p in params if p.grad is not None and id(p) not in sharded]
     local = [p.grad for p in params if p.grad is not None and id(p) in sharded]
     shared_squared, expert_squared = (_squared_norm(g, params[0]) for g in (shared, local))
@@ -78,7 +89,7 @@ def _squared_norm(grads: list[Tensor], like: Tensor) -> Tensor:
 
 
 def _sharded_indices(params: Sequence[Tensor], model: nn.Module) -> list[int]:
-    sharded = {id(p) for p in parallel_experts(model)}
+    sharded = {id(p) for p in sharded_expert_params(model)}
     return [i for i, p in enumerate(params) if id(p) in sharded]
 
 
@@ -109,3 +120,22 @@ def local_optimizer_states(checkpoint: dict, params: Sequence[Tensor], model: nn
             for key, value in optimizer_state["state"].get(i, {}).items():
                 if torch.is_tensor(value) and value.ndim and value.shape[0] == full:
                     optimizer_state["state"][i][key] = shard.block(value)
+
+
+class ExpertParallel(L.Callback):
+    """``model.moe.expert_parallel`` under DDP: split the experts over the processes before
+    DDP wraps the module, and keep every expert's AdamW moments in checkpoints (gathered on
+    save, this rank's block taken on load), so a checkpoint loads at any world size.
+    Nothing happens on one process or for a model without ``expert_parallel`` layers."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1 and not sharded_expert_params(pl_module.model):
+            distribute_experts(pl_module, pl_module.model, trainer.global_rank, trainer.world_size)
+
+    def on_save_checkpoint(self, trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if sharded_expert_params(pl_module.model):
+            gather_optimizer_states(checkpoint, pl_module.optimizer_params(), pl_module.model)
+
+    def on_load_checkpoint(self, trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if sharded_expert_params(pl_module.model):
+            local_optimizer_states(checkpoint, pl_module.optimizer_params(), pl_module.model)

@@ -65,7 +65,8 @@ class Experts(nn.Module):
         super().__init__()
         if gemm not in GEMM_MODES:
             raise ValueError(f"gemm must be one of {GEMM_MODES}, got {gemm!r}")
-        self.num_experts = num_experts
+        self.num_experts = num_experts  # in the whole layer
+        self.num_local_experts = num_experts  # held by this process (fewer once sharded)
         self.gemm = gemm
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.b1 = nn.Parameter(torch.empty(num_experts, hidden_dim))

@@ -50,7 +50,7 @@ class MoELayer(nn.Module):
     slots per expert and per ``group`` of tokens, each a weighted average of the group; the
     record's single choice is the expert that wrote most of the token's output).
 
-    ``expert_parallel=True`` lets ``shard_experts`` spread the experts over the processes of
+    ``expert_parallel=True`` lets ``shard`` spread the experts over the processes of
     a ``torch.distributed`` group once it exists (``parallel``: tokens travel by all-to-all);
     until then, and on one process, the layer holds every expert.
     """
@@ -191,7 +191,7 @@ class MoELayer(nn.Module):
         position, dropped = assign_slots(expert_index, self.num_experts, capacity, priority)
         return probs, gates, expert_index, position, dropped, capacity
 
-    def shard_experts(self, rank: int, world_size: int, group=None) -> None:
+    def shard(self, rank: int, world_size: int, group=None) -> None:
         """Keep this process's ``num_experts / world_size`` experts (``expert_parallel`` layers
         only; call on every process of ``group``, after ``torch.distributed`` is set up)."""
         if self.expert_parallel and world_size > 1 and self.experts.parallel is None:

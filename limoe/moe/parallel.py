@@ -100,7 +100,7 @@ def shard_experts(experts: Experts, rank: int, world_size: int, group=None) -> N
     for name in EXPERT_WEIGHTS:
         full = getattr(experts, name)
         setattr(experts, name, nn.Parameter(shard.block(full.detach()).clone()))
-    experts.num_experts = total // world_size
+    experts.num_local_experts = total // world_size
     experts.parallel = shard
     experts.register_state_dict_post_hook(_gather_full_experts)
     experts.register_load_state_dict_pre_hook(_take_local_experts)
@@ -118,5 +118,5 @@ def _take_local_experts(experts: Experts, state: dict, prefix: str, *args) -> No
     shard = experts.parallel
     for name in EXPERT_WEIGHTS:
         key = prefix + name
-        if key in state and state[key].shape[0] == experts.num_experts * shard.world_size:
+        if key in state and state[key].shape[0] == experts.num_experts:
             state[key] = shard.block(state[key])

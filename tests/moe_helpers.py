@@ -1,5 +1,5 @@
-"""Helpers shared by the MoE tests: one expert by hand, distinct experts with a decisive
-router, and a forward/backward that returns every gradient."""
+"""Helpers shared by the MoE tests: a bare layer, one expert by hand, distinct experts with a
+decisive router, and a forward/backward that returns every gradient."""
 
 from __future__ import annotations
 
@@ -7,6 +7,22 @@ import torch
 import torch.nn.functional as F
 
 from limoe.moe import MoELayer
+
+# The routing mechanics alone, without what LIMoE's defaults add on top: a capacity (factor
+# 1.0, so drops happen), no router noise, no auxiliary losses. A test sets what it examines.
+BARE = {
+    "capacity_factor": 1.0,
+    "noisy_gating": False,
+    "load_weight": 0.0,
+    "local_entropy_weight": 0.0,
+    "global_entropy_weight": 0.0,
+    "global_entropy_min_experts": 1.0,
+}
+
+
+def bare_layer(*args, **kwargs) -> MoELayer:
+    """``MoELayer(*args, **kwargs)`` with ``BARE`` under the given keywords."""
+    return MoELayer(*args, **{**BARE, **kwargs})
 
 
 def expert_mlp(layer: MoELayer, e: int, x: torch.Tensor) -> torch.Tensor:

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
+from moe_helpers import bare_layer
 from torch.utils.data import default_collate
 
 from limoe.analysis.compare import compare, find_runs, group_by_arm, summarise
 from limoe.models import LIMoE, build_clip, create_model, model_cost, parameter_counts
 from limoe.models.cost import count_flops, flops_per_pair
-from limoe.moe import MoELayer
 from limoe.runs import write_metrics
 
 BIN = Path(sys.executable).parent
@@ -47,7 +47,7 @@ def test_parameter_counts_leave_out_the_experts_a_token_does_not_use():
 
 def test_moe_layer_flops_count_router_and_the_kept_tokens():
     torch.manual_seed(0)
-    layer = MoELayer(dim=16, hidden_dim=64, num_experts=4, top_k=2, capacity_factor=None)
+    layer = bare_layer(dim=16, hidden_dim=64, num_experts=4, top_k=2, capacity_factor=None)
     n = 10
     router = 2 * n * 16 * 4
     experts = 2 * (n * 2) * (16 * 64 + 64 * 16)  # dropless: every one of the 2n choices runs
@@ -125,15 +125,19 @@ def test_default_limoe_costs_within_ten_percent_of_clip_whatever_the_router_lear
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"moe_layers": [1]}, "model.moe_layers must be []"),
         ({"text_pool": "mean"}, "model.text_pool='mean' is not available for model=clip"),
         ({"image_pos_embed": "rope"}, "model.image_pos_embed='rope'"),
-        ({"weight_init": "vit"}, "model.weight_init must be 'clip' for model=clip"),
     ],
 )
 def test_clip_arm_rejects_what_open_clip_cannot_build(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         build_clip(**SIZE, **kwargs)
+
+
+def test_clip_arm_takes_only_what_clip_uses():
+    for limoe_only in ("moe_layers", "moe", "drop_path_rate", "weight_init"):
+        with pytest.raises(TypeError, match=limoe_only):
+            build_clip(**SIZE, **{limoe_only: None})
 
 
 def fake_run(root: Path, name: str, arm: str, seed: int, metrics: dict, val: list) -> Path:

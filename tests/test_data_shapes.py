@@ -43,6 +43,13 @@ from limoe.data.shapes import (
 from limoe.eval.plan import ZeroShotTask
 
 STAGES = ("fit", "validate", "test")
+# A train split without the default curriculum: partial captions (a fifth) from the first
+# sample, no hard-negative groups.
+PLAIN_TRAIN_SPLIT = {
+    "partial_captions": 0.2,
+    "partial_captions_from_step": 0,
+    "hard_negatives": 0.0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -242,13 +249,14 @@ def test_zeroshot_tasks():
 
 def test_datamodule_loaders():
     dm = ShapesDataModule(
-        train_size=100, val_size=30, test_size=20, novel_size=10, batch_size=16, eval_batch_size=25
-    )
+        train_size=100, val_size=30, test_size=20, novel_size=10, batch_size=16, eval_batch_size=25,
+        **PLAIN_TRAIN_SPLIT,
+    )  # fmt: skip
     dm.setup("fit")
     train = list(dm.train_dataloader())
     assert len(train) == 100 // 16  # drop_last
     images, tokens = train[0]
-    assert images.shape == (16, 3, 32, 32) and tokens.shape == (16, 32)
+    assert images.shape == (16, 3, 32, 32) and tokens.shape == (16, 24)  # context_length
 
     (val,) = dm.val_dataloader()
     batch = next(iter(val))
@@ -334,7 +342,7 @@ def test_partial_captions_by_hand():
 
 def test_partial_captions_only_in_training_and_at_the_configured_share():
     dm = ShapesDataModule(train_size=4000, val_size=500, test_size=500, novel_size=500,
-                          partial_captions=0.25)  # fmt: skip
+                          **{**PLAIN_TRAIN_SPLIT, "partial_captions": 0.25})  # fmt: skip
     dm.setup("fit")
     dm.setup("test")
     from limoe.data.shapes import FULL_MENTION
@@ -353,7 +361,7 @@ def test_partial_captions_start_at_the_configured_step():
     from limoe.data.shapes import FULL_MENTION
 
     dm = ShapesDataModule(train_size=640, batch_size=16, partial_captions=0.5,
-                          partial_captions_from_step=10)  # fmt: skip
+                          partial_captions_from_step=10, hard_negatives=0.0)  # fmt: skip
     dm.setup("fit")
     train = dm.dataset("train")
     # The loader reads the split in order, so batch k holds samples 16k .. 16k + 15.
@@ -436,7 +444,7 @@ def test_hard_negatives_share_and_validation():
 def test_a_run_longer_than_the_train_split_warns_that_the_curriculum_restarts():
     import lightning as L
 
-    dm = ShapesDataModule(train_size=160, batch_size=16)  # one pass lasts 10 steps
+    dm = ShapesDataModule(train_size=160, batch_size=16, **PLAIN_TRAIN_SPLIT)  # 10 steps a pass
     dm.trainer = L.Trainer(max_steps=20, logger=False, enable_checkpointing=False)
     with pytest.warns(UserWarning, match=r"train_size=160 lasts 10 steps but max_steps=20"):
         dm.train_dataloader()

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from moe_helpers import bare_layer
 
 from limoe.lit.parallel import exclude_from_ddp
 from limoe.moe import MoELayer
@@ -21,14 +22,14 @@ TOKENS = (20, 13)  # uneven token counts per rank
 DIM, HIDDEN, EXPERTS = 8, 16, 4
 CASES = {
     "top1-dropless": {"top_k": 1, "capacity_factor": None},
-    "top2-capacity-bpr": {"top_k": 2, "capacity_factor": 1.0, "min_capacity": 1},
-    "expert-choice": {"router": "expert_choice", "capacity_factor": 1.0, "min_capacity": 1},
+    "top2-capacity-bpr": {"top_k": 2, "capacity_factor": 1.0, "capacity_multiple": 1},
+    "expert-choice": {"router": "expert_choice", "capacity_factor": 1.0, "capacity_multiple": 1},
 }
 
 
 def make_layer(case: str) -> MoELayer:
     torch.manual_seed(0)
-    layer = MoELayer(DIM, HIDDEN, EXPERTS, expert_parallel=True, load_weight=0.1,
+    layer = bare_layer(DIM, HIDDEN, EXPERTS, expert_parallel=True, load_weight=0.1,
                      local_entropy_weight=0.1, **CASES[case])  # fmt: skip
     with torch.no_grad():  # distinct experts, so a wrong expert shows
         for p in layer.experts.parameters():
@@ -121,10 +122,10 @@ def test_sharded_layer_equals_the_single_process_layer(case, tmp_path):
 
 def test_expert_parallel_needs_sorted_topk_or_expert_choice():
     with pytest.raises(ValueError, match="expert_parallel needs dispatch='sorted'"):
-        MoELayer(DIM, HIDDEN, EXPERTS, expert_parallel=True, router="soft", capacity_factor=None)
+        bare_layer(DIM, HIDDEN, EXPERTS, expert_parallel=True, router="soft", capacity_factor=None)
     with pytest.raises(ValueError, match="expert_parallel needs dispatch='sorted'"):
-        MoELayer(DIM, HIDDEN, EXPERTS, expert_parallel=True, dispatch="onehot")
-    layer = MoELayer(DIM, HIDDEN, EXPERTS, expert_parallel=True)
+        bare_layer(DIM, HIDDEN, EXPERTS, expert_parallel=True, dispatch="onehot")
+    layer = bare_layer(DIM, HIDDEN, EXPERTS, expert_parallel=True)
     layer.shard(0, 1)  # one process: every expert stays
     assert layer.experts.w1.shape[0] == EXPERTS and layer.experts.parallel is None
 

@@ -154,6 +154,7 @@ def test_clip_weight_init_scales_with_width_and_depth():
     for name, weight in measured.items():
         assert weight.std().item() == pytest.approx(expect[name], rel=0.03), name
     assert moe.mlp.experts.w2.std().item() == pytest.approx(expect["proj"], rel=0.03)
-    assert tiny(width=width, depth=depth, num_heads=4).blocks[0].attn.qkv.weight.std() < 0.021
+    vit = tiny(width=width, depth=depth, num_heads=4, weight_init="vit")
+    assert vit.blocks[0].attn.qkv.weight.std() < 0.021
     with pytest.raises(ValueError, match="weight_init must be 'vit' or 'clip', got 'xavier'"):
         tiny(weight_init="xavier")

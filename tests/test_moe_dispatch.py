@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from moe_helpers import outputs_and_grads, randomise
+from moe_helpers import bare_layer, outputs_and_grads, randomise
 
-from limoe.moe import MoELayer, assign_slots, dispatch_tensors, onehot_moe
+from limoe.moe import assign_slots, dispatch_tensors, onehot_moe
 
 DIM, HIDDEN = 16, 24
 
@@ -20,8 +20,8 @@ def test_sorted_dispatch_equals_onehot_reference(
     top_k, capacity_factor, batch_priority, num_tokens, num_experts
 ):
     torch.manual_seed(num_tokens + top_k)
-    layer = MoELayer(DIM, HIDDEN, num_experts, top_k=top_k, capacity_factor=capacity_factor,
-                     batch_priority=batch_priority, min_capacity=1)  # fmt: skip
+    layer = bare_layer(DIM, HIDDEN, num_experts, top_k=top_k, capacity_factor=capacity_factor,
+                     batch_priority=batch_priority, capacity_multiple=1)  # fmt: skip
     randomise(layer)
     x, probe = torch.randn(num_tokens, DIM), torch.randn(num_tokens, DIM)
     y, x_grad, grads, routing = outputs_and_grads(layer, x, "sorted", probe)
@@ -51,7 +51,7 @@ def test_dispatch_tensors_by_hand():
 
 
 def test_all_dropped_gives_zero_in_both_paths():
-    layer = MoELayer(DIM, HIDDEN, 4, top_k=2)
+    layer = bare_layer(DIM, HIDDEN, 4, top_k=2)
     x = torch.randn(5, DIM)
     _, routing = layer(x)
     position, _ = assign_slots(routing.expert_index, 4, routing.capacity)
@@ -64,7 +64,7 @@ def test_all_dropped_gives_zero_in_both_paths():
 
 def test_unknown_dispatch_mode_fails_with_one_line():
     with pytest.raises(ValueError, match=r"dispatch must be one of \('sorted', 'onehot'\)"):
-        MoELayer(DIM, HIDDEN, 4, dispatch="dense")
+        bare_layer(DIM, HIDDEN, 4, dispatch="dense")
 
 
 @pytest.mark.parametrize("capacity_factor", [1.0, None])
@@ -73,8 +73,8 @@ def test_grouped_gemm_equals_the_loop(capacity_factor, num_tokens, num_experts):
     """``F.grouped_mm`` (the CUDA bf16 path) also runs on CPU in float32, so CI checks it
     against the per-expert loop: outputs and every gradient, with empty experts."""
     torch.manual_seed(num_tokens)
-    layer = MoELayer(DIM, HIDDEN, num_experts, top_k=2, capacity_factor=capacity_factor,
-                     min_capacity=1)  # fmt: skip
+    layer = bare_layer(DIM, HIDDEN, num_experts, top_k=2, capacity_factor=capacity_factor,
+                     capacity_multiple=1)  # fmt: skip
     randomise(layer)
     x, probe = torch.randn(num_tokens, DIM), torch.randn(num_tokens, DIM)
     results = {}
@@ -90,16 +90,16 @@ def test_grouped_gemm_equals_the_loop(capacity_factor, num_tokens, num_experts):
 
 
 def test_auto_gemm_takes_the_loop_on_cpu():
-    layer = MoELayer(DIM, HIDDEN, 4)
+    layer = bare_layer(DIM, HIDDEN, 4)
     assert layer.experts.gemm == "auto" and not layer.experts.use_grouped(torch.randn(3, DIM))
     with pytest.raises(ValueError, match=r"gemm must be one of \('auto', 'loop', 'grouped'\)"):
-        MoELayer(DIM, HIDDEN, 4, gemm="cutlass")
+        bare_layer(DIM, HIDDEN, 4, gemm="cutlass")
 
 
 @pytest.mark.parametrize("gemm", ["loop", "grouped"])
 def test_sorted_dispatch_is_deterministic_on_cpu(gemm):
     torch.manual_seed(0)
-    layer = MoELayer(DIM, HIDDEN, 8, top_k=2, capacity_factor=1.0, gemm=gemm)
+    layer = bare_layer(DIM, HIDDEN, 8, top_k=2, capacity_factor=1.0, gemm=gemm)
     x, probe = torch.randn(300, DIM), torch.randn(300, DIM)
     first = outputs_and_grads(layer, x, "sorted", probe)
     second = outputs_and_grads(layer, x, "sorted", probe)

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-from moe_helpers import expert_mlp
+from moe_helpers import bare_layer, expert_mlp
 from timm.layers import Mlp
 
-from limoe.moe import MoELayer, Routing
+from limoe.moe import Routing
 
 DIM, HIDDEN = 8, 16
 
@@ -23,7 +23,7 @@ def naive_forward(layer, x):
         capacity = math.inf
     else:
         capacity = math.ceil(k * layer.capacity_factor * n / e_num)
-        capacity = -(-capacity // layer.min_capacity) * layer.min_capacity
+        capacity = -(-capacity // layer.capacity_multiple) * layer.capacity_multiple
     top1 = probs.max(-1).values.tolist()
     order = sorted(range(n), key=lambda i: -top1[i]) if layer.batch_priority else range(n)
     filled = [0] * e_num
@@ -48,7 +48,7 @@ def naive_forward(layer, x):
 @pytest.mark.parametrize("renormalize", [False, True])
 def test_matches_naive_reference(top_k, capacity_factor, batch_priority, renormalize):
     torch.manual_seed(top_k)
-    layer = MoELayer(
+    layer = bare_layer(
         DIM,
         HIDDEN,
         4,
@@ -56,7 +56,7 @@ def test_matches_naive_reference(top_k, capacity_factor, batch_priority, renorma
         capacity_factor=capacity_factor,
         batch_priority=batch_priority,
         renormalize_gates=renormalize,
-        min_capacity=1,
+        capacity_multiple=1,
     )
     with torch.no_grad():
         layer.router.weight.normal_(0, 1.0)  # decisive routing: distinct priorities
@@ -74,7 +74,7 @@ def test_matches_naive_reference(top_k, capacity_factor, batch_priority, renorma
 
 def hand_router_layer(**kwargs):
     """E=2, logit_0 = x[:, 0], logit_1 = 0: a token with x0 > 0 picks expert 0 with gate sigmoid(x0)."""
-    layer = MoELayer(DIM, HIDDEN, 2, **kwargs)
+    layer = bare_layer(DIM, HIDDEN, 2, **kwargs)
     with torch.no_grad():
         layer.router.weight.zero_()
         layer.router.weight[0, 0] = 1.0
@@ -132,7 +132,7 @@ def test_dropless_never_drops_when_all_pick_one_expert():
 
 
 def test_tiny_capacity_keeps_one_token_per_expert():
-    layer = hand_router_layer(capacity_factor=0.01, min_capacity=1)  # ceil(0.04) = 1
+    layer = hand_router_layer(capacity_factor=0.01, capacity_multiple=1)  # ceil(0.04) = 1
     y, routing = layer(bpr_tokens())
     assert routing.capacity == 1
     assert routing.dropped[:, 0].tolist() == [i != 3 for i in range(8)]  # token 3 has top gate
@@ -140,7 +140,7 @@ def test_tiny_capacity_keeps_one_token_per_expert():
 
 
 def test_every_choice_dropped_gives_zero_output():
-    layer = MoELayer(DIM, HIDDEN, 4, top_k=2)
+    layer = bare_layer(DIM, HIDDEN, 4, top_k=2)
     x = torch.randn(5, DIM)
     _, routing = layer(x)
     y = layer.dispatch(x, routing.expert_index, routing.gates, torch.ones(5, 2, dtype=torch.bool))
@@ -149,7 +149,7 @@ def test_every_choice_dropped_gives_zero_output():
 
 def test_expert_without_tokens_and_gradients():
     # Experts 2 and 3 receive no token: logits favour experts 0/1 by a wide margin.
-    layer = MoELayer(DIM, HIDDEN, 4, top_k=2, capacity_factor=None)
+    layer = bare_layer(DIM, HIDDEN, 4, top_k=2, capacity_factor=None)
     with torch.no_grad():
         layer.router.weight.zero_()
         layer.router.weight[0, 0] = layer.router.weight[1, 1] = 5.0
@@ -167,7 +167,7 @@ def test_expert_without_tokens_and_gradients():
 
 
 def test_gradients_reach_router_and_used_experts():
-    layer = MoELayer(DIM, HIDDEN, 3, top_k=1, capacity_factor=None)
+    layer = bare_layer(DIM, HIDDEN, 3, top_k=1, capacity_factor=None)
     x = torch.randn(30, DIM, requires_grad=True)
     y, routing = layer(x)
     y.sum().backward()
@@ -180,7 +180,7 @@ def test_gradients_reach_router_and_used_experts():
 
 
 def test_single_expert_equals_dense_timm_mlp():
-    layer = MoELayer(DIM, HIDDEN, 1, capacity_factor=1.0)
+    layer = bare_layer(DIM, HIDDEN, 1, capacity_factor=1.0)
     mlp = Mlp(DIM, HIDDEN)
     with torch.no_grad():
         mlp.fc1.weight.copy_(layer.experts.w1[0].T)
@@ -195,7 +195,7 @@ def test_single_expert_equals_dense_timm_mlp():
 
 
 def test_empty_batch():
-    layer = MoELayer(DIM, HIDDEN, 4, top_k=2, load_weight=1.0, importance_weight=1.0)
+    layer = bare_layer(DIM, HIDDEN, 4, top_k=2, load_weight=1.0, importance_weight=1.0)
     x = torch.zeros(0, DIM, requires_grad=True)
     y, routing = layer(x, torch.zeros(0, dtype=torch.long))
     assert y.shape == (0, DIM)
@@ -207,7 +207,7 @@ def test_empty_batch():
 
 
 def test_routing_record_types():
-    layer = MoELayer(DIM, HIDDEN, 4, top_k=2)
+    layer = bare_layer(DIM, HIDDEN, 4, top_k=2)
     modality = torch.tensor([0, 0, 1, 1, 1], dtype=torch.int32)
     _, routing = layer(torch.randn(5, DIM), modality)
     assert isinstance(routing, Routing)
@@ -221,7 +221,7 @@ def test_routing_record_types():
 
 def test_bf16_autocast_and_dtypes():
     torch.manual_seed(0)
-    layer = MoELayer(DIM, HIDDEN, 4, capacity_factor=None)
+    layer = bare_layer(DIM, HIDDEN, 4, capacity_factor=None)
     x = torch.randn(16, DIM)
     y32, r32 = layer(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -238,7 +238,7 @@ def test_bf16_autocast_and_dtypes():
 def test_noisy_gating_only_in_training():
     torch.manual_seed(0)
     num_experts = 4
-    layer = MoELayer(DIM, HIDDEN, num_experts, noisy_gating=True)
+    layer = bare_layer(DIM, HIDDEN, num_experts, noisy_gating=True)
     x = torch.randn(4000, DIM)
     clean = torch.softmax(layer.router_logits(x), -1)
     layer.eval()
@@ -252,7 +252,7 @@ def test_noisy_gating_only_in_training():
 
 
 def test_dropout_active_only_in_training():
-    layer = MoELayer(DIM, HIDDEN, 2, capacity_factor=None, drop=0.5)
+    layer = bare_layer(DIM, HIDDEN, 2, capacity_factor=None, drop=0.5)
     x = torch.randn(10, DIM)
     layer.eval()
     torch.testing.assert_close(layer(x)[0], layer(x)[0])
@@ -268,7 +268,7 @@ def test_dropout_active_only_in_training():
         ({"top_k": 5}, r"top_k must be in \[1, num_experts=4\], got 5"),
         ({"capacity_factor": 0.0}, "capacity_factor must be > 0 or None"),
         ({"capacity_factor": -1.0}, "capacity_factor must be > 0 or None"),
-        ({"min_capacity": 0}, "min_capacity must be >= 1, got 0"),
+        ({"capacity_multiple": 0}, "capacity_multiple must be >= 1, got 0"),
         ({"global_entropy_min_experts": (1.0, 2.0, 3.0)}, "one entry per modality"),
         ({"global_entropy_min_experts": 0.0}, "global_entropy_min_experts must be > 0"),
         ({"top_k": "x"}, "top_k must be an integer, got 'x'"),
@@ -278,7 +278,7 @@ def test_dropout_active_only_in_training():
 def test_config_errors(kwargs, match):
     args = {"dim": DIM, "hidden_dim": HIDDEN, "num_experts": 4} | kwargs
     with pytest.raises(ValueError, match=match):
-        MoELayer(**args)
+        bare_layer(**args)
 
 
 @pytest.mark.parametrize(
@@ -294,6 +294,6 @@ def test_config_errors(kwargs, match):
     ],
 )
 def test_input_errors(x_shape, modality, match):
-    layer = MoELayer(DIM, HIDDEN, 4)
+    layer = bare_layer(DIM, HIDDEN, 4)
     with pytest.raises(ValueError, match=match):
         layer(torch.randn(*x_shape), modality)

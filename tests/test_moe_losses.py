@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from moe_helpers import bare_layer
 
 from limoe.moe import (
     LOSS_NAMES,
-    MoELayer,
     compute_aux_losses,
     global_entropy_loss,
     importance_loss,
@@ -143,7 +143,7 @@ def test_without_modality_one_group_and_plain_keys():
 
 
 def test_empty_modality_gives_zero_and_no_nan_grad():
-    layer = MoELayer(
+    layer = bare_layer(
         8,
         16,
         4,
@@ -166,7 +166,7 @@ def test_empty_modality_gives_zero_and_no_nan_grad():
 
 def test_layer_aux_loss_is_weighted_sum():
     weights = dict(zip(LOSS_NAMES, (0.5, 0.25, 1e-3, 0.1, 2.0)))
-    layer = MoELayer(
+    layer = bare_layer(
         8,
         16,
         4,
@@ -193,7 +193,7 @@ def test_layer_aux_loss_is_weighted_sum():
 
 
 def test_layer_without_modality_keys_and_zero_weights():
-    layer = MoELayer(8, 16, 4)
+    layer = bare_layer(8, 16, 4)
     _, routing = layer(torch.randn(5, 8))
     assert set(routing.aux_losses) == set(LOSS_NAMES)
     assert routing.aux_loss.item() == 0.0

@@ -7,7 +7,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import FAST_DEV_RUN
-from moe_helpers import expert_mlp, outputs_and_grads, randomise
+from moe_helpers import bare_layer, expert_mlp, outputs_and_grads, randomise
 
 from limoe.models import LIMoE
 from limoe.moe import MoELayer, expert_choice, pack_groups
@@ -54,8 +54,8 @@ def naive_expert_choice(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 8.0])
 def test_expert_choice_layer_against_per_expert_loops(capacity_factor):
     torch.manual_seed(3)
-    layer = randomise(MoELayer(DIM, HIDDEN, 4, router="expert_choice",
-                               capacity_factor=capacity_factor, min_capacity=1))  # fmt: skip
+    layer = randomise(bare_layer(DIM, HIDDEN, 4, router="expert_choice",
+                               capacity_factor=capacity_factor, capacity_multiple=1))  # fmt: skip
     x = torch.randn(12, DIM)
     y, routing = layer(x)
     assert routing.expert_index.shape == (12, 4)
@@ -65,7 +65,7 @@ def test_expert_choice_layer_against_per_expert_loops(capacity_factor):
 
 def test_expert_choice_sorted_equals_onehot_reference():
     torch.manual_seed(4)
-    layer = randomise(MoELayer(DIM, HIDDEN, 4, router="expert_choice", min_capacity=1))
+    layer = randomise(bare_layer(DIM, HIDDEN, 4, router="expert_choice", capacity_multiple=1))
     x, probe = torch.randn(20, DIM), torch.randn(20, DIM)
     y, x_grad, grads, _ = outputs_and_grads(layer, x, "sorted", probe)
     y_ref, x_grad_ref, grads_ref, _ = outputs_and_grads(layer, x, "onehot", probe)
@@ -77,9 +77,9 @@ def test_expert_choice_sorted_equals_onehot_reference():
 
 def test_expert_choice_needs_a_capacity_factor():
     with pytest.raises(ValueError, match="router=expert_choice needs a capacity_factor"):
-        MoELayer(DIM, HIDDEN, 4, router="expert_choice", capacity_factor=None)
+        bare_layer(DIM, HIDDEN, 4, router="expert_choice", capacity_factor=None)
     with pytest.raises(ValueError, match="router must be one of"):
-        MoELayer(DIM, HIDDEN, 4, router="hash")
+        bare_layer(DIM, HIDDEN, 4, router="hash")
 
 
 def test_pack_groups_by_hand():
@@ -106,7 +106,7 @@ def naive_soft_moe(layer: MoELayer, x: torch.Tensor, group: torch.Tensor) -> tor
 @pytest.mark.parametrize("slots_per_expert", [1, 2])
 def test_soft_moe_against_per_group_loops(slots_per_expert):
     torch.manual_seed(5)
-    layer = randomise(MoELayer(DIM, HIDDEN, 3, router="soft", slots_per_expert=slots_per_expert))
+    layer = randomise(bare_layer(DIM, HIDDEN, 3, router="soft", slots_per_expert=slots_per_expert))
     x, probe = torch.randn(11, DIM), torch.randn(11, DIM)
     group = torch.tensor([4, 1, 4, 4, 9, 1, 9, 9, 9, 4, 1])  # uneven, interleaved, sparse ids
     grads = []
@@ -123,7 +123,7 @@ def test_soft_moe_against_per_group_loops(slots_per_expert):
 
 def test_soft_moe_keeps_groups_apart_and_records_its_routing():
     torch.manual_seed(6)
-    layer = randomise(MoELayer(DIM, HIDDEN, 4, router="soft", slots_per_expert=2))
+    layer = randomise(bare_layer(DIM, HIDDEN, 4, router="soft", slots_per_expert=2))
     x = torch.randn(10, DIM)
     group = torch.tensor([0] * 6 + [1] * 4)
     y, routing = layer(x, group=group)

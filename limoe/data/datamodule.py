@@ -1,7 +1,8 @@
 """LightningDataModules: the embedded shapes dataset, and image-caption files in open_clip's
 formats (CSV, WebDataset shards), with zero-shot tasks from ImageFolder trees.
 
-Plain keyword arguments only, so Hydra builds them straight from ``conf/data/*.yaml``. Both
+Plain keyword arguments only, so Hydra builds them straight from ``conf/data/*.yaml``; their
+defaults are that YAML's values (a test keeps them equal). Both
 share ``PairDataModule``: training loaders that resume mid-epoch, and evaluation loaders that
 yield dicts (``index``, ``image``, ``text`` for pairs, ``labels`` for zero-shot tasks,
 ``valid``). ``eval_plan(stage)`` hands the evaluation over: each loader's metric prefix,
@@ -156,9 +157,9 @@ class ShapesDataModule(PairDataModule):
     def __init__(
         self,
         image_size: int = 32,
-        context_length: int = 32,
+        context_length: int = 24,
         seed: int = 0,
-        train_size: int = 200_000,
+        train_size: int = 256_000,
         val_size: int = 1_000,
         test_size: int = 1_000,
         novel_size: int = 1_000,
@@ -167,9 +168,9 @@ class ShapesDataModule(PairDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         persistent_workers: bool = False,
-        partial_captions: float = 0.2,
-        partial_captions_from_step: int = 0,
-        hard_negatives: float = 0.0,
+        partial_captions: float = 0.5,
+        partial_captions_from_step: int = 850,
+        hard_negatives: float = 1.0,
         hard_negative_attributes: Sequence[str] = ("shape", "position"),
         zeroshot: Mapping | None = None,
     ) -> None:
@@ -301,7 +302,7 @@ class ImageTextDataModule(PairDataModule):
         train_num_samples: int | None = None,
         shuffle_buffer: int = 1000,
         image_size: int = 32,
-        context_length: int = 32,
+        context_length: int = 24,
         batch_size: int = 128,
         eval_batch_size: int = 500,
         num_workers: int = 0,

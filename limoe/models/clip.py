@@ -1,15 +1,15 @@
-"""The CLIP baseline arm: open_clip's own two-tower ``CLIP``, sized from the LIMoE size config.
+"""The CLIP baseline arm: open_clip's own two-tower ``CLIP``, sized by the shared size node.
 
-``conf/model/clip.yaml`` inherits every size key of ``conf/model/limoe.yaml`` (width, depth,
-heads, patch size, context length, embedding dimension), so ``model.width=128`` changes all
-three arms alike. This function only translates those keys into open_clip's
-``vision_cfg``/``text_cfg``; the towers, pooling and temperature are open_clip's.
+``conf/model/clip.yaml`` reads width, depth, heads, patch size, embedding dimension and
+vocabulary from ``size`` (as ``model=limoe`` and ``model=dense`` do), so ``size.width=128``
+changes all three arms alike. This function only translates those keys into open_clip's
+``vision_cfg``/``text_cfg``; the towers, pooling, initialisation and temperature are
+open_clip's.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
 
 from open_clip.model import CLIP
 
@@ -41,25 +41,12 @@ def build_clip(
     text_causal_mask: bool = True,
     init_logit_scale: float = math.log(1 / 0.07),
     output_dict: bool = True,
-    moe_layers: Sequence[int] = (),
-    moe: Mapping | None = None,
-    drop_path_rate: float = 0.0,
-    weight_init: str = "clip",
 ) -> CLIP:
     """Build ``open_clip.model.CLIP`` with both towers ``depth`` blocks of ``width``.
 
-    ``moe`` is accepted only because the arms share one size config; a CLIP has no experts,
-    so ``moe_layers`` must be empty. open_clip's text tower has no mean pooling: the arm pools
-    the end-of-text token (``argmax`` of the token ids) behind a causal mask, as CLIP does.
+    open_clip's text tower has no mean pooling: the arm pools the end-of-text token
+    (``argmax`` of the token ids) behind a causal mask, as CLIP does.
     """
-    if list(moe_layers):
-        raise ValueError(f"model=clip has no MoE blocks; model.moe_layers must be [], "
-                         f"got {list(moe_layers)}")  # fmt: skip
-    if weight_init != "clip":
-        raise ValueError(f"model.weight_init must be 'clip' for model=clip (open_clip initialises "
-                         f"its towers), got {weight_init!r}")  # fmt: skip
-    if drop_path_rate:
-        raise ValueError("model.drop_path_rate must be 0 for model=clip (open_clip has none)")
     if width % num_heads:
         raise ValueError(f"model.width={width} is not a multiple of model.num_heads={num_heads}")
     vision_cfg = {

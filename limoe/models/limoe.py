@@ -146,15 +146,15 @@ class LIMoE(nn.Module):
         mlp_ratio: float = 4.0,
         context_length: int = 24,
         vocab_size: int = 49408,
-        moe_layers: Sequence[int] = (1, 3),
+        moe_layers: Sequence[int] = (2, 3),
         moe: dict | None = None,
         image_pos_embed: str = "sincos",
         image_pool: str = "mean",
         text_pool: str = "mean",
         drop_path_rate: float = 0.0,
-        weight_init: str = "vit",
+        weight_init: str = "clip",
         init_logit_scale: float = math.log(1 / 0.07),
-        output_dict: bool = False,
+        output_dict: bool = True,
     ) -> None:
         super().__init__()
         moe_layers = sorted(int(i) for i in moe_layers)

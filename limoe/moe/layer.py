@@ -53,6 +53,11 @@ class MoELayer(nn.Module):
     ``expert_parallel=True`` lets ``shard`` spread the experts over the processes of
     a ``torch.distributed`` group once it exists (``parallel``: tokens travel by all-to-all);
     until then, and on one process, the layer holds every expert.
+
+    The defaults are those of ``conf/model/limoe.yaml``'s ``moe`` node (dropless top-1 with
+    gating noise, the load and both LIMoE entropy losses at 0.01, S = 2 per modality), so
+    ``MoELayer(dim, hidden, E)`` is the layer the default LIMoE builds; a test keeps the two
+    equal.
     """
 
     DISPATCH_MODES = ("sorted", "onehot")
@@ -62,19 +67,19 @@ class MoELayer(nn.Module):
         self,
         dim: int,
         hidden_dim: int,
-        num_experts: int,
+        num_experts: int = 16,
         top_k: int = 1,
-        capacity_factor: float | None = 1.0,
+        capacity_factor: float | None = None,
         batch_priority: bool = True,
         renormalize_gates: bool = False,
-        noisy_gating: bool = False,
-        min_capacity: int = 4,
+        noisy_gating: bool = True,
+        capacity_multiple: int = 4,
         importance_weight: float = 0.0,
-        load_weight: float = 0.0,
+        load_weight: float = 0.01,
         z_loss_weight: float = 0.0,
-        local_entropy_weight: float = 0.0,
-        global_entropy_weight: float = 0.0,
-        global_entropy_min_experts: float | Sequence[float] = 1.0,
+        local_entropy_weight: float = 0.01,
+        global_entropy_weight: float = 0.01,
+        global_entropy_min_experts: float | Sequence[float] = (2.0, 2.0),
         modality_names: Sequence[str] = ("image", "text"),
         act_layer: type[nn.Module] = nn.GELU,
         drop: float = 0.0,
@@ -85,7 +90,7 @@ class MoELayer(nn.Module):
         expert_parallel: bool = False,
     ) -> None:
         super().__init__()
-        _check_config(num_experts, top_k, capacity_factor, min_capacity)
+        _check_config(num_experts, top_k, capacity_factor, capacity_multiple)
         if dispatch not in self.DISPATCH_MODES:
             raise ValueError(f"dispatch must be one of {self.DISPATCH_MODES}, got {dispatch!r}")
         _check_router(router, capacity_factor, slots_per_expert, self.ROUTERS)
@@ -105,7 +110,7 @@ class MoELayer(nn.Module):
         self.batch_priority = batch_priority
         self.renormalize_gates = renormalize_gates
         self.noisy_gating = noisy_gating
-        self.min_capacity = min_capacity
+        self.capacity_multiple = capacity_multiple
         self.modality_names = tuple(modality_names)
         self.min_experts = _min_experts_per_modality(
             global_entropy_min_experts, self.modality_names
@@ -174,7 +179,7 @@ class MoELayer(nn.Module):
         position, dropped, capacity)``."""
         num_tokens = logits.shape[0]
         capacity = compute_capacity(
-            num_tokens, self.num_experts, self.top_k, self.capacity_factor, self.min_capacity
+            num_tokens, self.num_experts, self.top_k, self.capacity_factor, self.capacity_multiple
         )
         if self.router_type == "expert_choice":
             probs = torch.softmax(logits.float(), dim=-1)
@@ -236,12 +241,12 @@ class MoELayer(nn.Module):
 
 
 def _check_config(
-    num_experts: int, top_k: int, capacity_factor: float | None, min_capacity: int
+    num_experts: int, top_k: int, capacity_factor: float | None, capacity_multiple: int
 ) -> None:
     for name, value in (
         ("num_experts", num_experts),
         ("top_k", top_k),
-        ("min_capacity", min_capacity),
+        ("capacity_multiple", capacity_multiple),
     ):
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -255,8 +260,8 @@ def _check_config(
         raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
     if capacity_factor is not None and capacity_factor <= 0:
         raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
-    if min_capacity < 1:
-        raise ValueError(f"min_capacity must be >= 1, got {min_capacity}")
+    if capacity_multiple < 1:
+        raise ValueError(f"capacity_multiple must be >= 1, got {capacity_multiple}")
 
 
 def _check_router(

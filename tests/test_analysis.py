@@ -25,9 +25,9 @@ from limoe.analysis.routing import (
 )
 from limoe.data.shapes import CAPTION_TEMPLATES, COLOURS, Attributes, ShapesDataset, caption_roles
 from limoe.lit.callbacks import read_history
-from limoe.lit.routing import concat_routings, expert_kinds, layer_summary
 from limoe.models.limoe import IMAGE, TEXT
 from limoe.moe import Routing
+from limoe.moe.statistics import concat_routings, expert_kinds, layer_summary
 
 IMG, TXT = IMAGE, TEXT
 

@@ -13,8 +13,8 @@ import torch
 
 from limoe.lit.module import ContrastiveModule, warmup_cosine
 from limoe.lit.resume import random_states, restore_random_states
-from limoe.lit.routing import expert_counts, routing_stats
 from limoe.moe import Routing
+from limoe.moe.statistics import expert_counts, routing_stats
 
 
 def test_warmup_cosine_by_hand():

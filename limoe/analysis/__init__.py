@@ -1,1 +1,3 @@
-"""Analysis of finished runs: the arm comparison (``limoe-compare``)."""
+"""Analysis of trained models and finished runs: which experts take which tokens
+(``routing``: collection and tables; ``plots``; ``report``; ``analyze``: the ``limoe-analyze``
+command) and the arm comparison (``compare``: ``limoe-compare``)."""

@@ -16,7 +16,7 @@ from matplotlib.colors import ListedColormap, to_rgba
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from limoe.lit.routing import MODALITY_NAMES
+from limoe.moe.statistics import MODALITY_NAMES
 
 DROPPED_COLOUR = (0.85, 0.85, 0.85, 1.0)
 # Modalities by colour (kept apart from the expert palette); statistics by line style.

@@ -22,7 +22,7 @@ from limoe.analysis.routing import (
     patch_experts,
     word_experts,
 )
-from limoe.lit.routing import MODALITY_NAMES
+from limoe.moe.statistics import MODALITY_NAMES
 
 KINDS = (*MODALITY_NAMES, "shared", "unused")
 

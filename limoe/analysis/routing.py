@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 
 from limoe.data.loading import collate_pairs
 from limoe.data.shapes import caption_roles, shape_mask
-from limoe.lit.routing import MODALITY_NAMES, concat_routings, layer_summary
 from limoe.models.limoe import IMAGE, TEXT, text_padding_mask
 from limoe.moe import Routing
+from limoe.moe.statistics import MODALITY_NAMES, concat_routings, layer_summary
 
 IMAGE_GROUPS = ("shape", "edge", "background")
 TEXT_GROUPS = ("size", "colour", "shape", "position", "background", "other", "start/end")

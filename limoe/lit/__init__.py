@@ -5,7 +5,6 @@ from limoe.lit.callbacks import RoutingHistory, read_history
 from limoe.lit.module import ContrastiveModule, NonFiniteLossError
 from limoe.lit.parallel import ExpertParallel
 from limoe.lit.resume import ExactResume
-from limoe.lit.routing import concat_routings, expert_counts, layer_summary, routing_stats
 
 __all__ = [
     "ContrastiveModule",
@@ -13,9 +12,5 @@ __all__ = [
     "ExpertParallel",
     "NonFiniteLossError",
     "RoutingHistory",
-    "concat_routings",
-    "expert_counts",
-    "layer_summary",
     "read_history",
-    "routing_stats",
 ]

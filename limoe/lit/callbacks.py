@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from limoe.data.loading import first_pairs
-from limoe.lit.routing import MODALITY_NAMES, layer_summary
+from limoe.moe.statistics import MODALITY_NAMES, layer_summary
 
 
 class RoutingHistory(L.Callback):

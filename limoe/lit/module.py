@@ -22,7 +22,7 @@ from torch import Tensor
 
 from limoe.eval import Evaluation
 from limoe.lit.parallel import ExpertParallel, grad_norm
-from limoe.lit.routing import routing_stats
+from limoe.moe.statistics import routing_stats
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learned temperature at 1/100
 # Not decayed besides timm's 1-D weights and biases (as open_clip): the experts' batched biases

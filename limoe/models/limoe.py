@@ -17,10 +17,9 @@ from timm.layers import Attention, AttentionPoolLatent, DropPath, Mlp, PatchEmbe
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from torch import Tensor, nn
 
-from limoe.moe import MoELayer, Routing
+from limoe.moe import MODALITY_NAMES, MoELayer, Routing
 
-IMAGE, TEXT = 0, 1  # modality ids given to the MoE layers
-MODALITY_NAMES = ("image", "text")
+IMAGE, TEXT = 0, 1  # modality ids given to the MoE layers (MODALITY_NAMES' order)
 
 
 def text_padding_mask(tokens: Tensor) -> Tensor:

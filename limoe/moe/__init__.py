@@ -7,12 +7,13 @@ Pipeline of one ``MoELayer`` call, each step a function you can test on its own:
 plus the auxiliary losses in ``losses``. ``reference`` holds GShard's one-hot einsum
 dispatch, which the sorted path must equal. Two more routers fill the same record:
 ``expert_choice`` (experts pick tokens) and ``soft`` (Soft MoE's weighted slots).
-``parallel`` spreads the experts over processes (expert parallelism, all-to-all).
+``parallel`` spreads the experts over processes (expert parallelism, all-to-all);
+``statistics`` turns routing records into counts, shares, entropies and expert kinds.
 """
 
 from .dispatch import combine, gather_tokens, sort_by_expert
 from .experts import Experts, ExpertShard
-from .layer import MoELayer
+from .layer import Choices, MoELayer
 from .losses import (
     LOSS_NAMES,
     compute_aux_losses,
@@ -25,6 +26,7 @@ from .losses import (
 from .parallel import gather_blocks, parallel_dispatch, shard_experts
 from .reference import dispatch_tensors, onehot_moe
 from .routing import (
+    MODALITY_NAMES,
     Routing,
     add_gating_noise,
     assign_slots,
@@ -33,9 +35,12 @@ from .routing import (
     route,
 )
 from .soft import pack_groups, soft_moe
+from .statistics import concat_routings, expert_counts, expert_kinds, layer_summary, routing_stats
 
 __all__ = [
+    "Choices",
     "LOSS_NAMES",
+    "MODALITY_NAMES",
     "ExpertShard",
     "Experts",
     "MoELayer",
@@ -45,18 +50,23 @@ __all__ = [
     "combine",
     "compute_aux_losses",
     "compute_capacity",
+    "concat_routings",
+    "expert_counts",
+    "expert_kinds",
     "dispatch_tensors",
     "expert_choice",
     "gather_blocks",
     "gather_tokens",
     "global_entropy_loss",
     "importance_loss",
+    "layer_summary",
     "load_loss",
     "local_entropy_loss",
     "onehot_moe",
     "pack_groups",
     "parallel_dispatch",
     "route",
+    "routing_stats",
     "shard_experts",
     "soft_moe",
     "sort_by_expert",

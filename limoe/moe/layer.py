@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ from .losses import LOSS_NAMES, compute_aux_losses, weighted_sum
 from .parallel import parallel_dispatch, shard_experts
 from .reference import onehot_moe
 from .routing import (
+    MODALITY_NAMES,
     Routing,
     add_gating_noise,
     assign_slots,
@@ -22,6 +24,17 @@ from .routing import (
     route,
 )
 from .soft import soft_moe
+
+
+class Choices(NamedTuple):
+    """What the router chose for the N tokens of one call (``MoELayer.route_tokens``)."""
+
+    probs: Tensor  # [N, E] router probabilities
+    gates: Tensor  # [N, k] combine weights of the chosen experts
+    expert_index: Tensor  # [N, k] the chosen experts, choice 0 = top-1
+    position: Tensor | None  # [N, k] slot in the expert's buffer; None when none is needed
+    dropped: Tensor  # [N, k] bool: over the expert's capacity
+    capacity: int | None  # per expert; None = dropless
 
 
 class MoELayer(nn.Module):
@@ -80,7 +93,7 @@ class MoELayer(nn.Module):
         local_entropy_weight: float = 0.01,
         global_entropy_weight: float = 0.01,
         global_entropy_min_experts: float | Sequence[float] = (2.0, 2.0),
-        modality_names: Sequence[str] = ("image", "text"),
+        modality_names: Sequence[str] = MODALITY_NAMES,
         act_layer: type[nn.Module] = nn.GELU,
         drop: float = 0.0,
         dispatch: str = "sorted",
@@ -141,29 +154,24 @@ class MoELayer(nn.Module):
         self._check_inputs(x, modality, group)
         logits = self.router_logits(x)
         if self.router_type == "soft":
-            y, probs = soft_moe(x, logits, group, self.experts, self.slots_per_expert)
-            gates, expert_index = probs.max(dim=-1, keepdim=True)
-            dropped = torch.zeros_like(expert_index, dtype=torch.bool)
-            capacity, logits = None, probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+            y, choices, logits = self.soft_forward(x, logits, group)
         else:
             if self.noisy_gating and self.training:
                 logits = add_gating_noise(logits, self.num_experts)
-            probs, gates, expert_index, position, dropped, capacity = self.route_tokens(logits)
-            if self.dispatch_mode == "onehot":
-                y = onehot_moe(x, expert_index, gates, position, dropped, self.experts, capacity)
-            else:
-                y = self.dispatch(x, expert_index, gates, dropped)
+            choices = self.route_tokens(logits)
+            y = self.run_experts(x, choices)
         # Aux losses see the routing actually used (noisy logits in training), as in vmoe.
         aux_losses = compute_aux_losses(
-            logits, probs, expert_index, modality, self.modality_names, self.min_experts
-        )
+            logits, choices.probs, choices.expert_index, modality, self.modality_names,
+            self.min_experts,
+        )  # fmt: skip
         routing = Routing(
-            expert_index=expert_index,
-            gates=gates,
-            dropped=dropped,
-            probs=probs,
+            expert_index=choices.expert_index,
+            gates=choices.gates,
+            dropped=choices.dropped,
+            probs=choices.probs,
             modality=None if modality is None else modality.long(),
-            capacity=capacity,
+            capacity=choices.capacity,
             aux_losses=aux_losses,
             aux_loss=weighted_sum(aux_losses, self.loss_weights),
         )
@@ -174,9 +182,8 @@ class MoELayer(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             return F.linear(x.float(), self.router.weight.float())
 
-    def route_tokens(self, logits: Tensor) -> tuple:
-        """Top-k or expert-choice routing of logits ``[N, E]``: ``(probs, gates, expert_index,
-        position, dropped, capacity)``."""
+    def route_tokens(self, logits: Tensor) -> Choices:
+        """Top-k or expert-choice routing of logits ``[N, E]``."""
         num_tokens = logits.shape[0]
         capacity = compute_capacity(
             num_tokens, self.num_experts, self.top_k, self.capacity_factor, self.capacity_multiple
@@ -184,17 +191,41 @@ class MoELayer(nn.Module):
         if self.router_type == "expert_choice":
             probs = torch.softmax(logits.float(), dim=-1)
             expert_index, gates, position, dropped = expert_choice(probs, capacity)
-            return probs, gates, expert_index, position, dropped, capacity
+            return Choices(probs, gates, expert_index, position, dropped, capacity)
         probs, gates, expert_index = route(logits, self.top_k, self.renormalize_gates)
         if capacity is None and self.dispatch_mode == "sorted":
             # Dropless: nothing is dropped and the sorted dispatch needs no slot positions,
             # so skip assign_slots' sorts and scatters (a tenth of a small layer's time).
-            return probs, gates, expert_index, None, torch.zeros_like(gates, dtype=torch.bool), None
+            dropped = torch.zeros_like(gates, dtype=torch.bool)
+            return Choices(probs, gates, expert_index, None, dropped, None)
         # BPR priority: the raw top-1 router probability (with renormalised k=1 gates
         # every gate is 1, so the raw probability is the only informative score).
         priority = probs.amax(dim=-1) if self.batch_priority else None
         position, dropped = assign_slots(expert_index, self.num_experts, capacity, priority)
-        return probs, gates, expert_index, position, dropped, capacity
+        return Choices(probs, gates, expert_index, position, dropped, capacity)
+
+    def soft_forward(
+        self, x: Tensor, logits: Tensor, group: Tensor | None
+    ) -> tuple[Tensor, Choices, Tensor]:
+        """Soft MoE: every token feeds every expert's slots, so nothing is chosen or dropped.
+        For the record and the statistics, each token's one choice is the expert that wrote
+        most of its output (that share as its gate); the auxiliary losses see the log of the
+        per-expert shares as its logits. Returns ``(y, choices, logits)``."""
+        y, probs = soft_moe(x, logits, group, self.experts, self.slots_per_expert)
+        gates, expert_index = probs.max(dim=-1, keepdim=True)
+        dropped = torch.zeros_like(expert_index, dtype=torch.bool)
+        log_shares = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+        return y, Choices(probs, gates, expert_index, None, dropped, None), log_shares
+
+    def run_experts(self, x: Tensor, choices: Choices) -> Tensor:
+        """The chosen experts applied to ``x``, combined with their gates: by the sorted
+        dispatch, or by GShard's one-hot reference."""
+        if self.dispatch_mode == "onehot":
+            return onehot_moe(
+                x, choices.expert_index, choices.gates, choices.position, choices.dropped,
+                self.experts, choices.capacity,
+            )  # fmt: skip
+        return self.dispatch(x, choices.expert_index, choices.gates, choices.dropped)
 
     def shard(self, rank: int, world_size: int, group=None) -> None:
         """Keep this process's ``num_experts / world_size`` experts (``expert_parallel`` layers

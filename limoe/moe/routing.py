@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+# The modalities LIMoE routes together, in the order of their ids (image 0, text 1).
+MODALITY_NAMES: tuple[str, ...] = ("image", "text")
+
 
 @dataclass
 class Routing:

@@ -1,4 +1,7 @@
-"""Per-(layer, expert, modality) routing statistics from the MoE layers' routing records."""
+"""What routing records say, as numbers: per-(layer, expert, modality) token counts and shares,
+expert kinds (image-only, text-only, shared, unused), routing entropy and gate confidence.
+Training logs them (``routing_stats``), ``RoutingHistory`` and ``limoe-analyze`` summarise
+them (``layer_summary``)."""
 
 from __future__ import annotations
 
@@ -7,10 +10,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from limoe.moe import Routing
-from limoe.moe.losses import entropy
-
-MODALITY_NAMES = ("image", "text")
+from .losses import entropy
+from .routing import MODALITY_NAMES, Routing
 
 
 def expert_counts(routing: Routing, num_modalities: int = 2) -> Tensor:

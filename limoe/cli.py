@@ -21,9 +21,12 @@ from limoe.bench.run import run_bench
 from limoe.config import CONFIG_PATH, compose_config
 from limoe.lit import NonFiniteLossError
 
-USER_ERRORS = (
-    InstantiationException, OmegaConfBaseException, ValueError, TypeError, NonFiniteLossError
-)  # fmt: skip
+# A user error ends a command with one line; anything else is a bug and keeps its traceback.
+# The project raises ValueError (and its subclasses) for bad input of every kind.
+USER_ERRORS = (OmegaConfBaseException, ValueError, NonFiniteLossError)
+# What a constructor called by Hydra's instantiate raises for a bad config: a wrong argument
+# (TypeError), a wrong value, or a _target_ that cannot be imported.
+INSTANTIATE_ERRORS = (*USER_ERRORS, TypeError, ImportError)
 
 
 def _root_cause(error: BaseException) -> BaseException:
@@ -32,10 +35,27 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
+def _is_user_error(error: BaseException) -> bool:
+    if isinstance(error, InstantiationException):
+        cause = _root_cause(error)
+        return cause is error or isinstance(cause, INSTANTIATE_ERRORS)
+    return isinstance(error, USER_ERRORS)
+
+
+def _message(error: BaseException) -> str:
+    """The line that names the problem. An error raised in a DataLoader worker comes back as
+    ``Caught X in DataLoader worker process 0.`` + the worker's traceback, whose last line is
+    ``module.X: message``."""
+    lines = str(error).strip().splitlines()
+    if not lines:
+        return type(error).__name__
+    if lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        return lines[-1].split(": ", 1)[-1]
+    return lines[0]
+
+
 def _fail(error: BaseException) -> None:
-    cause = _root_cause(error)
-    message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-    print(f"limoe: error: {message}", file=sys.stderr)
+    print(f"limoe: error: {_message(_root_cause(error))}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -63,7 +83,9 @@ def _run_or_fail(run: Callable, cfg: DictConfig):
     """Run a command body; a user error ends the command with one line naming it."""
     try:
         return run(cfg)
-    except USER_ERRORS as error:
+    except Exception as error:
+        if not _is_user_error(error):
+            raise
         _fail(error)
 
 

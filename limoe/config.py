@@ -9,14 +9,32 @@ from any working directory: Hydra apps through ``pkg://limoe.conf``, the compose
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
+import types
+import typing
+from collections.abc import Iterator, Mapping, Sequence
 from importlib.resources import files
+from pathlib import PurePath
 
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig
+from hydra.utils import get_object
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_MODULE = "limoe.conf"
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"  # for hydra.main
+# Nodes without a _target_ that are the keyword arguments of a constructor: their values are
+# checked against its annotations.
+KEYWORDS_OF = {
+    "model.moe": "limoe.moe.MoELayer",
+    "data.augment": "open_clip.transform.AugmentationCfg",
+}
+
+
+class ConfigTypeError(TypeError, ValueError):
+    """A config value of the wrong type, named with its key and the type it needs."""
 
 
 def config_options(group: str) -> list[str]:
@@ -42,7 +60,148 @@ def compose_config(
 ) -> DictConfig:
     """Compose the primary config ``name`` (``train``, ``eval``, ...) with ``key=value``
     overrides, as the console script of that name would."""
+    overrides = list(overrides or [])
     with _initialised():
-        return compose(
-            name, overrides=list(overrides or []), return_hydra_config=return_hydra_config
-        )
+        cfg = compose(name, overrides=overrides, return_hydra_config=return_hydra_config)
+        values = [o for o in overrides if not _is_choice(o)]
+        if values:  # the YAML's own values, with the same groups chosen, give the types
+            check_types(cfg, _reference(name, tuple(o for o in overrides if _is_choice(o))))
+    return cfg
+
+
+@functools.lru_cache(maxsize=16)
+def _reference(name: str, choices: tuple[str, ...]) -> DictConfig:
+    """The config with only the groups chosen: read, never changed, so it is cached."""
+    return compose(name, overrides=list(choices))
+
+
+def _is_choice(override: str) -> bool:
+    """A group choice (``model=dense``) or a deletion (``~callbacks``): what the reference
+    config that gives the values' types is composed with."""
+    key = override.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
+    return override.startswith("~") or "/" in key or bool(config_options(key))
+
+
+def check_types(cfg: DictConfig, reference: DictConfig | None = None) -> None:
+    """Stop at the first value whose type does not fit, naming the key, the value and the type
+    it needs: a value under a ``_target_`` (or a node of ``KEYWORDS_OF``) must fit the
+    constructor's annotation; another must be of the kind (number, bool, list) of the same
+    key's value in ``reference`` (the YAML's). ``trainer.max_steps=abc`` fails here, in one
+    line, rather than deep inside Lightning."""
+    for key, value, expected in _typed_values(cfg, reference, "", {}):
+        if not _fits(value, expected):
+            kind = type(value).__name__ if value is not None else "null"
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise ConfigTypeError(
+                f"{key}={value!r} is {article} {kind}; it needs {_describe(expected)}"
+            )
+
+
+def _typed_values(
+    node: DictConfig, reference: object, prefix: str, hints: Mapping
+) -> Iterator[tuple[str, object, object]]:
+    """(key, value, expected type) of every value that has one, depth first."""
+    target = node.get("_target_") if "_target_" in node else KEYWORDS_OF.get(prefix[:-1])
+    hints = _hints(target) if target else {}
+    for name in node:
+        if name.startswith("_") or name == "hydra":
+            continue
+        try:  # reading resolves interpolations; some only resolve inside a Hydra app
+            value = node[name]
+            if isinstance(value, ListConfig):
+                value = OmegaConf.to_container(value, resolve=True)
+        except OmegaConfBaseException:
+            continue
+        ref = _get(reference, name)
+        if isinstance(value, DictConfig):
+            yield from _typed_values(value, ref, f"{prefix}{name}.", hints)
+        elif name in hints:
+            yield f"{prefix}{name}", value, hints[name]
+        elif ref is not None and value is not None:
+            yield f"{prefix}{name}", value, _kind(ref)
+
+
+def _get(node: object, name: str) -> object:
+    if not isinstance(node, DictConfig) or name not in node:
+        return None
+    try:
+        return node[name]
+    except OmegaConfBaseException:
+        return None
+
+
+@functools.cache
+def _hints(target: str) -> dict[str, object]:
+    """The annotations of the constructor (or function) at ``target``; none if unknown."""
+    try:
+        made = get_object(target)
+        return typing.get_type_hints(made.__init__ if isinstance(made, type) else made)
+    except Exception:  # an annotation that cannot be resolved leaves the node unchecked
+        return {}
+
+
+def _kind(reference: object) -> object:
+    """What a value may be where the YAML holds ``reference``: a number for a number (ints
+    and floats mix), a bool for a bool, a list for a list; any value for a string."""
+    if isinstance(reference, bool):
+        return bool
+    if isinstance(reference, int | float):
+        return float
+    if isinstance(reference, ListConfig | list):
+        return list
+    return typing.Any
+
+
+def _fits(value: object, expected: object) -> bool:
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if expected is type(None) or expected is None:
+        return value is None
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected in (int, float):
+        numbers = int if expected is int else int | float
+        return isinstance(value, numbers) and not isinstance(value, bool)
+    if expected is str or expected is os.PathLike or _is_path(expected):
+        return isinstance(value, str)
+    container = origin or expected
+    if container in (list, tuple, Sequence, typing.Sequence):
+        return isinstance(value, list) and _items_fit(value, container, args)
+    if container in (dict, Mapping, typing.Mapping):
+        return isinstance(value, dict)
+    return True  # a type this check cannot judge from a config value
+
+
+def _items_fit(items: list, container: object, args: tuple) -> bool:
+    if container is tuple and args and args[-1] is not Ellipsis:
+        return len(items) == len(args) and all(map(_fits, items, args))
+    return not args or all(_fits(item, args[0]) for item in items)
+
+
+def _plural(described: str) -> str:
+    return {"a number": "numbers", "int": "ints", "str": "strings"}.get(described, described)
+
+
+def _is_path(expected: object) -> bool:
+    return isinstance(expected, type) and issubclass(expected, PurePath)
+
+
+def _describe(expected: object) -> str:
+    """``int``, ``float or null``, ``one of 'learned', 'sincos'``, ``a list of int``."""
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if expected is type(None):
+        return "null"
+    if expected is typing.Any:
+        return "any value"
+    if origin in (list, tuple, Sequence) or expected in (list, tuple):
+        return f"a list of {_plural(_describe(args[0]))}" if args else "a list"
+    if expected is float:
+        return "a number"
+    return getattr(expected, "__name__", str(expected))

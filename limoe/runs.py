@@ -46,6 +46,11 @@ def read_metrics(path: str | Path) -> RunRecord:
     path = Path(path)
     if not path.is_file():
         return RunRecord({})
-    record = json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not a metrics.json that limoe wrote: {error}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} is not a metrics.json that limoe wrote: not a JSON object")
     metrics = {k: float(v) for k, v in record.items() if k not in RECORD_KEYS}
     return RunRecord(metrics, record.get("arm"), record.get("config") or {})

@@ -15,12 +15,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from limoe.config import compose_config
 from limoe.data.loading import first_pairs
 from limoe.lit import ContrastiveModule, NonFiniteLossError
+from limoe.lit.checkpoint import check_fits, read_checkpoint
 from limoe.models import model_cost, parameter_counts
 from limoe.runs import read_metrics, write_metrics
 
@@ -81,6 +83,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build_datamodule(cfg), build_module(cfg)
+    if cfg.get("ckpt_path"):
+        key = f"ckpt_path={cfg.ckpt_path}"
+        check_fits(read_checkpoint(cfg.ckpt_path, "ckpt_path"), module, plain(cfg.model), key)
+    # Unusable data stops the run here, before anything that looks like a run is written.
+    datamodule.check(("fit", "test") if cfg.get("test", True) else ("fit",))
     trainer = build_trainer(cfg)
     params = parameter_counts(module.model)
     print(f"limoe: model {cfg.model._target_} with {params['params_total']:,} parameters "
@@ -96,6 +103,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not cfg.get("test", True):
         return {}
     metrics = _test(trainer, module, datamodule)
+    metrics.update(_data_counts(trainer, datamodule))
     # FLOPs after training: the experts only run the tokens the trained router keeps.
     cost = _cost(module, datamodule, cfg.data.batch_size)
     print(f"limoe: {cost['model/flops_per_pair'] / 1e6:.2f} MFLOPs forward per image-text pair")
@@ -112,6 +120,26 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def _test(trainer: L.Trainer, module: L.LightningModule, datamodule) -> dict[str, float]:
     trainer.test(module, datamodule=datamodule)
     return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test")}
+
+
+def _data_counts(trainer: L.Trainer, datamodule) -> dict[str, float]:
+    """Samples read and left out per split and reason (``data/train_skipped_missing_file``),
+    those found while loading summed over processes; printed on global rank 0."""
+    device = trainer.strategy.root_device
+
+    def summed(loaded: list[int]) -> list[int]:
+        tally = torch.tensor(loaded, dtype=torch.long, device=device)
+        return trainer.strategy.reduce(tally, reduce_op="sum").tolist()
+
+    metrics = {}
+    for split, totals in datamodule.skip_totals(summed).items():
+        if trainer.is_global_zero:
+            counts = datamodule.counts[split]
+            print(
+                f"limoe: {counts.where}: {totals['rows']} rows, skipped: {counts.summary(totals)}"
+            )
+        metrics.update({f"data/{split}_{key}": value for key, value in totals.items()})
+    return metrics
 
 
 def _cost(module: ContrastiveModule, datamodule, num_pairs: int) -> dict[str, float]:
@@ -141,8 +169,7 @@ def load_checkpoint(
     """A trained module, the datamodule it was trained with (``data`` keys override that
     config) and the checkpoint's run directory."""
     ckpt = Path(ckpt)
-    if not ckpt.is_file():
-        raise ValueError(f"ckpt={ckpt} is not a file")
+    read_checkpoint(ckpt)
     module = ContrastiveModule.load_from_checkpoint(ckpt, map_location="cpu")
     data_cfg = OmegaConf.merge(module.hparams["data"], data or {})
     return module, instantiate(data_cfg), ckpt.resolve().parent.parent
@@ -153,8 +180,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     ``cfg.out`` or the checkpoint's run directory. The run's record there keeps its arm,
     config and training metrics; elsewhere the new file gets the arm and config."""
     module, datamodule, run_dir = load_checkpoint(cfg.ckpt, cfg.get("data"))
+    datamodule.check(("test",))
     trainer = build_trainer(cfg, logger=False)
     metrics = _test(trainer, module, datamodule)
+    metrics.update(_data_counts(trainer, datamodule))
     out = Path(cfg.out) if cfg.get("out") else run_dir
     run = read_metrics(run_dir / "metrics.json")
     kept = run.metrics if out.resolve() == run_dir else {}

@@ -23,6 +23,7 @@ from limoe.data.export import main as limoe_data
 from limoe.data.imagefolder import DEFAULT_TEMPLATES, classname, imagefolder_task
 from limoe.data.pairs import PairDataset, build_transform, open_image, to_rgb
 from limoe.data.shapes import render, sample_attributes
+from limoe.data.skips import SkipCounts
 from limoe.data.webdataset import ShardStream, expand_urls, index_shards
 from limoe.lit import ContrastiveModule
 from limoe.train import compose, train
@@ -39,6 +40,14 @@ def solid(mode: str, colour, size=(SIZE, SIZE)) -> Image.Image:
     return Image.new(mode, size, colour)
 
 
+def truncated_png() -> bytes:
+    """A PNG cut in half: PIL identifies it from its header, decoding it fails."""
+    buffer = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buffer, format="PNG")
+    return buffer.getvalue()[: len(buffer.getvalue()) // 2]
+
+
 def write_csv(path: Path, rows: list[tuple[str, str]], header=("filepath", "title"), sep="\t"):
     with path.open("w", newline="") as f:
         writer = csv.writer(f, delimiter=sep)
@@ -49,8 +58,8 @@ def write_csv(path: Path, rows: list[tuple[str, str]], header=("filepath", "titl
 
 @pytest.fixture
 def csv_dir(tmp_path) -> Path:
-    """A CSV of 6 good images in several modes and sizes, one missing file, one empty
-    caption and one file that is not an image."""
+    """A CSV of 5 good images in several modes and sizes, one missing file, one empty
+    caption, one file that is not an image and one truncated image."""
     images = {
         "red.png": solid("RGB", (255, 0, 0)),
         "clear.png": solid("RGBA", (255, 0, 0, 0)),  # fully transparent red
@@ -63,6 +72,7 @@ def csv_dir(tmp_path) -> Path:
         image.save(tmp_path / "img" / name)
     Image.new("RGB", (SIZE, SIZE), (9, 9, 9)).save(tmp_path / "abs.png")
     (tmp_path / "img" / "broken.png").write_bytes(b"not a png at all")
+    (tmp_path / "img" / "cut.png").write_bytes(truncated_png())
     rows = [
         ("img/red.png", "a red square"),
         ("img/clear.png", "nothing to see"),
@@ -71,6 +81,7 @@ def csv_dir(tmp_path) -> Path:
         ("img/wide.jpg", "a wide blue image"),
         ("img/palette.png", "  "),  # empty caption
         ("img/broken.png", "a broken file"),
+        ("img/cut.png", "a truncated file"),
         (str(tmp_path / "abs.png"), "an absolute path"),
     ]
     write_csv(tmp_path / "pairs.csv", rows)
@@ -105,15 +116,23 @@ def test_any_size_is_resized_and_centre_cropped_to_the_input_size():
 # --------------------------------------------------------------------------- CSV
 
 
-def test_csv_rows_skip_missing_files_and_empty_captions_with_their_paths(csv_dir, caplog):
+def test_csv_rows_skip_missing_files_empty_captions_and_non_images_with_their_paths(
+    csv_dir, caplog
+):
+    counts = SkipCounts("pairs")
     with caplog.at_level(logging.WARNING, "limoe.data"):
-        rows = read_csv(csv_dir / "pairs.csv")
+        rows = read_csv(csv_dir / "pairs.csv", counts=counts)
+        counts.check(max_skipped_fraction=0.5)
     assert [Path(p).name for p, _ in rows] == [
-        "red.png", "clear.png", "grey.png", "wide.jpg", "broken.png", "abs.png",
+        "red.png", "clear.png", "grey.png", "wide.jpg", "cut.png", "abs.png",
     ]  # fmt: skip
     assert rows[0] == (str(csv_dir / "img/red.png"), "a red square")
     assert "missing.png" in caplog.text and "palette.png" in caplog.text
-    assert "skipped 2 of 8" in caplog.text
+    assert "undecodable" in caplog.text and "broken.png" in caplog.text
+    assert "skipped 3 of 9 samples (1 missing file, 1 empty caption, 1 undecodable)" in caplog.text
+    assert counts.totals() == {"rows": 9, "skipped_missing_file": 1, "skipped_empty_caption": 1,
+                               "skipped_undecodable": 1, "skipped_unreadable_row": 0}  # fmt: skip
+    assert len(read_csv(csv_dir / "pairs.csv", check_images=False)) == 7  # broken.png kept
 
 
 def test_csv_without_the_named_columns_fails_naming_its_columns(csv_dir):
@@ -137,9 +156,10 @@ def test_pair_dataset_decodes_every_mode_and_stands_in_for_a_broken_image(csv_di
     assert torch.allclose(dataset[2][0], torch.full((3, SIZE, SIZE), 64 / 127.5 - 1), atol=1e-2)
     with caplog.at_level(logging.WARNING, "limoe.data"):
         sample = dataset.sample(4)
-        image, tokens = dataset[4]  # broken: replaced by sample (4 + 7919) % 6 = 3, wide.jpg
+        image, tokens = dataset[4]  # cut: replaced by sample (4 + 7919) % 6 = 3, wide.jpg
     assert not sample["valid"] and torch.equal(sample["image"], torch.zeros(3, SIZE, SIZE))
-    assert "broken.png" in caplog.text and dataset.failed == 2
+    assert "cut.png" in caplog.text
+    assert dataset.counts.totals()["skipped_undecodable"] == 2  # found while loading, twice
     assert torch.equal(image, dataset[3][0]) and torch.equal(tokens, dataset[3][1])
 
 
@@ -193,10 +213,9 @@ def test_index_shards_reads_members_by_offset_and_skips_bad_samples(shards, capl
     urls = expand_urls(str(shards / "{000000..000001}.tar"))
     with caplog.at_level(logging.WARNING, "limoe.data"):
         items = index_shards(urls)
-    assert [caption for _, caption in items] == ["pair 0", "pair 1", "pair 2", "pair 3",
-                                                  "pair 4", "broken image"] + [f"pair {i}" for i in range(5, 10)]  # fmt: skip
-    assert "b1" in caplog.text and "b3" in caplog.text
-    assert np.asarray(open_image(items[7][0])).max() == 20 * 6
+    assert [caption for _, caption in items] == [f"pair {i}" for i in range(10)]
+    assert "b0" in caplog.text and "b1" in caplog.text and "b3" in caplog.text
+    assert np.asarray(open_image(items[6][0])).max() == 20 * 6
     with pytest.raises(ValueError, match="000002.tar"):
         expand_urls(str(shards / "{000000..000002}.tar"))
 
@@ -253,7 +272,7 @@ def folder(tmp_path) -> Path:
         for j in range(2):
             solid("RGB", colour).save(root / name / f"{j}.png")
     (root / "cat" / "notes.txt").write_text("not an image")
-    (root / "cat" / "bad.jpg").write_bytes(b"broken")
+    (root / "cat" / "bad.jpg").write_bytes(truncated_png())
     return root
 
 
@@ -370,7 +389,7 @@ def test_train_on_csv_reports_retrieval_and_imagefolder_zeroshot_without_broken_
         return torch.nn.functional.normalize(model.encode_text(tokenizer(texts)), dim=-1)
 
     with torch.no_grad():
-        rows = [r for r in read_csv(csv_path) if not r[0].endswith("broken.png")]
+        rows = [r for r in read_csv(csv_path) if not r[0].endswith("cut.png")]
         logits = embed_images([p for p, _ in rows]) @ embed_texts([c for _, c in rows]).T
         correct = logits.diagonal().unsqueeze(1)
         r1 = ((logits >= correct).sum(1) == 1).float().mean().item()

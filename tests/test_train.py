@@ -167,4 +167,4 @@ def test_limoe_analyze_writes_every_figure_and_table(trained_run, tmp_path):
 def test_limoe_analyze_of_a_missing_checkpoint_fails_with_one_line(tmp_path):
     result = run([str(BIN / "limoe-analyze"), f"ckpt={tmp_path}/nope.ckpt"], cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip() == f"limoe: error: ckpt={tmp_path}/nope.ckpt is not a file"
+    assert result.stderr.strip() == f"limoe: error: ckpt={tmp_path}/nope.ckpt does not exist"

@@ -11,7 +11,7 @@ samples and zero-shot tasks, and the tokenizer (``limoe.eval.EvalPlan``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import lightning as L
 import torch
@@ -25,7 +25,8 @@ from limoe.data.imagefolder import imagefolder_task
 from limoe.data.loading import ResumableLoader, ResumableSampler
 from limoe.data.pairs import WHITE, IndexedSamples, PairDataset, build_transform
 from limoe.data.shapes import MEAN, SPLITS, STD, ShapesDataset, zeroshot_tasks
-from limoe.data.webdataset import ShardStream, expand_urls, index_shards
+from limoe.data.skips import SkipCounts
+from limoe.data.webdataset import ShardStream, check_tars, expand_urls, index_shards
 from limoe.eval.plan import EvalPlan, EvalSet
 
 
@@ -54,10 +55,18 @@ class PairDataModule(L.LightningDataModule):
         mean: Sequence[float],
         std: Sequence[float],
         background: Sequence[int] = WHITE,
+        max_skipped_fraction: float = 0.5,
+        check_images: bool = True,
     ) -> None:
         super().__init__()
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if not 0 <= max_skipped_fraction <= 1:
+            raise ValueError(f"max_skipped_fraction must be in [0, 1], got {max_skipped_fraction}")
+        self.max_skipped_fraction = max_skipped_fraction
+        self.check_images = check_images
+        # Samples read and left out per split (and ImageFolder task), for metrics.json.
+        self.counts: dict[str, SkipCounts] = {}
         self.image_size = image_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
@@ -85,15 +94,38 @@ class PairDataModule(L.LightningDataModule):
         if self._folder_sets is None:
             self._folder_sets = []
             for name, spec in self.zeroshot.items():
-                task, items, labels = imagefolder_task(name, spec["root"], spec.get("templates"))
+                counts = self._counts(name, f"data.zeroshot.{name}.root={spec['root']}")
+                task, items, labels = imagefolder_task(
+                    name, spec["root"], spec.get("templates"), counts, self.check_images
+                )
+                counts.check(self.max_skipped_fraction)
                 dataset = PairDataset(
                     items, self._eval_transform(), self.image_size, labels=labels,
-                    background=self.background,
+                    background=self.background, counts=counts,
                 )  # fmt: skip
                 self._folder_sets.append(
                     EvalSet("test", IndexedSamples(dataset, _pair_sample), (task,))
                 )
         return self._folder_sets
+
+    def _counts(self, split: str, where: str) -> SkipCounts:
+        if split not in self.counts:
+            self.counts[split] = SkipCounts(where)
+        return self.counts[split]
+
+    def check(self, stages: Sequence[str]) -> None:
+        """Read the files the ``stages`` (``fit``, ``test``) will use, so that unusable data
+        stops a run before it trains rather than after. The embedded data has only the
+        ImageFolder tasks to read."""
+        if "test" in stages:
+            self.folder_sets()
+
+    def skip_totals(
+        self, sum_loaded: Callable[[list[int]], list[int]] = list
+    ) -> dict[str, dict[str, int]]:
+        """Per split read (and ImageFolder task): ``rows`` and ``skipped_<reason>``;
+        ``sum_loaded`` sums the tallies found while loading over processes (under DDP)."""
+        return {split: c.totals(sum_loaded(c.loaded())) for split, c in self.counts.items()}
 
     def eval_plan(self, stage: str) -> EvalPlan:
         """What ``stage`` (``fit`` or ``validate``: the val loaders; ``test``) evaluates: its
@@ -173,10 +205,12 @@ class ShapesDataModule(PairDataModule):
         hard_negatives: float = 1.0,
         hard_negative_attributes: Sequence[str] = ("shape", "position"),
         zeroshot: Mapping | None = None,
+        max_skipped_fraction: float = 0.5,
+        check_images: bool = True,
     ) -> None:
         super().__init__(
             image_size, eval_batch_size, num_workers, pin_memory, persistent_workers, zeroshot,
-            MEAN, STD,
+            MEAN, STD, WHITE, max_skipped_fraction, check_images,
         )  # fmt: skip
         _check_positive(
             image_size=image_size,
@@ -314,10 +348,13 @@ class ImageTextDataModule(PairDataModule):
         augment: Mapping | None = None,
         background: Sequence[int] = WHITE,
         zeroshot: Mapping | None = None,
+        max_skipped_fraction: float = 0.5,
+        check_images: bool = True,
     ) -> None:
         super().__init__(
             image_size, eval_batch_size, num_workers, pin_memory, persistent_workers, zeroshot,
             mean or OPENAI_DATASET_MEAN, std or OPENAI_DATASET_STD, background,
+            max_skipped_fraction, check_images,
         )  # fmt: skip
         _check_positive(
             image_size=image_size, context_length=context_length, batch_size=batch_size,
@@ -345,10 +382,15 @@ class ImageTextDataModule(PairDataModule):
         self._datasets: dict[str, PairDataset] = {}
 
     def _items(self, split: str) -> list:
+        """The usable rows of a split; stops when too few are usable."""
         path = self.paths[split]
+        counts = self._counts(split, f"data.{split}_data={path}")
         if self.kinds[split] == "csv":
-            return read_csv(path, *self.csv_keys)
-        return index_shards(expand_urls(path))
+            items = read_csv(path, *self.csv_keys, counts=counts, check_images=self.check_images)
+        else:
+            items = index_shards(expand_urls(path), counts, self.check_images)
+        counts.check(self.max_skipped_fraction)
+        return items
 
     def dataset(self, split: str) -> PairDataset:
         """The pairs of ``split`` (``train`` only for CSV; shards are streamed)."""
@@ -364,9 +406,31 @@ class ImageTextDataModule(PairDataModule):
             )
             self._datasets[split] = PairDataset(
                 self._items(split), transform, self.image_size, tokenizer=self.tokenizer,
-                background=self.background,
+                background=self.background, counts=self.counts[split],
             )  # fmt: skip
         return self._datasets[split]
+
+    def check(self, stages: Sequence[str]) -> None:
+        """Read every split the ``stages`` use (CSV rows, shard indexes; of streamed training
+        shards, that each is a tar and the first has usable samples), so unusable data stops
+        the run before training."""
+        for stage in stages:
+            if stage == "test" and not (self.paths["test"] or self.zeroshot):
+                raise ValueError("nothing to test on: set data.test_data or "
+                                 "+data.zeroshot.NAME.root (or test=false)")  # fmt: skip
+            self.setup(stage)
+            if stage == "fit" and self.kinds["train"] == "webdataset":
+                self._check_train_shards()
+        super().check(stages)
+
+    def _check_train_shards(self) -> None:
+        """Streamed shards are not read up front: each must be a tar, and the first must
+        hold usable samples (a stream of bad ones would draw shards for ever)."""
+        urls = expand_urls(self.paths["train"])
+        check_tars(urls, f"data.train_data={self.paths['train']}")
+        first = SkipCounts(f"data.train_data={urls[0]}")
+        index_shards(urls[:1], first, self.check_images)
+        first.check(self.max_skipped_fraction)
 
     def setup(self, stage: str | None = None) -> None:
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
@@ -391,6 +455,7 @@ class ImageTextDataModule(PairDataModule):
             build_transform(self.image_size, True, self.mean, self.std, self.augment),
             self.tokenizer, self.batch_size, self.train_num_samples, rank, world_size,
             self.num_workers, self.seed, self.shuffle_buffer, self.background,
+            self._counts("train", f"data.train_data={self.paths['train']}"),
         )  # fmt: skip
         return ResumableLoader(
             stream, batch_size=None, global_step=self._global_step, **self._workers()

@@ -8,6 +8,7 @@ from pathlib import Path
 from torchvision.datasets.folder import find_classes, make_dataset
 
 from limoe.data.pairs import IMAGE_EXTENSIONS, keep_readable
+from limoe.data.skips import SkipCounts
 from limoe.eval.plan import ZeroShotTask
 
 # A short, generic subset of CLIP's ImageNet prompts: class-agnostic, usable for any folder.
@@ -31,10 +32,15 @@ def classname(folder: str) -> str:
 
 
 def imagefolder_task(
-    name: str, root: str | Path, templates: Sequence[str] | None = None
+    name: str,
+    root: str | Path,
+    templates: Sequence[str] | None = None,
+    counts: SkipCounts | None = None,
+    check_images: bool = True,
 ) -> tuple[ZeroShotTask, list[tuple[str, None]], list[int]]:
     """The task (class names from the folders, in torchvision's sorted order), its images and
-    their labels. Files that are not images are ignored, as torchvision's ImageFolder does."""
+    their labels. Files without an image extension are ignored, as torchvision's ImageFolder
+    does; image files PIL cannot identify are counted in ``counts`` and left out."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"data.zeroshot.{name}.root={root} is not a directory")
@@ -47,7 +53,9 @@ def imagefolder_task(
     samples = make_dataset(str(root), class_to_idx, extensions=extensions, allow_empty=True)
     if not samples:
         raise ValueError(f"data.zeroshot.{name}.root={root} holds no {'/'.join(extensions)} images")
-    kept = keep_readable([(path, None) for path, _ in samples], str(root), need_caption=False)
+    counts = counts if counts is not None else SkipCounts(str(root))
+    items = [(path, None) for path, _ in samples]
+    kept = keep_readable(items, counts, need_caption=False, check_images=check_images)
     label_of = dict(samples)
     task = ZeroShotTask(name, [classname(f) for f in folders], templates)
     return task, kept, [label_of[path] for path, _ in kept]

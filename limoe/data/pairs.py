@@ -3,9 +3,11 @@ skipping of bad samples.
 
 One map-style dataset, ``PairDataset``, serves every file format: a CSV row, a member of a
 WebDataset tar shard and an ImageFolder file are all an image *source* plus a caption or a
-class label. Bad input never stops a run: a missing file or an empty caption is dropped when
-the dataset is built, an image that fails to decode is replaced by another sample in training
-and marked invalid in evaluation (so metrics leave it out); each is logged with its path.
+class label. A bad sample does not stop a run: a missing file, an empty caption or a file that is not an
+image is left out when the dataset is built; an image that fails to decode later is replaced
+by another sample in training and marked invalid in evaluation (so metrics leave it out). Each
+is logged with its path and counted (``limoe.data.skips``); a split with too few usable samples
+stops the run before it trains.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from open_clip.transform import image_transform
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from limoe.data.skips import SkipCounts, UnusableDataError
 
 log = logging.getLogger("limoe.data")
 
@@ -93,21 +98,38 @@ def build_transform(
 
 
 def keep_readable(
-    items: Sequence[tuple[ImageSource, str | None]], where: str, need_caption: bool = True
+    items: Sequence[tuple[ImageSource, str | None]],
+    counts: SkipCounts,
+    need_caption: bool = True,
+    check_images: bool = True,
 ) -> list[tuple[ImageSource, str | None]]:
-    """The items whose file exists and whose caption is not empty; the others are logged with
-    their path and left out."""
+    """The items whose file exists, whose caption is not empty and (``check_images``) whose
+    header PIL can identify; each other one is counted in ``counts`` and logged with its
+    path. Opening every header costs a file open per row and finds files that are not images
+    before training rather than one substitution at a time."""
     kept = []
-    for source, caption in items:
+    rows = tqdm(items, desc=f"read {counts.where}", unit="row", delay=2, leave=False)
+    for source, caption in rows:
+        counts.rows += 1
         if isinstance(source, str) and not Path(source).is_file():
-            log.warning("skipping %s: missing image file %s", where, source)
+            counts.skip("missing_file", source)
         elif need_caption and not (caption or "").strip():
-            log.warning("skipping %s: empty caption for %s", where, source)
+            counts.skip("empty_caption", source)
+        elif check_images and (problem := _unidentified(source)):
+            counts.skip("undecodable", source, problem)
         else:
             kept.append((source, caption))
-    if len(items) > len(kept):
-        log.warning("%s: skipped %d of %d samples", where, len(items) - len(kept), len(items))
     return kept
+
+
+def _unidentified(source: ImageSource) -> str | None:
+    """Why PIL cannot identify the image's format from its header; None when it can."""
+    try:
+        file = io.BytesIO(source.read()) if isinstance(source, TarMember) else source
+        with Image.open(file):
+            return None
+    except Exception as error:  # PIL raises many types for files that are not images
+        return f"{type(error).__name__}: {error}"
 
 
 class PairDataset(Dataset):
@@ -126,6 +148,7 @@ class PairDataset(Dataset):
         tokenizer: Callable | None = None,
         labels: Sequence[int] | None = None,
         background: tuple[int, int, int] = WHITE,
+        counts: SkipCounts | None = None,
     ) -> None:
         if labels is not None and len(labels) != len(items):
             raise ValueError(f"{len(labels)} labels for {len(items)} images")
@@ -135,7 +158,7 @@ class PairDataset(Dataset):
         self.tokenizer = tokenizer
         self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
         self.background = tuple(background)
-        self.failed = 0  # images that failed to decode in this process
+        self.counts = counts or SkipCounts("images")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -145,7 +168,7 @@ class PairDataset(Dataset):
         try:
             return self.transform(open_image(source, self.background))
         except Exception as error:  # PIL raises many types for broken files
-            self.failed += 1
+            self.counts.skip_loaded("undecodable")
             log.warning(
                 "skipping unreadable image %s (%s): %s", source, type(error).__name__, error
             )
@@ -170,7 +193,10 @@ class PairDataset(Dataset):
             if sample["valid"]:
                 second = sample["text"] if self.tokenizer is not None else sample["labels"][0]
                 return sample["image"], second
-        raise RuntimeError(f"no readable image among {MAX_TRIES} samples tried from index {i}")
+        raise UnusableDataError(
+            f"{self.counts.where}: no readable image among {MAX_TRIES} samples tried from "
+            f"index {i} (each skip is logged with its path)"
+        )
 
 
 def _size2(image_size: int | Sequence[int]) -> tuple[int, int]:

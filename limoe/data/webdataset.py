@@ -27,6 +27,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from limoe.data.pairs import IMAGE_EXTENSIONS, WHITE, TarMember, keep_readable, open_image
+from limoe.data.skips import SkipCounts, UnusableDataError
 
 log = logging.getLogger("limoe.data")
 
@@ -43,6 +44,18 @@ def expand_urls(patterns: str | Sequence[str]) -> list[str]:
     return urls
 
 
+class BadSample(ValueError):
+    """A streamed sample that cannot be used, with its ``reason`` (one of ``REASONS``)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+# Bad samples in a row after which a training stream stops (no usable shard in sight).
+MAX_BAD_IN_A_ROW = 1000
+
+
 def log_and_continue(error: Exception) -> bool:
     """webdataset's error handler, as in open_clip: log the bad sample and go on."""
     log.warning("skipping sample: %r", error)
@@ -56,26 +69,50 @@ def _split_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def index_shards(urls: Sequence[str]) -> list[tuple[TarMember, str]]:
+def check_tars(urls: Sequence[str], key: str) -> None:
+    """Every shard must be a tar archive: webdataset would skip a shard that is not, and a
+    stream of such shards would draw them forever."""
+    for url in urls:
+        if not tarfile.is_tarfile(url):
+            raise UnusableDataError(f"{key}: shard {url} is not a tar archive")
+
+
+def index_shards(
+    urls: Sequence[str], counts: SkipCounts | None = None, check_images: bool = True
+) -> list[tuple[TarMember, str]]:
     """``(image member, caption)`` of every sample of the shards, in shard order; samples
-    without an image or with an empty caption are logged and left out."""
+    without an image, with an empty caption or one that is not UTF-8, or (``check_images``)
+    whose image PIL cannot identify are logged, counted in ``counts`` and left out."""
+    counts = counts if counts is not None else SkipCounts(f"shards {urls[0]}..")
+    check_tars(urls, counts.where)
     items = []
     for url in urls:
-        samples: dict[str, dict[str, tarfile.TarInfo]] = {}
         with tarfile.open(url) as tar:
-            members = [m for m in tar.getmembers() if m.isfile()]
-            for member in members:
-                key, ext = _split_key(member.name)
-                samples.setdefault(key, {})[ext] = member
-            for key, files in samples.items():
+            for key, files in _samples(tar).items():
                 image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
                 if image is None:
-                    log.warning("skipping %s:%s: no %s image", url, key, "/".join(IMAGE_EXTENSIONS))
+                    counts.rows += 1
+                    counts.skip("missing_file", f"{url}:{key}", "no image member")
                     continue
                 source = TarMember(url, image.offset_data, image.size, image.name)
-                caption = _read_text(tar, files["txt"]) if "txt" in files else ""
+                try:
+                    caption = _read_text(tar, files["txt"]) if "txt" in files else ""
+                except UnicodeDecodeError as error:
+                    counts.rows += 1
+                    counts.skip("unreadable_row", source, f"caption is not UTF-8: {error}")
+                    continue
                 items.append((source, caption))
-    return keep_readable(items, f"shards {urls[0]}..")
+    return keep_readable(items, counts, check_images=check_images)
+
+
+def _samples(tar: tarfile.TarFile) -> dict[str, dict[str, tarfile.TarInfo]]:
+    """The members of a tar grouped by sample key, then by extension."""
+    samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+    for member in tar.getmembers():
+        if member.isfile():
+            key, ext = _split_key(member.name)
+            samples.setdefault(key, {})[ext] = member
+    return samples
 
 
 def _read_text(tar: tarfile.TarFile, member: tarfile.TarInfo) -> str:
@@ -99,6 +136,7 @@ class ShardStream(IterableDataset):
         seed: int = 0,
         shuffle_buffer: int = 1000,
         background: tuple[int, int, int] = WHITE,
+        counts: SkipCounts | None = None,
     ) -> None:
         batches = num_samples // (batch_size * world_size)
         if batches < 1:
@@ -118,6 +156,7 @@ class ShardStream(IterableDataset):
         self.batches_per_worker = math.ceil(batches / self.workers)
         # (epoch, batches to skip): shared with worker processes, also persistent ones.
         self._position = mp.Array("q", [0, 0])
+        self.counts = counts or SkipCounts("shards")
 
     def __len__(self) -> int:
         return self.batches_per_worker * self.workers
@@ -133,15 +172,39 @@ class ShardStream(IterableDataset):
         where = f"{sample.get('__url__')}:{sample.get('__key__')}"
         image = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
         if image is None:
-            raise ValueError(f"{where} has no {'/'.join(IMAGE_EXTENSIONS)} image")
-        caption = sample.get("txt", b"").decode("utf-8").strip()
+            raise BadSample("missing_file", f"{where} has no {'/'.join(IMAGE_EXTENSIONS)} image")
+        try:
+            caption = sample.get("txt", b"").decode("utf-8").strip()
+        except UnicodeDecodeError as error:
+            raise BadSample("unreadable_row", f"{where}: caption is not UTF-8 ({error})") from None
         if not caption:
-            raise ValueError(f"{where} has an empty caption")
+            raise BadSample("empty_caption", f"{where} has an empty caption")
         try:
             pixels = self.transform(open_image(image, self.background))
-        except Exception as error:
-            raise ValueError(f"{where}: unreadable image ({error})") from error
+        except Exception as error:  # PIL raises many types for broken files
+            raise BadSample("undecodable", f"{where}: unreadable image ({error})") from error
         return pixels, self.tokenizer([caption])[0]
+
+    def _pairs(self, samples: Iterable[dict]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Decoded pairs; each bad sample is logged and counted. After ``MAX_BAD_IN_A_ROW``
+        bad samples and no good one the stream stops, rather than draw shards forever."""
+        bad_in_a_row = 0
+        for sample in samples:
+            self.counts.loaded_row()
+            try:
+                pair = self._pair(sample)
+            except BadSample as error:
+                self.counts.skip_loaded(error.reason)
+                log.warning("skipping sample: %s", error)
+                bad_in_a_row += 1
+                if bad_in_a_row >= MAX_BAD_IN_A_ROW:
+                    raise UnusableDataError(
+                        f"{self.counts.where}: {bad_in_a_row} samples in a row were unusable "
+                        f"(the last: {error})"
+                    ) from None
+                continue
+            bad_in_a_row = 0
+            yield pair
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
@@ -152,7 +215,7 @@ class ShardStream(IterableDataset):
         data: Iterable = self._shards(rng)
         data = wds.tarfile_to_samples(handler=log_and_continue)(data)
         data = wds.shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)(data)
-        data = wds.map(self._pair, handler=log_and_continue)(data)
+        data = self._pairs(data)
         data = wds.batched(self.batch_size, partial=False)(data)
         # The loader takes batches from the workers in turn: batch j is worker j % workers's.
         skipped = max(0, math.ceil((skip - worker) / self.workers))

@@ -8,11 +8,13 @@ from moe_helpers import bare_layer
 
 from limoe.moe import (
     LOSS_NAMES,
+    MoELayer,
     compute_aux_losses,
     global_entropy_loss,
     importance_loss,
     load_loss,
     local_entropy_loss,
+    vmoe_load_loss,
     z_loss,
 )
 from limoe.moe.losses import entropy
@@ -45,6 +47,77 @@ def test_load_by_hand():
     _, probs, top1 = hand_probs()
     # f = [2, 1, 1] / 4, P = [1.65, 1.55, 0.8] / 4 -> 3 * (0.20625 + 0.096875 + 0.05)
     assert load_loss(probs, top1).item() == pytest.approx(1.059375, rel=1e-5)
+
+
+def test_vmoe_load_by_hand():
+    """Two tokens, two experts, noise std 0.5. Token 0: clean (1, 0), noisy (1.2, -0.1), so
+    the top-1 threshold is 1.2 and the experts clear it with Phi(-0.4) = 0.34458 and
+    Phi(-2.4) = 0.00820; token 1: clean (0, 0), noisy (0.3, 0.4), threshold 0.4, each expert
+    Phi(-0.8) = 0.21186. Means (0.27822, 0.11003): CV^2 = 0.18767."""
+    clean = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    noisy = torch.tensor([[1.2, -0.1], [0.3, 0.4]])
+    assert vmoe_load_loss(clean, noisy, 0.5, top_k=1).item() == pytest.approx(0.18767, abs=1e-5)
+    assert vmoe_load_loss(clean, noisy, 0.0, top_k=1).item() == 0.0  # no noise: undefined, 0
+    # top-2 of two experts: the threshold is the smaller noisy logit, -0.1 and 0.3
+    expected = cv2([(phi(1.1 / 0.5) + phi(-0.3 / 0.5)) / 2, (phi(0.1 / 0.5) + phi(-0.3 / 0.5)) / 2])
+    assert vmoe_load_loss(clean, noisy, 0.5, top_k=2).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_importance_reads_the_clean_probabilities():
+    logits, probs, top1 = hand_probs()
+    noisy = logits + torch.tensor([[3.0, 0.0, 0.0]])  # the noise makes expert 0 win everywhere
+    losses = compute_aux_losses(noisy, noisy.softmax(-1), noisy.argmax(-1, keepdim=True),
+                                clean_logits=logits, noise_std=1.0)  # fmt: skip
+    assert losses["importance"].item() == pytest.approx(0.0809375, rel=1e-5)  # the clean value
+    ref = loop_losses(noisy.tolist(), noisy.softmax(-1).tolist(), 1.0, logits.tolist(), 1.0)
+    for name in LOSS_NAMES:
+        assert losses[name].item() == pytest.approx(ref[name], rel=1e-4, abs=1e-6), name
+
+
+def test_scope_all_balances_every_token_and_keeps_entropy_per_modality():
+    gen = torch.Generator().manual_seed(1)
+    clean = torch.randn(12, 4, generator=gen)
+    noisy = clean + 0.25 * torch.randn(12, 4, generator=gen)
+    probs, index = noisy.softmax(-1), noisy.topk(2).indices
+    modality = torch.tensor([0] * 9 + [1] * 3)  # image tokens outnumber text 3 to 1
+    losses = compute_aux_losses(noisy, probs, index, modality, ("image", "text"), (2.0, 1.5),
+                                clean_logits=clean, noise_std=0.25, scope="all")  # fmt: skip
+    classic = ("importance", "load", "vmoe_load", "z_loss")
+    entropies = ("local_entropy", "global_entropy")
+    assert set(losses) == set(classic) | {f"{n}/{m}" for n in entropies for m in ("image", "text")}
+    every = loop_losses(noisy.tolist(), probs.tolist(), 2.0, clean.tolist(), 0.25, top_k=2)
+    for name in classic:
+        assert losses[name].item() == pytest.approx(every[name], rel=1e-4, abs=1e-6), name
+    for m, name in enumerate(("image", "text")):
+        rows = modality == m
+        own = loop_losses(noisy[rows].tolist(), probs[rows].tolist(), (2.0, 1.5)[m])
+        for loss in entropies:
+            assert losses[f"{loss}/{name}"].item() == pytest.approx(own[loss], rel=1e-4)
+    with pytest.raises(ValueError, match="loss_scope must be one of"):
+        compute_aux_losses(noisy, probs, index, modality, scope="batch")
+
+
+def test_layer_vmoe_load_uses_its_own_noise():
+    layer = bare_layer(8, 16, 4, noisy_gating=True, vmoe_load_weight=1.0, loss_scope="all")
+    layer.train()
+    x, modality = torch.randn(10, 8), torch.tensor([0] * 7 + [1] * 3)
+    torch.manual_seed(3)
+    _, routing = layer(x, modality)
+    clean = layer.router_logits(x)
+    torch.manual_seed(3)  # the gating noise is the forward's first random draw
+    noisy = clean + torch.randn_like(clean) / 4
+    expected = vmoe_load_loss(clean, noisy, 0.25, top_k=1)
+    torch.testing.assert_close(routing.aux_losses["vmoe_load"], expected)
+    assert expected.item() > 0 and routing.aux_loss.item() == pytest.approx(expected.item())
+
+
+@pytest.mark.parametrize("s", [1.0, 0.5, 5.0])
+def test_global_entropy_threshold_outside_one_to_num_experts_fails(s):
+    with pytest.raises(ValueError, match=r"global_entropy_min_experts must be in \(1, "
+                       r"num_experts=4\] while global_entropy_weight > 0"):  # fmt: skip
+        MoELayer(8, 16, 4, global_entropy_weight=0.01, global_entropy_min_experts=s)
+    MoELayer(8, 16, 4, global_entropy_weight=0.0, global_entropy_min_experts=max(s, 0.5))
+    MoELayer(8, 16, 4, global_entropy_weight=0.01, global_entropy_min_experts=4.0)
 
 
 def test_z_loss_by_hand():
@@ -94,20 +167,43 @@ def test_entropy_of_zero_probability_has_finite_grad():
     assert torch.isfinite(p.grad).all()
 
 
-def loop_losses(logits, probs, min_experts):
-    """Independent plain-Python implementation of all five losses for one token group."""
-    n, e = len(probs), len(probs[0])
+def phi(z):
+    return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+
+def cv2(values):
+    mean = sum(values) / len(values)
+    return sum((v - mean) ** 2 for v in values) / len(values) / mean**2
+
+
+def softmax(row):
+    exps = [math.exp(v - max(row)) for v in row]
+    return [v / sum(exps) for v in exps]
+
+
+def loop_losses(logits, probs, min_experts, clean=None, noise_std=0.0, top_k=1):
+    """Independent plain-Python implementation of all six losses for one token group;
+    ``clean``: the logits before noise (default: ``logits``)."""
+    n, e = len(probs), len(probs[0]) if probs else 0
     if n == 0:
         return dict.fromkeys(LOSS_NAMES, 0.0)
+    clean = clean or logits
+    clean_probs = [softmax(row) for row in clean]
     imp = [sum(probs[i][j] for i in range(n)) for j in range(e)]
-    mean_imp = sum(imp) / e
-    std_imp = math.sqrt(sum((v - mean_imp) ** 2 for v in imp) / e)
+    clean_imp = [sum(clean_probs[i][j] for i in range(n)) for j in range(e)]
     top1 = [max(range(e), key=lambda j, i=i: probs[i][j]) for i in range(n)]
     f = [top1.count(j) / n for j in range(e)]
     lse = [math.log(sum(math.exp(v) for v in row)) for row in logits]
+    vmoe_load = 0.0
+    if noise_std > 0:
+        thresholds = [sorted(row, reverse=True)[top_k - 1] for row in logits]
+        above = [[phi((clean[i][j] - thresholds[i]) / noise_std) for j in range(e)]
+                 for i in range(n)]  # fmt: skip
+        vmoe_load = cv2([sum(above[i][j] for i in range(n)) / n for j in range(e)])
     return {
-        "importance": (std_imp / mean_imp) ** 2,
+        "importance": cv2(clean_imp),
         "load": e * sum(f[j] * imp[j] / n for j in range(e)),
+        "vmoe_load": vmoe_load,
         "z_loss": sum(v * v for v in lse) / n,
         "local_entropy": sum(h(row) for row in probs) / n,
         "global_entropy": max(0.0, math.log(min_experts) - h([v / n for v in imp])),
@@ -165,7 +261,7 @@ def test_empty_modality_gives_zero_and_no_nan_grad():
 
 
 def test_layer_aux_loss_is_weighted_sum():
-    weights = dict(zip(LOSS_NAMES, (0.5, 0.25, 1e-3, 0.1, 2.0)))
+    weights = dict(zip(LOSS_NAMES, (0.5, 0.25, 0.3, 1e-3, 0.1, 2.0)))
     layer = bare_layer(
         8,
         16,

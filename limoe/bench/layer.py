@@ -58,9 +58,12 @@ def build_layer(case: LayerCase, mode: str, moe_kwargs: Mapping | None = None) -
         return Mlp(case.dim, case.hidden)
     if mode not in MODES:
         raise ValueError(f"layer mode must be one of {MODES}, got {mode!r}")
+    kwargs = dict(moe_kwargs or {})
+    if case.num_experts == 1:  # one expert cannot spread over S = 2: no global entropy loss
+        kwargs["global_entropy_weight"] = 0.0
     return MoELayer(
         case.dim, case.hidden, case.num_experts, top_k=case.top_k,
-        capacity_factor=case.capacity_factor, dispatch=mode, **dict(moe_kwargs or {}),
+        capacity_factor=case.capacity_factor, dispatch=mode, **kwargs,
     )  # fmt: skip
 
 

@@ -15,12 +15,15 @@ from .dispatch import combine, gather_tokens, sort_by_expert
 from .experts import Experts, ExpertShard
 from .layer import Choices, MoELayer
 from .losses import (
+    CLASSIC_LOSSES,
     LOSS_NAMES,
+    LOSS_SCOPES,
     compute_aux_losses,
     global_entropy_loss,
     importance_loss,
     load_loss,
     local_entropy_loss,
+    vmoe_load_loss,
     z_loss,
 )
 from .parallel import gather_blocks, parallel_dispatch, shard_experts
@@ -39,7 +42,9 @@ from .statistics import concat_routings, expert_counts, expert_kinds, layer_summ
 
 __all__ = [
     "Choices",
+    "CLASSIC_LOSSES",
     "LOSS_NAMES",
+    "LOSS_SCOPES",
     "MODALITY_NAMES",
     "ExpertShard",
     "Experts",
@@ -61,6 +66,7 @@ __all__ = [
     "importance_loss",
     "layer_summary",
     "load_loss",
+    "vmoe_load_loss",
     "local_entropy_loss",
     "onehot_moe",
     "pack_groups",

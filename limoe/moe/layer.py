@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .dispatch import combine, gather_tokens, sort_by_expert
 from .experts import Experts
-from .losses import LOSS_NAMES, compute_aux_losses, weighted_sum
+from .losses import LOSS_NAMES, LOSS_SCOPES, compute_aux_losses, weighted_sum
 from .parallel import parallel_dispatch, shard_experts
 from .reference import onehot_moe
 from .routing import (
@@ -89,10 +89,12 @@ class MoELayer(nn.Module):
         capacity_multiple: int = 4,
         importance_weight: float = 0.0,
         load_weight: float = 0.01,
+        vmoe_load_weight: float = 0.0,
         z_loss_weight: float = 0.0,
         local_entropy_weight: float = 0.01,
         global_entropy_weight: float = 0.01,
         global_entropy_min_experts: float | Sequence[float] = (2.0, 2.0),
+        loss_scope: str = "modality",
         modality_names: Sequence[str] = MODALITY_NAMES,
         act_layer: type[nn.Module] = nn.GELU,
         drop: float = 0.0,
@@ -128,7 +130,11 @@ class MoELayer(nn.Module):
         self.min_experts = _min_experts_per_modality(
             global_entropy_min_experts, self.modality_names
         )
-        weights = (importance_weight, load_weight, z_loss_weight)
+        _check_global_entropy(global_entropy_weight, self.min_experts, num_experts)
+        if loss_scope not in LOSS_SCOPES:
+            raise ValueError(f"loss_scope must be one of {LOSS_SCOPES}, got {loss_scope!r}")
+        self.loss_scope = loss_scope
+        weights = (importance_weight, load_weight, vmoe_load_weight, z_loss_weight)
         weights += (local_entropy_weight, global_entropy_weight)
         self.loss_weights = dict(zip(LOSS_NAMES, weights))
         num_outputs = num_experts * (slots_per_expert if router == "soft" else 1)
@@ -152,18 +158,22 @@ class MoELayer(nn.Module):
         ``group [N]`` (ids of the sequence each token belongs to) matters to Soft MoE only,
         which averages within a group; None: all tokens are one group."""
         self._check_inputs(x, modality, group)
-        logits = self.router_logits(x)
+        clean_logits = logits = self.router_logits(x)
+        noise_std = 0.0
         if self.router_type == "soft":
             y, choices, logits = self.soft_forward(x, logits, group)
+            clean_logits = logits
         else:
             if self.noisy_gating and self.training:
+                noise_std = 1.0 / self.num_experts
                 logits = add_gating_noise(logits, self.num_experts)
             choices = self.route_tokens(logits)
             y = self.run_experts(x, choices)
-        # Aux losses see the routing actually used (noisy logits in training), as in vmoe.
+        # Aux losses see the routing actually used (noisy logits in training), as in vmoe;
+        # the importance and V-MoE load losses also read the clean logits.
         aux_losses = compute_aux_losses(
             logits, choices.probs, choices.expert_index, modality, self.modality_names,
-            self.min_experts,
+            self.min_experts, clean_logits, noise_std, self.loss_scope,
         )  # fmt: skip
         routing = Routing(
             expert_index=choices.expert_index,
@@ -307,6 +317,16 @@ def _check_router(
         )
     if not isinstance(slots_per_expert, int) or slots_per_expert < 1:
         raise ValueError(f"slots_per_expert must be an integer >= 1, got {slots_per_expert!r}")
+
+
+def _check_global_entropy(weight: float, min_experts: tuple[float, ...], num_experts: int) -> None:
+    """With the loss on, S <= 1 never fires (log S <= 0 <= H) and S > num_experts can never
+    be met (H <= log E): either is a config mistake."""
+    if weight > 0 and any(not 1 < s <= num_experts for s in min_experts):
+        raise ValueError(
+            f"global_entropy_min_experts must be in (1, num_experts={num_experts}] while "
+            f"global_entropy_weight > 0, got {list(min_experts)}"
+        )
 
 
 def _min_experts_per_modality(

@@ -3,17 +3,25 @@
 All take float32 router statistics for the tokens of one group (one modality, or
 all tokens) and return a scalar; an empty group gives 0, never NaN, because a
 batch may hold no text (or no image) tokens in some layer.
+
+The classic losses balance experts: V-MoE's importance (clean probabilities) and load (noisy
+top-k threshold, normal CDF), Switch/GShard's load and ST-MoE's z-loss. Their group is the
+``scope``: ``all`` routed tokens of the batch, as V-MoE and the LIMoE paper, or each
+``modality`` on its own. LIMoE's entropy losses are always per modality.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-LOSS_NAMES = ("importance", "load", "z_loss", "local_entropy", "global_entropy")
+LOSS_NAMES = ("importance", "load", "vmoe_load", "z_loss", "local_entropy", "global_entropy")
+CLASSIC_LOSSES = ("importance", "load", "vmoe_load", "z_loss")
+LOSS_SCOPES = ("all", "modality")
 
 
 def entropy(p: Tensor) -> Tensor:
@@ -21,16 +29,35 @@ def entropy(p: Tensor) -> Tensor:
     return -(p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))).sum(-1)
 
 
-def importance_loss(probs: Tensor) -> Tensor:
-    """V-MoE importance loss: squared coefficient of variation of imp_e = sum_i p_ie.
+def cv_squared(values: Tensor) -> Tensor:
+    """Squared coefficient of variation, var / mean^2 with the population variance (vmoe's
+    ``jnp.var``): 0 for equal values and for a single one, and no undefined std gradient."""
+    return values.var(correction=0) / values.mean() ** 2
 
-    Uses the population std (``correction=0``), as vmoe's ``jnp.std``; so it is 0
-    for perfectly balanced importance and for E = 1.
-    """
+
+def importance_loss(probs: Tensor) -> Tensor:
+    """V-MoE importance loss: CV^2 of imp_e = sum_i p_ie, over the clean (noise-free) router
+    probabilities, as vmoe computes it."""
     if probs.shape[0] == 0:
         return probs.new_zeros(())
-    importance = probs.sum(dim=0)
-    return (importance.std(correction=0) / importance.mean()) ** 2
+    return cv_squared(probs.sum(dim=0))
+
+
+def vmoe_load_loss(
+    clean_logits: Tensor, noisy_logits: Tensor, noise_std: float, top_k: int
+) -> Tensor:
+    """V-MoE load loss (vmoe's ``_load_auxiliary_loss``): CV^2 over experts of the mean
+    probability that a token would pick the expert if its noise were drawn again.
+
+    The threshold of a token is its k-th largest noisy logit; expert e clears it with
+    probability 1 - Phi((threshold - clean_e) / noise_std). Defined only with gating noise:
+    0 without (``noise_std`` 0), as vmoe leaves it out of a deterministic router.
+    """
+    if clean_logits.shape[0] == 0 or noise_std == 0:
+        return clean_logits.new_zeros(())
+    threshold = noisy_logits.topk(top_k, dim=-1).values[:, -1:]
+    above = torch.special.ndtr((clean_logits - threshold) / noise_std)  # 1 - Phi(-x) = Phi(x)
+    return cv_squared(above.mean(dim=0))
 
 
 def load_loss(probs: Tensor, top1: Tensor) -> Tensor:
@@ -71,14 +98,37 @@ def global_entropy_loss(probs: Tensor, min_experts: float) -> Tensor:
     return torch.relu(math.log(min_experts) - entropy(probs.mean(dim=0)))
 
 
-def group_losses(
-    logits: Tensor, probs: Tensor, top1: Tensor, min_experts: float
-) -> dict[str, Tensor]:
-    """All five losses for one token group, keyed by ``LOSS_NAMES``."""
+class RouterScores(NamedTuple):
+    """What the losses read of one routing: ``logits`` and ``probs`` [N, E] as routed (noisy
+    while training), ``clean_logits`` before the noise, the k choices ``expert_index``
+    [N, k] and the noise's std (0 without noise)."""
+
+    logits: Tensor
+    probs: Tensor
+    clean_logits: Tensor
+    expert_index: Tensor
+    noise_std: float = 0.0
+
+    def select(self, mask: Tensor | slice) -> RouterScores:
+        return RouterScores(self.logits[mask], self.probs[mask], self.clean_logits[mask],
+                            self.expert_index[mask], self.noise_std)  # fmt: skip
+
+
+def classic_losses(scores: RouterScores) -> dict[str, Tensor]:
+    """The balancing losses of one token group, keyed by ``CLASSIC_LOSSES``."""
+    clean_probs = torch.softmax(scores.clean_logits, dim=-1)
+    top_k = scores.expert_index.shape[-1]
     return {
-        "importance": importance_loss(probs),
-        "load": load_loss(probs, top1),
-        "z_loss": z_loss(logits),
+        "importance": importance_loss(clean_probs),
+        "load": load_loss(scores.probs, scores.expert_index[:, 0]),
+        "vmoe_load": vmoe_load_loss(scores.clean_logits, scores.logits, scores.noise_std, top_k),
+        "z_loss": z_loss(scores.logits),
+    }
+
+
+def entropy_losses(probs: Tensor, min_experts: float) -> dict[str, Tensor]:
+    """LIMoE's two losses of one modality."""
+    return {
         "local_entropy": local_entropy_loss(probs),
         "global_entropy": global_entropy_loss(probs, min_experts),
     }
@@ -91,22 +141,33 @@ def compute_aux_losses(
     modality: Tensor | None = None,
     modality_names: Sequence[str] = ("image", "text"),
     min_experts: Sequence[float] = (1.0,),
+    clean_logits: Tensor | None = None,
+    noise_std: float = 0.0,
+    scope: str = "modality",
 ) -> dict[str, Tensor]:
-    """Raw aux losses, per modality when ``modality [N]`` is given.
+    """Raw aux losses: the classic ones over ``scope`` (``all`` tokens, key ``"<loss>"``, or
+    each ``modality``, key ``"<loss>/<modality_names[m]>"``), the entropy ones per modality.
 
-    Keys are ``"<loss>/<modality_names[m]>"`` with a modality, ``"<loss>"`` without.
-    ``min_experts`` holds S for each modality id (one entry applies to all); without
-    a modality the tokens form one group that uses ``min_experts[0]``.
+    ``clean_logits`` are the logits before gating noise of std ``noise_std`` (None: no
+    noise). ``min_experts`` holds S for each modality id (one entry applies to all); without
+    a modality the tokens form one group that uses ``min_experts[0]`` and plain keys.
     """
-    logits, probs, top1 = logits.float(), probs.float(), expert_index[:, 0]
+    if scope not in LOSS_SCOPES:
+        raise ValueError(f"loss_scope must be one of {LOSS_SCOPES}, got {scope!r}")
+    logits, probs = logits.float(), probs.float()
+    clean = logits if clean_logits is None else clean_logits.float()
+    scores = RouterScores(logits, probs, clean, expert_index, noise_std)
     if modality is None:
-        return group_losses(logits, probs, top1, min_experts[0])
-    losses = {}
+        return {**classic_losses(scores), **entropy_losses(probs, min_experts[0])}
+    losses = classic_losses(scores) if scope == "all" else {}
     for m, name in enumerate(modality_names):
         mask = modality == m
+        group = scores.select(mask)
         s = min_experts[m] if len(min_experts) > 1 else min_experts[0]
-        for key, value in group_losses(logits[mask], probs[mask], top1[mask], s).items():
-            losses[f"{key}/{name}"] = value
+        own = entropy_losses(group.probs, s)
+        if scope == "modality":
+            own = {**classic_losses(group), **own}
+        losses.update({f"{key}/{name}": value for key, value in own.items()})
     return losses
 
 

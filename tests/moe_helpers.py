@@ -37,6 +37,8 @@ def randomise(layer: MoELayer) -> MoELayer:
         for p in layer.experts.parameters():
             p.normal_(std=0.3)
         layer.router.weight.normal_(std=1.0)
+        if layer.router_type == "soft":  # unit-norm logits: sharpen them as training would
+            layer.router.scale.fill_(4.0)
     return layer
 
 

@@ -3,6 +3,8 @@ against selections worked out by hand and per-group loop references."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import lightning as L
 import pytest
 import torch
@@ -10,7 +12,15 @@ from conftest import FAST_DEV_RUN
 from moe_helpers import bare_layer, expert_mlp, outputs_and_grads, randomise
 
 from limoe.models import LIMoE
-from limoe.moe import MoELayer, expert_choice, pack_groups
+from limoe.moe import (
+    MoELayer,
+    Routing,
+    default_load_weight,
+    expert_choice,
+    layer_summary,
+    pack_groups,
+    routing_stats,
+)
 from limoe.train import build_datamodule, build_module, build_trainer, compose
 
 DIM, HIDDEN = 8, 16
@@ -95,7 +105,11 @@ def naive_soft_moe(layer: MoELayer, x: torch.Tensor, group: torch.Tensor) -> tor
     for g in group.unique():
         members = (group == g).nonzero().squeeze(-1)
         xg = x[members]
-        logits = xg @ layer.router.weight.T  # [n, E * p]
+        # vmoe's SoftRouter: unit tokens against unit slot parameters, times a learned scale.
+        unit_x = xg / (xg.square().sum(-1, keepdim=True) + 1e-6).sqrt()
+        mu = layer.router.weight
+        unit_mu = mu / (mu.square().sum(-1, keepdim=True) + 1e-6).sqrt()
+        logits = layer.router.scale * unit_x @ unit_mu.T  # [n, E * p]
         dispatch, combine = logits.softmax(dim=0), logits.softmax(dim=1)
         slots = dispatch.T @ xg
         out = torch.stack([expert_mlp(layer, s // p, slots[s]) for s in range(slots.shape[0])])
@@ -175,3 +189,79 @@ def test_router_choice_trains_from_the_config(router, tmp_path):
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     changed = {n for n, p in module.model.named_parameters() if not torch.equal(p, before[n])}
     assert {"blocks.2.mlp.router.weight", "blocks.2.mlp.experts.w1"} <= changed
+
+
+def test_soft_router_is_vmoes_normalised_router():
+    """Slot logits are ``scale * cos(x, mu)``: blind to the token's norm, bounded by the
+    learned scale, and the scale learns (vmoe's SoftRouter)."""
+    torch.manual_seed(8)
+    layer = bare_layer(DIM, HIDDEN, 3, router="soft", slots_per_expert=2)
+    x = torch.randn(5, DIM)
+    logits = layer.router_logits(x)
+    cosine = torch.nn.functional.cosine_similarity(
+        x[:, None, :], layer.router.weight[None, :, :], dim=-1
+    )
+    torch.testing.assert_close(logits, cosine, rtol=1e-5, atol=1e-6)  # scale starts at 1
+    torch.testing.assert_close(layer.router_logits(50.0 * x), logits, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        layer.router.scale.fill_(3.0)
+    torch.testing.assert_close(layer.router_logits(x), 3.0 * cosine, rtol=1e-5, atol=1e-6)
+    layer(x, group=torch.tensor([0, 0, 1, 1, 1]))[0].square().sum().backward()
+    assert layer.router.scale.grad is not None and layer.router.scale.grad != 0
+
+
+def expert_choice_record(probs: torch.Tensor, capacity: int, modality: list[int]) -> Routing:
+    expert_index, gates, _, dropped = expert_choice(probs, capacity)
+    zero = torch.zeros(())
+    return Routing(expert_index, gates, dropped, probs, torch.tensor(modality), capacity, {},
+                   zero, router="expert_choice")  # fmt: skip
+
+
+def test_expert_choice_statistics_count_kept_choices():
+    """Worked by hand: two experts, capacity 1, images 0-1 and texts 2-3. Expert 0 picks token
+    0 (p=.9), expert 1 token 3 (p=.8); tokens 1 and 2 are picked by nobody. Each modality then
+    loses half its tokens, and its one kept choice is all of its share."""
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.2, 0.8]])
+    routing = expert_choice_record(probs, 1, [0, 0, 1, 1])
+    stats = routing_stats([routing], [2])
+    assert {k: round(float(v), 6) for k, v in stats.items()} == {
+        "routing/layer2/expert0/image": 1.0, "routing/layer2/expert0/text": 0.0,
+        "routing/layer2/expert1/image": 0.0, "routing/layer2/expert1/text": 1.0,
+        "dropped/image": 0.5, "dropped/text": 0.5,
+    }  # fmt: skip
+    summary = layer_summary(routing, threshold=0.9)
+    assert summary["dropped"] == {"image": 0.5, "text": 0.5}
+    assert summary["share"] == {"image": [1.0, 0.0], "text": [0.0, 1.0]}
+    assert summary["kind"] == ["image", "text"]
+    # With capacity 2 every token is picked: nothing is dropped, though each token was turned
+    # down by one of its two experts (the old statistics read 0.5 here).
+    full = routing_stats([expert_choice_record(probs, 2, [0, 0, 1, 1])], [2])
+    assert float(full["dropped/image"]) == float(full["dropped/text"]) == 0.0
+    # A top-k record with the same choices still counts choices over capacity.
+    topk = replace(expert_choice_record(probs, 1, [0, 0, 1, 1]), router="topk")
+    assert float(routing_stats([topk], [2])["dropped/image"]) == 0.75
+
+
+def test_expert_choice_layer_drops_nothing_it_was_built_to_keep():
+    """At capacity factor 1 over E = 16 experts the old statistics read dropped ~ 0.94."""
+    torch.manual_seed(9)
+    layer = bare_layer(DIM, HIDDEN, 16, router="expert_choice", capacity_factor=1.0)
+    modality = torch.tensor([0] * 48 + [1] * 16)
+    _, routing = layer(torch.randn(64, DIM), modality=modality)
+    unpicked = routing.dropped.all(dim=1)
+    stats = routing_stats([routing], [0])
+    for m, name in enumerate(("image", "text")):
+        want = unpicked[modality == m].float().mean()
+        torch.testing.assert_close(stats[f"dropped/{name}"], want)
+        shares = torch.stack([stats[f"routing/layer0/expert{e}/{name}"] for e in range(16)])
+        torch.testing.assert_close(shares.sum(), torch.tensor(1.0))
+    assert float(stats["dropped/image"]) < 0.5
+
+
+def test_expert_choice_and_soft_train_without_a_balancing_loss_unless_asked():
+    for router in ("expert_choice", "soft"):
+        layer = MoELayer(DIM, HIDDEN, 4, router=router, capacity_factor=1.0)
+        assert layer.loss_weights["load"] == 0.0
+        asked = MoELayer(DIM, HIDDEN, 4, router=router, capacity_factor=1.0, load_weight=0.02)
+        assert asked.loss_weights["load"] == 0.02
+    assert MoELayer(DIM, HIDDEN, 4).loss_weights["load"] == default_load_weight("topk") == 0.01

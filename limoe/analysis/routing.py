@@ -9,7 +9,7 @@ so capacity and Batch Priority Routing see the same mixed token set they saw whe
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -124,13 +124,13 @@ def collect_routing(
 
 
 def _to_cpu(routing: Routing) -> Routing:
-    return Routing(
+    return replace(
+        routing,
         expert_index=routing.expert_index.cpu(),
         gates=routing.gates.float().cpu(),
         dropped=routing.dropped.cpu(),
         probs=routing.probs.float().cpu(),
         modality=None if routing.modality is None else routing.modality.cpu(),
-        capacity=routing.capacity,
         aux_losses={k: v.detach().cpu() for k, v in routing.aux_losses.items()},
         aux_loss=routing.aux_loss.detach().cpu(),
     )

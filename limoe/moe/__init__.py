@@ -13,7 +13,7 @@ dispatch, which the sorted path must equal. Two more routers fill the same recor
 
 from .dispatch import combine, gather_tokens, sort_by_expert
 from .experts import Experts, ExpertShard
-from .layer import Choices, MoELayer
+from .layer import Choices, MoELayer, default_load_weight
 from .losses import (
     CLASSIC_LOSSES,
     LOSS_NAMES,
@@ -37,8 +37,16 @@ from .routing import (
     expert_choice,
     route,
 )
-from .soft import pack_groups, soft_moe
-from .statistics import concat_routings, expert_counts, expert_kinds, layer_summary, routing_stats
+from .soft import SoftRouter, pack_groups, soft_moe
+from .statistics import (
+    choice_totals,
+    concat_routings,
+    dropped_share,
+    expert_counts,
+    expert_kinds,
+    layer_summary,
+    routing_stats,
+)
 
 __all__ = [
     "Choices",
@@ -55,7 +63,11 @@ __all__ = [
     "combine",
     "compute_aux_losses",
     "compute_capacity",
+    "choice_totals",
     "concat_routings",
+    "default_load_weight",
+    "dropped_share",
+    "SoftRouter",
     "expert_counts",
     "expert_kinds",
     "dispatch_tensors",

@@ -23,7 +23,7 @@ from .routing import (
     expert_choice,
     route,
 )
-from .soft import soft_moe
+from .soft import SoftRouter, soft_moe
 
 
 class Choices(NamedTuple):
@@ -68,7 +68,8 @@ class MoELayer(nn.Module):
     until then, and on one process, the layer holds every expert.
 
     The defaults are those of ``conf/model/limoe.yaml``'s ``moe`` node (dropless top-1 with
-    gating noise, the load and both LIMoE entropy losses at 0.01, S = 2 per modality), so
+    gating noise, the load and both LIMoE entropy losses at 0.01, S = 2 per modality; the
+    load loss defaults to 0 for the expert-choice and soft routers), so
     ``MoELayer(dim, hidden, E)`` is the layer the default LIMoE builds; a test keeps the two
     equal.
     """
@@ -88,7 +89,7 @@ class MoELayer(nn.Module):
         noisy_gating: bool = True,
         capacity_multiple: int = 4,
         importance_weight: float = 0.0,
-        load_weight: float = 0.01,
+        load_weight: float | None = None,
         vmoe_load_weight: float = 0.0,
         z_loss_weight: float = 0.0,
         local_entropy_weight: float = 0.01,
@@ -134,12 +135,16 @@ class MoELayer(nn.Module):
         if loss_scope not in LOSS_SCOPES:
             raise ValueError(f"loss_scope must be one of {LOSS_SCOPES}, got {loss_scope!r}")
         self.loss_scope = loss_scope
+        if load_weight is None:
+            load_weight = default_load_weight(router)
         weights = (importance_weight, load_weight, vmoe_load_weight, z_loss_weight)
         weights += (local_entropy_weight, global_entropy_weight)
         self.loss_weights = dict(zip(LOSS_NAMES, weights))
-        num_outputs = num_experts * (slots_per_expert if router == "soft" else 1)
-        self.router = nn.Linear(dim, num_outputs, bias=False)
-        nn.init.trunc_normal_(self.router.weight, std=0.02)
+        if router == "soft":
+            self.router = SoftRouter(dim, num_experts * slots_per_expert)
+        else:
+            self.router = nn.Linear(dim, num_experts, bias=False)
+            nn.init.trunc_normal_(self.router.weight, std=0.02)
         self.experts = Experts(
             num_experts, dim, hidden_dim, act_layer=act_layer, drop=drop, gemm=gemm
         )
@@ -184,12 +189,16 @@ class MoELayer(nn.Module):
             capacity=choices.capacity,
             aux_losses=aux_losses,
             aux_loss=weighted_sum(aux_losses, self.loss_weights),
+            router=self.router_type,
         )
         return y.to(x.dtype), routing
 
     def router_logits(self, x: Tensor) -> Tensor:
-        """Router logits [N, E] in float32, outside autocast: routing decisions are brittle in bf16."""
+        """Router logits [N, E] (Soft MoE: slot logits [N, E * slots]) in float32, outside
+        autocast: routing decisions are brittle in bf16."""
         with torch.autocast(device_type=x.device.type, enabled=False):
+            if self.router_type == "soft":
+                return self.router(x)
             return F.linear(x.float(), self.router.weight.float())
 
     def route_tokens(self, logits: Tensor) -> Choices:
@@ -279,6 +288,13 @@ class MoELayer(nn.Module):
                 f"modality ids must be in [0, {num}) for modality_names={self.modality_names}, "
                 f"got ids in [{int(modality.min())}, {int(modality.max())}]"
             )
+
+
+def default_load_weight(router: str) -> float:
+    """The Switch/GShard load loss weight when none is given: 0.01 for top-k routing, 0 for
+    expert choice (balanced by construction) and Soft MoE (nothing to balance: every slot
+    takes a full weighted average), which vmoe also trains without any auxiliary loss."""
+    return 0.01 if router == "topk" else 0.0
 
 
 def _check_config(

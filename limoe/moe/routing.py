@@ -34,6 +34,9 @@ class Routing:
     capacity: int | None  # per-expert capacity; None = dropless
     aux_losses: dict[str, Tensor]  # raw, unweighted scalars: "<loss>/<modality>" or "<loss>"
     aux_loss: Tensor  # scalar: weighted sum of aux_losses (what the trainer adds to its loss)
+    # Who chose: "topk" and "soft" (tokens, k choices each) or "expert_choice" (experts pick
+    # tokens: a token's E choices are requests only, and a token no expert picked is dropped).
+    router: str = "topk"
 
 
 def compute_capacity(

@@ -11,9 +11,40 @@ an image embedding see another pair's caption. Groups are packed into a padded
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from .experts import Experts
+
+
+class SoftRouter(nn.Module):
+    """Slot logits as vmoe's ``SoftRouter``: ``scale * <x / |x|, mu_s / |mu_s|>``.
+
+    Both the tokens and the slot parameters are L2-normalised and one learned scalar sets the
+    logits' sharpness. Without the normalisation the logits grow with the residual stream's
+    norm, which rises with depth, and the dispatch softmax collapses onto a few tokens; the
+    paper (Puigcerver et al., 2023, section 2.3) found this matters most at large widths.
+    ``weight [num_slots, dim]`` holds ``mu`` (one row per slot, expert-major).
+    """
+
+    def __init__(self, dim: int, num_slots: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_slots, dim))
+        self.scale = nn.Parameter(torch.ones(()))
+        self.eps = eps
+        # LeCun normal, as vmoe: unit-norm rows on average, so eps is negligible.
+        nn.init.normal_(self.weight, std=dim**-0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Slot logits ``[N, num_slots]`` in float32 for tokens ``x [N, dim]``."""
+        x = _unit(x.float(), self.eps)
+        mu = _unit(self.weight.float(), self.eps)
+        return self.scale.float() * F.linear(x, mu)
+
+
+def _unit(x: Tensor, eps: float) -> Tensor:
+    """``x / sqrt(|x|^2 + eps)`` along the last axis (vmoe's ``normalize``)."""
+    return x * torch.rsqrt(x.square().sum(dim=-1, keepdim=True) + eps)
 
 
 def pack_groups(group: Tensor, num_tokens: int) -> tuple[Tensor, Tensor, int, int]:

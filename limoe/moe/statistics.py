@@ -34,28 +34,60 @@ def modality_tokens(routing: Routing, num_modalities: int = 2) -> Tensor:
     return torch.bincount(routing.modality, minlength=num_modalities)
 
 
+def choice_totals(routing: Routing, counts: Tensor, tokens: Tensor) -> Tensor:
+    """Per modality, the choices an expert's share is a share of: tokens x top_k for top-k and
+    soft routing (so a layer's shares sum to one minus its dropped share); the kept choices for
+    expert choice, whose E choices per token are requests that most experts turn down by
+    design (its shares sum to one). ``counts`` as ``expert_counts``, ``tokens`` as
+    ``modality_tokens``."""
+    if routing.router == "expert_choice":
+        return counts.sum(dim=0)
+    return tokens * routing.expert_index.shape[1]
+
+
+def dropped_share(routing: Routing, counts: Tensor, tokens: Tensor) -> Tensor:
+    """Per modality, the share dropped: of the top-k choices, those over capacity; under
+    expert choice, the tokens no expert picked (they pass through on the residual alone)."""
+    if routing.router == "expert_choice":
+        unpicked = routing.dropped.all(dim=1)
+        modality = _modality_or_zeros(routing).to(unpicked.device)
+        lost = torch.bincount(modality[unpicked], minlength=tokens.numel()).to(tokens.device)
+        return lost.float() / tokens.clamp(min=1).float()
+    kept = counts.sum(dim=0).float()
+    totals = choice_totals(routing, counts, tokens).float()
+    return torch.where(tokens > 0, 1.0 - kept / totals.clamp(min=1), torch.zeros_like(kept))
+
+
+def _modality_or_zeros(routing: Routing) -> Tensor:
+    if routing.modality is None:
+        return torch.zeros(routing.expert_index.shape[0], dtype=torch.long)
+    return routing.modality
+
+
 def routing_stats(
     routings: Sequence[Routing], layers: Sequence[int], names: Sequence[str] = MODALITY_NAMES
 ) -> dict[str, Tensor]:
     """Flat, loggable statistics: each expert's share of a modality's tokens per layer, the
     fraction of each modality's choices dropped, and the raw auxiliary losses (layer mean).
 
-    ``routing/layer{l}/expert{e}/{modality}``: the fraction of that modality's tokens the
-    expert processed (kept choices over tokens x top_k; the shares of a layer sum to one minus
-    the dropped fraction).
+    ``routing/layer{l}/expert{e}/{modality}``: the fraction of that modality's choices the
+    expert served (``choice_totals``: of tokens x top_k, the shares of a layer summing to one
+    minus the dropped share; under expert choice, of the kept choices). ``dropped/{modality}``
+    as ``dropped_share``.
     """
     stats: dict[str, Tensor] = {}
     dropped = {name: [] for name in names}
     aux: dict[str, list[Tensor]] = {}
     for layer, routing in zip(layers, routings):
-        top_k = routing.expert_index.shape[1]
-        denom = (modality_tokens(routing, len(names)) * top_k).clamp(min=1).float()
-        share = expert_counts(routing, len(names)).float() / denom.to(routing.probs.device)
+        counts = expert_counts(routing, len(names))
+        tokens = modality_tokens(routing, len(names)).to(counts.device)
+        share = counts.float() / choice_totals(routing, counts, tokens).clamp(min=1).float()
         for e in range(share.shape[0]):
             for m, name in enumerate(names):
                 stats[f"routing/layer{layer}/expert{e}/{name}"] = share[e, m]
+        lost = dropped_share(routing, counts, tokens)
         for m, name in enumerate(names):
-            dropped[name].append(1.0 - share[:, m].sum())
+            dropped[name].append(lost[m])
         for key, value in routing.aux_losses.items():
             aux.setdefault(key, []).append(value.detach())
     for name, values in dropped.items():
@@ -75,6 +107,9 @@ def concat_routings(routings: Sequence[Routing]) -> Routing:
     if all(r.modality is not None for r in routings):
         modality = torch.cat([r.modality for r in routings])
     capacities = {r.capacity for r in routings}
+    routers = {r.router for r in routings}
+    if len(routers) != 1:
+        raise ValueError(f"cannot concatenate records of different routers: {sorted(routers)}")
     aux = {
         k: torch.stack([r.aux_losses[k] for r in routings]).mean() for k in routings[0].aux_losses
     }
@@ -87,6 +122,7 @@ def concat_routings(routings: Sequence[Routing]) -> Routing:
         capacity=capacities.pop() if len(capacities) == 1 else None,
         aux_losses=aux,
         aux_loss=torch.stack([r.aux_loss for r in routings]).mean(),
+        router=routers.pop(),
     )
 
 
@@ -129,7 +165,7 @@ def layer_summary(
     """What one MoE layer did with a set of tokens, as plain JSON-ready numbers.
 
     Per modality: ``tokens``; ``counts`` and ``share`` (kept choices per expert, and as a share
-    of the modality's tokens x top_k); ``dropped`` (share of choices over capacity);
+    of the modality's ``choice_totals``); ``dropped`` (``dropped_share``);
     ``entropy_local`` (mean entropy of a token's router distribution, nats: low = confident
     routing, what LIMoE's local loss lowers) and ``entropy_global`` (entropy of the modality's
     mean router distribution: high = many experts in use, what the global loss keeps up);
@@ -139,13 +175,12 @@ def layer_summary(
     counted in ``specialised``.
     """
     m = len(names)
-    modality = routing.modality
-    if modality is None:
-        modality = torch.zeros(routing.expert_index.shape[0], dtype=torch.long)
-    modality = modality.to(routing.probs.device)
+    modality = _modality_or_zeros(routing).to(routing.probs.device)
     top_k = routing.expert_index.shape[1]
     counts = expert_counts(routing, m).cpu()
     tokens = modality_tokens(routing, m).cpu()
+    totals = choice_totals(routing, counts, tokens)
+    lost = dropped_share(routing, counts, tokens)
     kinds = expert_kinds(counts, names, threshold, min_share)
     fraction = counts.float() / counts.sum(dim=1, keepdim=True)
     summary: dict = {
@@ -164,11 +199,11 @@ def layer_summary(
     }
     for i, name in enumerate(names):
         probs = routing.probs[modality == i].float()
-        choices = max(int(tokens[i]) * top_k, 1)
+        choices = max(int(totals[i]), 1)
         summary["tokens"][name] = int(tokens[i])
         summary["counts"][name] = counts[:, i].tolist()
         summary["share"][name] = (counts[:, i].float() / choices).tolist()
-        summary["dropped"][name] = 1.0 - float(counts[:, i].sum()) / choices if tokens[i] else 0.0
+        summary["dropped"][name] = float(lost[i])
         empty = probs.shape[0] == 0
         summary["entropy_local"][name] = 0.0 if empty else float(entropy(probs).mean())
         summary["entropy_global"][name] = 0.0 if empty else float(entropy(probs.mean(0)))

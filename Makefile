@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install train dense compare analyze bench test test-all lint format notebooks lab clean
+.PHONY: install train dense compare ablation analyze bench test test-all lint format notebooks lab clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ dense: $(STAMP)  ## the dense one-tower arm with the same budget
 compare: $(STAMP)  ## LIMoE vs dense vs CLIP over 3 seeds, then the table and plots
 	$(BIN)/limoe-train -m experiment=limoe_vs_clip $(ARGS)
 	$(BIN)/limoe-compare $$(ls -td logs/limoe_vs_clip/multiruns/*/ | head -1)
+
+ablation: $(STAMP)  ## the paper's auxiliary-loss ablation on scenes (6 recipes, 3 seeds for vmoe and limoe)
+	$(BIN)/limoe-train -m experiment=paper_ablation $(ARGS)
+	$(BIN)/limoe-train -m experiment=paper_ablation recipe=vmoe,limoe seed=1,2 $(ARGS)
+	$(BIN)/limoe-compare logs/paper_ablation/multiruns --out logs/paper_ablation/comparison
 
 analyze: $(STAMP)  ## routing figures and tables of the latest `make train` run (into its routing/)
 	$(BIN)/limoe-analyze ckpt=$$(ls -td logs/train/runs/*/ | head -1)checkpoints/last.ckpt $(ARGS)

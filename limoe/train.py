@@ -10,6 +10,7 @@ and ``load_checkpoint`` for a trained module with the data it was trained on.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from limoe.config import compose_config
 from limoe.data.loading import first_pairs
 from limoe.lit import ContrastiveModule, NonFiniteLossError
+from limoe.lit.callbacks import RoutingHistory, routing_metrics
 from limoe.lit.checkpoint import check_fits, read_checkpoint
 from limoe.models import model_cost, parameter_counts
 from limoe.runs import read_metrics, write_metrics
@@ -34,14 +36,17 @@ def compose(
 ) -> DictConfig:
     """The config ``limoe-<name> key=value ...`` runs, composed outside a Hydra app.
 
-    What Hydra fills in when the app starts is filled in here: ``arm``, the name of the
-    model config chosen (unless set), and ``paths.output_dir``, which becomes ``output_dir``.
+    What Hydra fills in when the app starts is filled in here: ``arm``, the config group
+    choice it names (``${hydra:runtime.choices.model}`` unless set), and
+    ``paths.output_dir``, which becomes ``output_dir``.
     """
     cfg = compose_config(name, list(overrides or []), return_hydra_config=True)
     choices = cfg.hydra.runtime.choices
     with open_dict(cfg):
         if "arm" in cfg and OmegaConf.is_interpolation(cfg, "arm"):
-            cfg.arm = choices.get("model")
+            raw = OmegaConf.to_container(cfg, resolve=False)["arm"]
+            group = re.fullmatch(r"\$\{hydra:runtime\.choices\.([\w/]+)\}", raw)
+            cfg.arm = choices.get(group.group(1) if group else "model")
         del cfg["hydra"]
         if output_dir is not None:
             cfg.paths.output_dir = str(output_dir)
@@ -109,12 +114,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
     print(f"limoe: {cost['model/flops_per_pair'] / 1e6:.2f} MFLOPs forward per image-text pair")
     samples = trainer.global_step * cfg.data.batch_size * trainer.world_size
     metrics.update(cost)
+    metrics.update(_final_routing(trainer))
     metrics["train/wall_seconds"] = train_seconds
     metrics["train/steps"] = trainer.global_step
     metrics["train/samples_per_second"] = samples / train_seconds
     if not trainer.is_global_zero:  # every rank has the same metrics; one writes them
         return {}
     return write_metrics(output_dir / "metrics.json", metrics, cfg.get("arm"), plain(cfg))
+
+
+def _final_routing(trainer: L.Trainer) -> dict[str, float]:
+    """The routing of the last ``RoutingHistory`` record (the final validation) as metrics."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, RoutingHistory) and callback.last:
+            return routing_metrics(callback.last)
+    return {}
 
 
 def _test(trainer: L.Trainer, module: L.LightningModule, datamodule) -> dict[str, float]:

@@ -16,6 +16,7 @@ from moe_helpers import bare_layer
 from torch.utils.data import default_collate
 
 from limoe.analysis.compare import compare, find_runs, group_by_arm, summarise
+from limoe.lit.callbacks import read_history, routing_metrics
 from limoe.models import LIMoE, build_clip, create_model, model_cost, parameter_counts
 from limoe.models.cost import count_flops, flops_per_pair
 from limoe.runs import write_metrics
@@ -176,6 +177,32 @@ def test_comparison_table_gives_mean_and_std_over_seeds(tmp_path):
         assert files[png].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_routing_metrics_by_hand():
+    """Two layers of four experts: kinds counted, the busiest share per modality and layer,
+    and the largest over layers as the collapse figure."""
+
+    def summary(image_share, text_share, kinds):
+        return {
+            "share": {"image": image_share, "text": text_share},
+            "specialised": dict(zip(("image", "text", "shared", "unused"), kinds)),
+            "entropy_global": {"image": 1.2, "text": 0.4},
+            "entropy_local": {"image": 0.5, "text": 0.1},
+            "dropped": {"image": 0.0, "text": 0.25},
+        }
+
+    metrics = routing_metrics({
+        "2": summary([0.4, 0.3, 0.2, 0.1], [0.1, 0.1, 0.2, 0.6], (1, 1, 2, 0)),
+        "3": summary([0.25, 0.25, 0.25, 0.25], [0.0, 0.9, 0.1, 0.0], (0, 1, 1, 2)),
+    })  # fmt: skip
+    assert metrics["routing/layer2/image_busiest_share"] == 0.4
+    assert metrics["routing/layer3/text_busiest_share"] == 0.9
+    assert metrics["routing/text_busiest_share"] == 0.9
+    assert metrics["routing/image_busiest_share"] == 0.4
+    assert metrics["routing/layer3/unused_experts"] == 2.0
+    assert metrics["routing/layer2/text_dropped"] == 0.25
+    assert len(metrics) == 2 * (4 + 2 * 4) + 2
+
+
 def test_compare_without_runs_fails_with_one_line(tmp_path):
     result = subprocess.run([str(BIN / "limoe-compare"), str(tmp_path)],
                             capture_output=True, text=True)  # fmt: skip
@@ -211,7 +238,18 @@ def test_smoke_comparison_runs_every_arm_end_to_end(tmp_path):
     assert csv_arms == {"limoe", "dense", "clip"}
     for png in ("curves_step.png", "curves_flops.png"):
         assert (tmp_path / "cmp" / png).stat().st_size > 10_000
-    metrics = json.loads(next(sweep.glob("limoe_seed0_*/metrics.json")).read_text())
+    for png in ("expert_shares.png", "collapse.png"):  # the limoe runs recorded their routing
+        assert (tmp_path / "cmp" / png).stat().st_size > 10_000
+    run_dir = next(sweep.glob("limoe_seed0_*"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    last = read_history(run_dir / "routing" / "history.jsonl")[-1]
+    assert last["step"] == metrics["train/steps"]
+    for layer in ("2", "3"):
+        share = last["layers"][layer]["share"]["text"]
+        assert metrics[f"routing/layer{layer}/text_busiest_share"] == max(share)
+        kinds = [metrics[f"routing/layer{layer}/{k}_experts"] for k in ("image", "text",
+                 "shared", "unused")]  # fmt: skip
+        assert sum(kinds) == 4  # experts in the smoke size
     assert metrics["arm"] == "limoe" and metrics["config"]["model"]["moe_layers"] == [2, 3]
     assert metrics["config"]["seed"] == 0 and metrics["config"]["arm"] == "limoe"
     assert metrics["model/params_active_per_token"] < metrics["model/params_total"]

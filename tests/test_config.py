@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 import pytest
 from omegaconf import OmegaConf
 
-from limoe.data import ImageTextDataModule, ShapesDataModule
+from limoe.data import ImageTextDataModule, ScenesDataModule, ShapesDataModule
 from limoe.lit import RoutingHistory
 from limoe.models import LIMoE, build_clip, create_model
 from limoe.moe import MoELayer
@@ -21,7 +21,8 @@ BUILT = [
     (LIMoE, "model", [], {"moe"}),  # moe: MoELayer's own defaults, checked below
     (MoELayer, "model.moe", [], {"dim", "hidden_dim", "modality_names", "act_layer"}),
     (build_clip, "model", ["model=clip"], set()),
-    (ShapesDataModule, "data", [], set()),
+    (ShapesDataModule, "data", ["data=shapes"], set()),
+    (ScenesDataModule, "data", ["data=scenes"], set()),
     (ImageTextDataModule, "data", ["data=csv"], set()),
     (RoutingHistory, "callbacks.routing_history", [], {"dirpath"}),
 ]

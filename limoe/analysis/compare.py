@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from limoe.analysis import plots
+from limoe.lit.callbacks import read_history
 from limoe.runs import read_metrics
 
 # forward + backward of a training step costs about three forward passes
@@ -32,6 +34,7 @@ class Run:
     batch_size: int
     metrics: dict[str, float]
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)  # RoutingHistory records, MoE runs only
 
 
 def read_curves(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
@@ -53,8 +56,11 @@ def load_run(run_dir: Path) -> Run:
     batch_size = record.config.get("data", {}).get("batch_size")
     if batch_size is None:
         raise ValueError(f"{run_dir}/metrics.json records no config (data.batch_size)")
+    history_path = run_dir / "routing" / "history.jsonl"
+    history = read_history(history_path) if history_path.is_file() else []
     return Run(arm=record.arm or run_dir.name, batch_size=int(batch_size),
-               metrics=record.metrics, curves=read_curves(run_dir / "metrics.csv"))  # fmt: skip
+               metrics=record.metrics, curves=read_curves(run_dir / "metrics.csv"),
+               history=history)  # fmt: skip
 
 
 def find_runs(paths: list[Path]) -> list[Run]:
@@ -104,8 +110,8 @@ def _format(mean: float, std: float, metric: str) -> str:
 
 
 def _metric_order(metric: str) -> tuple[int, str]:
-    """Test metrics first, then held-out pairs, then costs and speed."""
-    prefixes = ("test/", "test_novel/", "model/", "train/")
+    """Test metrics first, then held-out pairs, routing, costs and speed."""
+    prefixes = ("test/", "test_novel/", "routing/", "model/", "train/")
     rank = next((i for i, p in enumerate(prefixes) if metric.startswith(p)), len(prefixes))
     return rank, metric
 
@@ -183,8 +189,24 @@ def plot_curves(groups: dict[str, list[Run]], x_axis: str, path: Path) -> None:
     plt.close(fig)
 
 
+def routing_figures(groups: dict[str, list[Run]], out: Path) -> dict[str, Path]:
+    """``expert_shares.png`` (each arm's first seed at its last record) and ``collapse.png``
+    (busiest-expert share over training) for the arms whose runs recorded their routing."""
+    routed = {arm: runs for arm, runs in groups.items() if all(run.history for run in runs)}
+    if not routed:
+        return {}
+    last = {arm: runs[0].history[-1]["layers"] for arm, runs in routed.items()}
+    histories = {arm: [run.history for run in runs] for arm, runs in routed.items()}
+    return {
+        "expert_shares.png": plots.save(plots.plot_arm_expert_shares(last),
+                                        out / "expert_shares.png"),
+        "collapse.png": plots.save(plots.plot_collapse(histories), out / "collapse.png"),
+    }  # fmt: skip
+
+
 def compare(paths: list[Path], out: Path) -> dict[str, Path]:
-    """Write ``comparison.md``, ``comparison.csv``, ``curves_step.png``, ``curves_flops.png``."""
+    """Write ``comparison.md``, ``comparison.csv``, ``curves_step.png``, ``curves_flops.png``
+    and, for MoE runs, ``expert_shares.png`` and ``collapse.png``."""
     groups = group_by_arm(find_runs(paths))
     rows = summarise(groups)
     out.mkdir(parents=True, exist_ok=True)
@@ -194,6 +216,7 @@ def compare(paths: list[Path], out: Path) -> dict[str, Path]:
     write_csv(rows, files["comparison.csv"])
     plot_curves(groups, "step", files["curves_step.png"])
     plot_curves(groups, "flops", files["curves_flops.png"])
+    files.update(routing_figures(groups, out))
     return files
 
 

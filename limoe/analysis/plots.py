@@ -300,3 +300,62 @@ def plot_history(history: Sequence[dict]) -> Figure:
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(8, num_experts), fontsize=7)
     return fig
+
+
+def plot_arm_expert_shares(arms: Mapping[str, Mapping[str, dict]]) -> Figure:
+    """One row per arm, one column per MoE layer: each expert's share of the layer's routed
+    tokens, image patches solid and text tokens hatched, experts sorted by their total share
+    (``arms``: arm -> layer -> ``layer_summary``, e.g. a run's last ``RoutingHistory``)."""
+    names = list(arms)
+    layers = list(next(iter(arms.values())))
+    fig = Figure(figsize=(4.2 * len(layers) + 0.5, 1.9 * len(names) + 0.8), layout="constrained")
+    axes = fig.subplots(len(names), len(layers), squeeze=False, sharey=True)
+    for row, arm in zip(axes, names):
+        for ax, layer in zip(row, layers):
+            s = arms[arm][layer]
+            image = np.array(s["counts"]["image"], dtype=float)
+            text = np.array(s["counts"]["text"], dtype=float)
+            total = max(image.sum() + text.sum(), 1.0)
+            order = np.argsort(-(image + text), kind="stable")
+            x = np.arange(len(order))
+            ax.bar(x, image[order] / total, color="tab:blue", edgecolor="black", linewidth=0.4)
+            ax.bar(x, text[order] / total, bottom=image[order] / total, color="tab:orange",
+                   edgecolor="black", linewidth=0.4, hatch="//")  # fmt: skip
+            kinds = s["specialised"]
+            ax.set_title(f"{arm}, layer {layer}: {kinds['image']} img / {kinds['text']} txt / "
+                         f"{kinds['shared']} shared / {kinds['unused']} unused", fontsize=8)  # fmt: skip
+            ax.set_xticks(x, [str(e) for e in order], fontsize=6)
+        row[0].set_ylabel("share of tokens")
+    for ax in axes[-1]:
+        ax.set_xlabel("expert (by share)")
+    axes[0, 0].legend(
+        handles=[Patch(facecolor="tab:blue", edgecolor="black", label="image patches"),
+                 Patch(facecolor="tab:orange", edgecolor="black", hatch="//",
+                       label="text tokens")], fontsize=7,
+    )  # fmt: skip
+    fig.suptitle("Token share per expert, per arm (last validation, first seed)")
+    return fig
+
+
+def plot_collapse(arms: Mapping[str, Sequence[Sequence[dict]]]) -> Figure:
+    """Collapse over training: per modality, the busiest expert's share of that modality's
+    tokens (the largest over MoE layers) against step, mean over seeds per arm; at 0.5 or
+    more one expert takes half a modality (``arms``: arm -> one history per seed)."""
+    fig = Figure(figsize=(11, 3.6), layout="constrained")
+    axes = fig.subplots(1, len(MODALITY_NAMES), squeeze=False, sharey=True)[0]
+    for ax, name in zip(axes, MODALITY_NAMES):
+        for arm, histories in arms.items():
+            curves = [
+                {r["step"]: max(max(s["share"][name]) for s in r["layers"].values()) for r in h}
+                for h in histories
+            ]
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            mean = [float(np.mean([c[step] for c in curves])) for step in steps]
+            ax.plot(steps, mean, marker=".", label=f"{arm} (n={len(curves)})")
+        ax.axhline(0.5, color="black", linestyle=":", linewidth=1)
+        ax.set_title(f"{name}: busiest expert's share")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("share of the modality's tokens")
+    axes[-1].legend(fontsize=7)
+    return fig

@@ -105,7 +105,7 @@ def content_tables(
 
 def content_report(record: RoutingRecord, dataset, out: Path) -> list[Path]:
     """``content.csv`` and ``content_routing.png``: which experts take shape / background
-    patches and colour / shape / position ... words (needs the shapes dataset's attributes)."""
+    patches and colour / shape / position ... words (needs an embedded dataset)."""
     tables, present, counts = content_tables(record, dataset)
     rows = [
         [layer, group, n, e, _fmt(float(table[g, e]))]
@@ -178,6 +178,6 @@ def write_report(
         plots.save(figure, out / name)
     if hasattr(dataset, "image_uint8") and num_examples > 0:
         example_figures(record, dataset, out, num_examples)
-    if hasattr(dataset, "attributes"):
+    if hasattr(dataset, "caption_roles"):
         content_report(record, dataset, out)
     return summaries

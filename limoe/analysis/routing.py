@@ -17,13 +17,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from limoe.data.loading import collate_pairs
-from limoe.data.shapes import caption_roles, shape_mask
 from limoe.models.limoe import IMAGE, TEXT, text_padding_mask
 from limoe.moe import Routing
 from limoe.moe.statistics import MODALITY_NAMES, concat_routings, layer_summary
 
 IMAGE_GROUPS = ("shape", "edge", "background")
-TEXT_GROUPS = ("size", "colour", "shape", "position", "background", "other", "start/end")
+# Token roles of the embedded datasets' captions (shapes: size ... background; scenes:
+# colour, shape, relation), then template words and the start and end tokens.
+TEXT_GROUPS = (
+    "size", "colour", "shape", "position", "relation", "background", "other", "start/end",
+)  # fmt: skip
 CONTENT_GROUPS = tuple(f"image/{g}" for g in IMAGE_GROUPS) + tuple(f"text/{g}" for g in TEXT_GROUPS)
 
 
@@ -153,8 +156,9 @@ def image_group(coverage: float) -> str:
 
 
 def content_groups(record: RoutingRecord, dataset) -> list[str]:
-    """Each token's content group (``CONTENT_GROUPS``): for the shapes dataset, patches by how
-    much of the shape they cover and caption tokens by the attribute they name."""
+    """Each token's content group (``CONTENT_GROUPS``): patches by how much of the objects
+    they cover, caption tokens by what they name. ``dataset`` is one of the embedded datasets,
+    which say both (``object_mask(i)``, ``caption_roles(i)``)."""
     groups: list[str] = []
     pair_groups: dict[int, tuple[list[str], list[str]]] = {}
     for modality, pair, position in zip(
@@ -168,10 +172,8 @@ def content_groups(record: RoutingRecord, dataset) -> list[str]:
 
 
 def _pair_groups(dataset, index: int, patch_size: int) -> tuple[list[str], list[str]]:
-    attrs = dataset.attributes(index)
-    coverage = patch_coverage(shape_mask(attrs, dataset.image_size), patch_size)
-    tokens = dataset.tokens(attrs.caption())
-    return [image_group(c) for c in coverage], caption_roles(attrs, tokens, dataset.tokenizer)
+    coverage = patch_coverage(dataset.object_mask(index), patch_size)
+    return [image_group(c) for c in coverage], dataset.caption_roles(index)
 
 
 def content_table(

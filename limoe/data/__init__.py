@@ -1,12 +1,20 @@
-"""Datasets and datamodules: the embedded shapes data and open_clip's file formats."""
+"""Datasets and datamodules: the embedded shapes and scenes data and open_clip's file formats."""
 
-from limoe.data.datamodule import ImageTextDataModule, PairDataModule, ShapesDataModule
+from limoe.data.datamodule import (
+    ImageTextDataModule,
+    PairDataModule,
+    ScenesDataModule,
+    ShapesDataModule,
+)
+from limoe.data.scenes import ScenesDataset
 from limoe.data.shapes import ShapesDataset, export_csv, zeroshot_tasks
 from limoe.eval.plan import ZeroShotTask
 
 __all__ = [
     "ImageTextDataModule",
     "PairDataModule",
+    "ScenesDataModule",
+    "ScenesDataset",
     "ShapesDataModule",
     "ShapesDataset",
     "ZeroShotTask",

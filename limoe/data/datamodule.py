@@ -20,11 +20,13 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.tokenizer import SimpleTokenizer
 from torch.utils.data import DataLoader, Dataset
 
+from limoe.data import scenes, shapes
 from limoe.data.csv import read_csv
 from limoe.data.imagefolder import imagefolder_task
 from limoe.data.loading import ResumableLoader, ResumableSampler
 from limoe.data.pairs import WHITE, IndexedSamples, PairDataset, build_transform
-from limoe.data.shapes import MEAN, SPLITS, STD, ShapesDataset, zeroshot_tasks
+from limoe.data.procedural import MEAN, STD, ProceduralPairs
+from limoe.data.shapes import SPLITS, ShapesDataset
 from limoe.data.skips import SkipCounts
 from limoe.data.webdataset import ShardStream, check_tars, expand_urls, index_shards
 from limoe.eval.plan import EvalPlan, EvalSet
@@ -34,7 +36,7 @@ def _pair_sample(dataset: PairDataset, i: int) -> dict:
     return dataset.sample(i)
 
 
-def _shapes_sample(dataset: ShapesDataset, i: int) -> dict:
+def _procedural_sample(dataset: ProceduralPairs, i: int) -> dict:
     image, tokens, labels = dataset[i]
     return {"image": image, "text": tokens, "labels": labels, "valid": torch.tensor(True)}
 
@@ -184,7 +186,13 @@ _SHAPES_EVAL: dict[str, tuple[tuple[str, str], ...]] = {
 
 
 class ShapesDataModule(PairDataModule):
-    """Train/val/test/novel loaders over ShapesDataset, sharing one tokenizer."""
+    """Train/val/test/novel loaders over ShapesDataset, sharing one tokenizer.
+
+    Also the base of the other embedded procedural data (``ScenesDataModule``): a subclass
+    names its ``dataset_class`` and ``zeroshot_tasks`` and its own defaults."""
+
+    dataset_class: type[ProceduralPairs] = ShapesDataset
+    zeroshot_tasks = staticmethod(shapes.zeroshot_tasks)
 
     def __init__(
         self,
@@ -245,14 +253,14 @@ class ShapesDataModule(PairDataModule):
         self.hard_negatives = hard_negatives  # train split only: evaluation pairs are i.i.d.
         self.hard_negative_attributes = hard_negative_attributes
         self.tokenizer = SimpleTokenizer(context_length=context_length)
-        self._datasets: dict[str, ShapesDataset] = {}
+        self._datasets: dict[str, ProceduralPairs] = {}
 
-    def dataset(self, split: str) -> ShapesDataset:
+    def dataset(self, split: str) -> ProceduralPairs:
         """The dataset of one split, built on first use (cheap: attributes are hashed)."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
         if split not in self._datasets:
-            self._datasets[split] = ShapesDataset(
+            self._datasets[split] = self.dataset_class(
                 split,
                 self.sizes[split],
                 image_size=self.image_size,
@@ -288,9 +296,9 @@ class ShapesDataModule(PairDataModule):
                 self.dataset(split)
 
     def _own_eval_sets(self, stage: str) -> list[EvalSet]:
-        tasks = tuple(zeroshot_tasks().values())
+        tasks = tuple(self.zeroshot_tasks().values())
         return [
-            EvalSet(prefix, IndexedSamples(self.dataset(split), _shapes_sample), tasks)
+            EvalSet(prefix, IndexedSamples(self.dataset(split), _procedural_sample), tasks)
             for split, prefix in _SHAPES_EVAL[stage]
         ]
 
@@ -311,6 +319,44 @@ class ShapesDataModule(PairDataModule):
                 f"max_steps={max_steps}: later steps re-read the split from the start "
                 "(captions full again); raise data.train_size to keep the curriculum"
             )
+
+
+class ScenesDataModule(ShapesDataModule):
+    """The ``scenes`` benchmark (``limoe.data.scenes``): two objects in a relation per 56 px
+    image, 49 patches against a 16-token caption context; same splits, curriculum and loaders
+    as ``shapes``, with binding and shape edits as hard negatives."""
+
+    dataset_class = scenes.ScenesDataset
+    zeroshot_tasks = staticmethod(scenes.zeroshot_tasks)
+
+    def __init__(
+        self,
+        image_size: int = 56,
+        context_length: int = 16,
+        seed: int = 0,
+        train_size: int = 256_000,
+        val_size: int = 1_000,
+        test_size: int = 1_000,
+        novel_size: int = 1_000,
+        batch_size: int = 128,
+        eval_batch_size: int = 500,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        partial_captions: float = 0.5,
+        partial_captions_from_step: int = 400,
+        hard_negatives: float = 1.0,
+        hard_negative_attributes: Sequence[str] = ("binding", "shape"),
+        zeroshot: Mapping | None = None,
+        max_skipped_fraction: float = 0.5,
+        check_images: bool = True,
+    ) -> None:
+        super().__init__(
+            image_size, context_length, seed, train_size, val_size, test_size, novel_size,
+            batch_size, eval_batch_size, num_workers, pin_memory, persistent_workers,
+            partial_captions, partial_captions_from_step, hard_negatives,
+            hard_negative_attributes, zeroshot, max_skipped_fraction, check_images,
+        )  # fmt: skip
 
 
 class ImageTextDataModule(PairDataModule):

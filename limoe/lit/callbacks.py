@@ -41,6 +41,7 @@ class RoutingHistory(L.Callback):
         self.threshold = threshold
         self.min_share = min_share
         self._pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last: dict[str, dict] | None = None  # the latest record's layers
 
     def _load_pairs(self, datamodule) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The first ``num_pairs`` pairs of ``split``; None (with a warning, once) when the
@@ -83,9 +84,33 @@ class RoutingHistory(L.Callback):
             str(layer): layer_summary(routing, MODALITY_NAMES, self.threshold, self.min_share)
             for layer, routing in zip(model.moe_layers, routings)
         }
+        self.last = layers
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps({"step": trainer.global_step, "layers": layers}) + "\n")
+
+
+def routing_metrics(layers: dict[str, dict], names: tuple[str, ...] = MODALITY_NAMES) -> dict:
+    """One history record's layers (``layer_summary`` per layer) as flat metrics for
+    ``metrics.json``, so ``limoe-compare`` tabulates routing beside accuracy:
+    ``routing/layer{l}/{kind}_experts`` (image, text, shared, unused) and, per modality,
+    ``routing/layer{l}/{modality}_{busiest_share, entropy_global, entropy_local, dropped}``;
+    ``routing/{modality}_busiest_share`` is the largest over layers: one expert taking half
+    of a modality or more is LIMoE's collapse."""
+    metrics: dict[str, float] = {}
+    for layer, summary in layers.items():
+        prefix = f"routing/layer{layer}"
+        for kind, count in summary["specialised"].items():
+            metrics[f"{prefix}/{kind}_experts"] = float(count)
+        for name in names:
+            metrics[f"{prefix}/{name}_busiest_share"] = max(summary["share"][name])
+            for key in ("entropy_global", "entropy_local", "dropped"):
+                metrics[f"{prefix}/{name}_{key}"] = float(summary[key][name])
+    for name in names:
+        shares = [v for k, v in metrics.items() if k.endswith(f"/{name}_busiest_share")]
+        if shares:
+            metrics[f"routing/{name}_busiest_share"] = max(shares)
+    return metrics
 
 
 def read_history(path: str | Path) -> list[dict]:

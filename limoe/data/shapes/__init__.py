@@ -17,6 +17,7 @@ hard negatives), ``render`` (the images), ``tasks`` (the zero-shot tasks), ``dat
 (``ShapesDataset``, the CSV export).
 """
 
+from limoe.data.procedural import MEAN, STD
 from limoe.data.shapes.attributes import (
     ATTRIBUTE_VALUES,
     BACKGROUND_RGB,
@@ -43,8 +44,8 @@ from limoe.data.shapes.captions import (
     caption_roles,
     partial_caption,
 )
-from limoe.data.shapes.dataset import MEAN, STD, ShapesDataset, export_csv, rendered_samples
-from limoe.data.shapes.render import NOISE_AMPLITUDE, render, shape_mask
+from limoe.data.shapes.dataset import ShapesDataset, export_csv, rendered_samples
+from limoe.data.shapes.render import NOISE_AMPLITUDE, draw_mask, render, shape_mask
 from limoe.data.shapes.sampling import SPLITS, sample_attributes, sample_table, split_seed
 from limoe.data.shapes.tasks import TASK_NAMES, attribute_prompts, zeroshot_tasks
 
@@ -79,6 +80,7 @@ __all__ = [
     "NOISE_AMPLITUDE",
     "render",
     "shape_mask",
+    "draw_mask",
     "SPLITS",
     "sample_attributes",
     "sample_table",

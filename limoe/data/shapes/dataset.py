@@ -7,26 +7,24 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from open_clip.tokenizer import SimpleTokenizer
-from torch.utils.data import Dataset
 
+from limoe.data.procedural import ProceduralPairs
 from limoe.data.shapes.attributes import Attributes
-from limoe.data.shapes.render import render
+from limoe.data.shapes.captions import caption_roles
+from limoe.data.shapes.render import render, shape_mask
 from limoe.data.shapes.sampling import row_attributes, sample_table
 from limoe.data.shapes.tasks import TASK_NAMES
 
-MEAN = (0.5, 0.5, 0.5)
-STD = (0.5, 0.5, 0.5)
 
-
-class ShapesDataset(Dataset):
+class ShapesDataset(ProceduralPairs):
     """``size`` samples of one split: ``(image [3,H,W] in [-1,1], tokens [L])`` (+ labels).
 
     All attributes are drawn up front (vectorised, a few ms for 200k samples); images are
-    rendered on access and tokenised captions are cached per distinct caption string, since
-    there are far fewer distinct captions than samples and the BPE tokenizer is the slow part.
+    rendered on access (``ProceduralPairs``).
     """
+
+    task_names = TASK_NAMES
 
     def __init__(
         self,
@@ -44,59 +42,30 @@ class ShapesDataset(Dataset):
     ) -> None:
         if size < 0:
             raise ValueError(f"size must be >= 0, got {size}")
-        if image_size < 8:
-            raise ValueError(f"image_size must be >= 8, got {image_size}")
-        self.split = split
-        self.size = size
-        self.image_size = image_size
         self.seed = seed
-        self.return_labels = return_labels
-        if tokenizer is None:  # a given tokenizer (shared by a datamodule) sets its own length
-            tokenizer = SimpleTokenizer(context_length=context_length)
-        self.tokenizer = tokenizer
-        self._table = sample_table(
+        table = sample_table(
             seed, split, np.arange(size), partial_captions, partial_from,
             hard_negatives, hard_negative_attributes,
         )  # fmt: skip
-        self._labels = torch.from_numpy(np.stack([self._table[t] for t in TASK_NAMES], axis=1))
-        self._token_cache: dict[str, torch.Tensor] = {}
+        super().__init__(split, table, image_size, tokenizer, context_length, return_labels)
 
-    def __len__(self) -> int:
-        return self.size
+    def row(self, i: int) -> Attributes:
+        return row_attributes(self._table, i)
 
-    def _check_index(self, i: int) -> int:
-        if not 0 <= i < self.size:
-            raise IndexError(f"index {i} out of range for {self.split} split of size {self.size}")
-        return int(i)
+    def draw(self, row: Attributes) -> np.ndarray:
+        return render(row, self.image_size)
 
     def attributes(self, i: int) -> Attributes:
-        return row_attributes(self._table, self._check_index(i))
+        return self.row(self._check_index(i))
 
-    def caption(self, i: int) -> str:
-        return self.attributes(i).caption()
+    def object_mask(self, i: int) -> np.ndarray:
+        """bool [H, W]: the pixels the shape covers (for the routing analysis)."""
+        return shape_mask(self.attributes(i), self.image_size)
 
-    def image_uint8(self, i: int) -> np.ndarray:
-        return render(self.attributes(i), self.image_size)
-
-    def labels(self, i: int) -> torch.Tensor:
-        """long [num_tasks]: attribute indices in TASK_NAMES order."""
-        return self._labels[self._check_index(i)].clone()
-
-    def tokens(self, caption: str) -> torch.Tensor:
-        cached = self._token_cache.get(caption)
-        if cached is None:
-            cached = self.tokenizer([caption])[0]
-            self._token_cache[caption] = cached
-        return cached.clone()
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+    def caption_roles(self, i: int) -> list[str]:
+        """The role of each token of sample ``i``'s tokenised caption (``caption_roles``)."""
         attrs = self.attributes(i)
-        image = torch.from_numpy(render(attrs, self.image_size)).permute(2, 0, 1)
-        image = image.float().div_(127.5).sub_(1.0)  # mean .5, std .5 in [0, 1] units
-        tokens = self.tokens(attrs.caption())
-        if self.return_labels:
-            return image, tokens, self._labels[i].clone()
-        return image, tokens
+        return caption_roles(attrs, self.tokens(attrs.caption()), self.tokenizer)
 
 
 # --------------------------------------------------------------------------- export

@@ -31,7 +31,7 @@ def _pixel_grid(image_size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @lru_cache(maxsize=4)
-def _background_bank(image_size: int) -> np.ndarray:
+def background_bank(image_size: int) -> np.ndarray:
     """uint8 [backgrounds, patterns, H, W, 3]: every background with every noise pattern.
 
     Precomputed once per image size, so rendering copies a background instead of drawing
@@ -50,11 +50,16 @@ def _background_bank(image_size: int) -> np.ndarray:
 
 def shape_mask(attrs: Attributes, image_size: int = 32) -> np.ndarray:
     """bool [H, W]: the pixels the shape covers."""
+    radius = SIZE_RADIUS[attrs.size] * image_size
+    return draw_mask(SHAPES[attrs.shape], attrs.centre(image_size), radius, image_size)
+
+
+def draw_mask(name: str, centre: tuple[float, float], radius: float, image_size: int) -> np.ndarray:
+    """bool [H, W]: the pixels a shape called ``name`` of ``radius`` pixels covers at
+    ``centre`` (x, y); the shape vocabulary of every embedded dataset."""
     xx, yy = _pixel_grid(image_size)
-    cx, cy = attrs.centre(image_size)
-    dx, dy = xx - cx, yy - cy
-    r = SIZE_RADIUS[attrs.size] * image_size
-    name = SHAPES[attrs.shape]
+    dx, dy = xx - centre[0], yy - centre[1]
+    r = radius
     if name == "circle":
         return dx * dx + dy * dy <= r * r
     if name == "square":
@@ -71,11 +76,24 @@ def shape_mask(attrs: Attributes, image_size: int = 32) -> np.ndarray:
     if name == "ring":
         d2 = dx * dx + dy * dy
         return (d2 <= r * r) & (d2 >= (0.5 * r) ** 2)
+    if name == "pentagon":  # regular, one corner up: inside all five edges
+        normals = -np.pi / 2 + np.pi / 5 + 2 * np.pi * np.arange(5) / 5
+        reach = np.stack([dx * np.cos(a) + dy * np.sin(a) for a in normals]).max(axis=0)
+        return reach <= r * np.cos(np.pi / 5)
+    if name == "star":  # five points, one up
+        angle = np.arctan2(dy, dx) + np.pi / 2
+        edge = r * (0.62 + 0.38 * np.cos(5 * angle))
+        return np.hypot(dx, dy) <= edge
+    if name == "dome":  # a half disc, flat side down, centred on its bounding box
+        ly = dy - 0.35 * r
+        return (dx * dx + ly * ly <= r * r) & (ly <= 0)
+    if name == "bar":  # a rectangle lying flat
+        return (np.abs(dx) <= r) & (np.abs(dy) <= 0.45 * r)
     raise ValueError(f"unknown shape {name!r}")
 
 
 def render(attrs: Attributes, image_size: int = 32) -> np.ndarray:
     """uint8 [H, W, 3]: the image of one sample; a pure function of its attributes."""
-    image = _background_bank(image_size)[attrs.background, attrs.noise].copy()
+    image = background_bank(image_size)[attrs.background, attrs.noise].copy()
     image[shape_mask(attrs, image_size)] = COLOUR_RGB[COLOURS[attrs.colour]]
     return image

@@ -46,7 +46,7 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-def _random_words(stream: int, indices: np.ndarray, num_words: int) -> np.ndarray:
+def random_words(stream: int, indices: np.ndarray, num_words: int) -> np.ndarray:
     """uint64 [N, num_words] of hash-random bits, a pure function of (stream, index, word)."""
     key = _splitmix64(np.array([stream], dtype=np.uint64))
     base = _splitmix64(key ^ indices.astype(np.uint64))
@@ -55,7 +55,7 @@ def _random_words(stream: int, indices: np.ndarray, num_words: int) -> np.ndarra
         return _splitmix64(base[:, None] + words[None, :])
 
 
-def _unit_float(words: np.ndarray) -> np.ndarray:
+def unit_float(words: np.ndarray) -> np.ndarray:
     """Map uint64 bits to floats in [0, 1) using the top 53 bits."""
     return (words >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
@@ -163,8 +163,8 @@ def _factorial_groups(
     size = 1 << len(attributes)
     member = idx % size
     first = idx - member
-    w = _random_words(split_seed(seed, split) + _EDIT_STREAM, first, 1 + len(attributes))
-    rows = np.nonzero((member != 0) & (_unit_float(w[:, 0]) < share))[0]
+    w = random_words(split_seed(seed, split) + _EDIT_STREAM, first, 1 + len(attributes))
+    rows = np.nonzero((member != 0) & (unit_float(w[:, 0]) < share))[0]
     original = _independent_table(seed, split, first[rows])
     bits = (w[rows, 1:] >> np.uint64(11)).astype(np.int64)
     draws = {name: bits[:, i] for i, name in enumerate(attributes)}
@@ -184,7 +184,7 @@ def _independent_table(
 ) -> dict[str, np.ndarray]:
     """Every sample drawn on its own from its (seed, split, index) hash."""
     pairs = np.array(NOVEL_PAIRS if split == "novel" else SEEN_PAIRS, dtype=np.int64)
-    w = _random_words(split_seed(seed, split), idx, 10)
+    w = random_words(split_seed(seed, split), idx, 10)
     pair = pairs[(w[:, 0] % np.uint64(len(pairs))).astype(np.int64)]
 
     def pick(col: int, n: int) -> np.ndarray:
@@ -197,11 +197,11 @@ def _independent_table(
         "position": pick(2, len(POSITIONS)),
         "background": pick(3, len(BACKGROUNDS)),
         "template": pick(4, len(CAPTION_TEMPLATES)),
-        "jitter_x": 2.0 * _unit_float(w[:, 5]) - 1.0,
-        "jitter_y": 2.0 * _unit_float(w[:, 6]) - 1.0,
+        "jitter_x": 2.0 * unit_float(w[:, 5]) - 1.0,
+        "jitter_y": 2.0 * unit_float(w[:, 6]) - 1.0,
         "noise": pick(7, NUM_NOISE_PATTERNS),
         "mention": np.where(
-            (_unit_float(w[:, 8]) < partial_captions) & (idx >= partial_from),
+            (unit_float(w[:, 8]) < partial_captions) & (idx >= partial_from),
             1 + pick(9, FULL_MENTION),
             FULL_MENTION,
         ),

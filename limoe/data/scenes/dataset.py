@@ -1,0 +1,64 @@
+"""``ScenesDataset``: two objects in a relation per image, captions that bind each colour to
+its shape."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from open_clip.tokenizer import SimpleTokenizer
+
+from limoe.data.procedural import ProceduralPairs
+from limoe.data.scenes.render import object_masks, render
+from limoe.data.scenes.sampling import row_scene, sample_table
+from limoe.data.scenes.scene import Scene, scene_roles
+from limoe.data.scenes.tasks import TASK_NAMES
+
+
+class ScenesDataset(ProceduralPairs):
+    """``size`` samples of one split: ``(image [3,H,W] in [-1,1], tokens [L])`` (+ labels,
+    one per caption slot in ``TASK_NAMES`` order)."""
+
+    task_names = TASK_NAMES
+
+    def __init__(
+        self,
+        split: str,
+        size: int,
+        image_size: int = 56,
+        seed: int = 0,
+        tokenizer: SimpleTokenizer | None = None,
+        context_length: int = 16,
+        return_labels: bool = False,
+        partial_captions: float = 0.0,
+        partial_from: int = 0,
+        hard_negatives: float = 0.0,
+        hard_negative_attributes: Sequence[str] = ("binding", "shape"),
+    ) -> None:
+        if size < 0:
+            raise ValueError(f"size must be >= 0, got {size}")
+        self.seed = seed
+        table = sample_table(
+            seed, split, np.arange(size), partial_captions, partial_from,
+            hard_negatives, hard_negative_attributes,
+        )  # fmt: skip
+        super().__init__(split, table, image_size, tokenizer, context_length, return_labels)
+
+    def row(self, i: int) -> Scene:
+        return row_scene(self._table, i)
+
+    def draw(self, row: Scene) -> np.ndarray:
+        return render(row, self.image_size)
+
+    def scene(self, i: int) -> Scene:
+        return self.row(self._check_index(i))
+
+    def object_mask(self, i: int) -> np.ndarray:
+        """bool [H, W]: the pixels either object covers (for the routing analysis)."""
+        first, second = object_masks(self.scene(i), self.image_size)
+        return first | second
+
+    def caption_roles(self, i: int) -> list[str]:
+        """The role of each token of sample ``i``'s tokenised caption (``scene_roles``)."""
+        scene = self.scene(i)
+        return scene_roles(scene, self.tokens(scene.caption()), self.tokenizer)

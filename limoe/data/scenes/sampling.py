@@ -20,7 +20,15 @@ from limoe.data.scenes.scene import (
     Scene,
 )
 from limoe.data.shapes.attributes import NUM_NOISE_PATTERNS
-from limoe.data.shapes.sampling import SPLITS, random_words, split_seed, unit_float
+from limoe.data.shapes.sampling import (
+    SPLITS,
+    check_groups,
+    checked_indices,
+    nth_true,
+    random_words,
+    split_seed,
+    unit_float,
+)
 
 __all__ = ["HARD_NEGATIVE_EDITS", "SPLITS", "row_scene", "sample_table"]
 
@@ -60,13 +68,7 @@ def sample_table(
     order, is then a curriculum as in ``shapes``. A share ``hard_negatives`` of the aligned
     runs of ``2**k`` samples become groups over the ``k`` edits listed (applied in order).
     """
-    if not 0.0 <= partial_captions <= 1.0:
-        raise ValueError(f"partial_captions must be in [0, 1], got {partial_captions}")
-    if partial_from < 0:
-        raise ValueError(f"partial_from must be >= 0, got {partial_from}")
-    idx = np.asarray(indices, dtype=np.int64)
-    if idx.size and idx.min() < 0:
-        raise ValueError("sample indices must be >= 0")
+    idx = checked_indices(indices, partial_captions, partial_from)
     table = _independent_table(seed, split, idx, partial_captions, partial_from)
     if hard_negatives > 0:
         _edit_groups(table, seed, split, idx, hard_negatives, hard_negative_attributes)
@@ -134,19 +136,7 @@ def _edit_groups(
     binding edit picks among the shapes the new colour allows). Random in-batch negatives
     rarely share both colours and the relation, so without these the contrastive loss is
     met by colours and layout alone and never learns shapes or which colour is whose."""
-    if not 0.0 <= share <= 1.0:
-        raise ValueError(f"hard_negatives must be in [0, 1], got {share}")
-    if split != "train":
-        raise ValueError(f"hard negatives are a training recipe; got split {split!r}")
-    if (
-        not edits
-        or any(e not in HARD_NEGATIVE_EDITS for e in edits)
-        or len(set(edits)) != len(edits)
-    ):
-        raise ValueError(
-            f"hard_negative_attributes must be distinct names from {HARD_NEGATIVE_EDITS}, "
-            f"got {list(edits)}"
-        )
+    check_groups(share, split, edits, HARD_NEGATIVE_EDITS)
     size = 1 << len(edits)
     member = idx % size
     first = idx - member
@@ -170,8 +160,7 @@ def _swap_binding(table: dict[str, np.ndarray], rows: np.ndarray, bits: np.ndarr
     swap = (c1 != c2) & _SEEN[c2, s1] & _SEEN[c1, s2]
     allowed = _SEEN[:, s1].T.copy()
     allowed[np.arange(len(rows)), c1] = False
-    k = (bits >> np.uint64(11)).astype(np.int64) % allowed.sum(axis=1)
-    recolour = np.argmax(np.cumsum(allowed, axis=1) > k[:, None], axis=1)
+    recolour = nth_true(allowed, (bits >> np.uint64(11)).astype(np.int64))
     table["first_colour"][rows] = np.where(swap, c2, recolour)
     table["second_colour"][rows] = np.where(swap, c1, c2)
 
@@ -184,8 +173,8 @@ def _change_shape(table: dict[str, np.ndarray], rows: np.ndarray, bits: np.ndarr
         colour, shape = table[f"{name}_colour"][on], table[f"{name}_shape"][on]
         allowed = _SEEN[colour].copy()
         allowed[np.arange(len(on)), shape] = False
-        k = (bits[which == name] >> np.uint64(11)).astype(np.int64) % allowed.sum(axis=1)
-        table[f"{name}_shape"][on] = np.argmax(np.cumsum(allowed, axis=1) > k[:, None], axis=1)
+        draws = (bits[which == name] >> np.uint64(11)).astype(np.int64)
+        table[f"{name}_shape"][on] = nth_true(allowed, draws)
 
 
 def _flip_relation(table: dict[str, np.ndarray], rows: np.ndarray, bits: np.ndarray) -> None:

@@ -60,6 +60,33 @@ def unit_float(words: np.ndarray) -> np.ndarray:
     return (words >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
+def checked_indices(
+    indices: Sequence[int] | np.ndarray, partial_captions: float, partial_from: int
+) -> np.ndarray:
+    """``indices`` as int64, after checking the arguments every ``sample_table`` takes."""
+    if not 0.0 <= partial_captions <= 1.0:
+        raise ValueError(f"partial_captions must be in [0, 1], got {partial_captions}")
+    if partial_from < 0:
+        raise ValueError(f"partial_from must be >= 0, got {partial_from}")
+    idx = np.asarray(indices, dtype=np.int64)
+    if idx.size and idx.min() < 0:
+        raise ValueError("sample indices must be >= 0")
+    return idx
+
+
+def check_groups(share: float, split: str, names: Sequence[str], allowed: Sequence[str]) -> None:
+    """The hard-negative arguments: a share in [0, 1], the train split, distinct known names."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"hard_negatives must be in [0, 1], got {share}")
+    if split != "train":
+        raise ValueError(f"hard negatives are a training recipe; got split {split!r}")
+    if not names or any(n not in allowed for n in names) or len(set(names)) != len(names):
+        raise ValueError(
+            f"hard_negative_attributes must be distinct names from {tuple(allowed)}, "
+            f"got {list(names)}"
+        )
+
+
 def sample_table(
     seed: int,
     split: str,
@@ -81,13 +108,7 @@ def sample_table(
     A share ``hard_negatives`` of the runs of ``2**k`` samples become factorial groups over the
     ``k`` attributes in ``hard_negative_attributes`` (see ``_factorial_groups``).
     """
-    if not 0.0 <= partial_captions <= 1.0:
-        raise ValueError(f"partial_captions must be in [0, 1], got {partial_captions}")
-    if partial_from < 0:
-        raise ValueError(f"partial_from must be >= 0, got {partial_from}")
-    idx = np.asarray(indices, dtype=np.int64)
-    if idx.size and idx.min() < 0:
-        raise ValueError("sample indices must be >= 0")
+    idx = checked_indices(indices, partial_captions, partial_from)
     table = _independent_table(seed, split, idx, partial_captions, partial_from)
     if hard_negatives > 0:
         _factorial_groups(table, seed, split, idx, hard_negatives, hard_negative_attributes)
@@ -98,7 +119,7 @@ _SEEN = np.zeros((len(COLOURS), len(SHAPES)), dtype=bool)
 _SEEN[tuple(np.array(SEEN_PAIRS).T)] = True  # _SEEN[colour, shape]: the pair may be drawn
 
 
-def _nth_true(mask: np.ndarray, r: np.ndarray) -> np.ndarray:
+def nth_true(mask: np.ndarray, r: np.ndarray) -> np.ndarray:
     """Per row of ``mask`` [N, n], the index of its ``(r mod count)``-th True value."""
     k = r % mask.sum(axis=1)
     return np.argmax(np.cumsum(mask, axis=1) > k[:, None], axis=1)
@@ -117,11 +138,11 @@ def _edited_values(original: dict[str, np.ndarray], draws: dict[str, np.ndarray]
     if "colour" in draws:
         allowed = _SEEN[:, shape].T.copy()
         allowed[rows, colour] = False
-        edited["colour"] = _nth_true(allowed, draws["colour"])
+        edited["colour"] = nth_true(allowed, draws["colour"])
     if "shape" in draws:
         allowed = _SEEN[colour] & _SEEN[edited.get("colour", colour)]
         allowed[rows, shape] = False
-        edited["shape"] = _nth_true(allowed, draws["shape"])
+        edited["shape"] = nth_true(allowed, draws["shape"])
     for name in draws.keys() - {"colour", "shape"}:
         n = len(ATTRIBUTE_VALUES[name])
         edited[name] = (original[name] + 1 + draws[name] % (n - 1)) % n
@@ -147,19 +168,7 @@ def _factorial_groups(
     differ in shape or position alone, which leaves the contrastive loss little reason to
     learn them. Each sample keeps its own caption template, jitter, noise and mention draws.
     """
-    if not 0.0 <= share <= 1.0:
-        raise ValueError(f"hard_negatives must be in [0, 1], got {share}")
-    if split != "train":
-        raise ValueError(f"hard negatives are a training recipe; got split {split!r}")
-    if (
-        not attributes
-        or any(a not in ATTRIBUTE_VALUES for a in attributes)
-        or len(set(attributes)) != len(attributes)
-    ):
-        raise ValueError(
-            "hard_negative_attributes must be distinct names from "
-            f"{tuple(ATTRIBUTE_VALUES)}, got {list(attributes)}"
-        )
+    check_groups(share, split, attributes, tuple(ATTRIBUTE_VALUES))
     size = 1 << len(attributes)
     member = idx % size
     first = idx - member

@@ -211,9 +211,10 @@ class LIMoE(nn.Module):
             if p.requires_grad:
                 trunc_normal_(p, std=0.02)
         nn.init.normal_(self.token_embed.weight, std=0.02)
+        routers = {id(b.mlp.router): b.mlp.router_init_std for b in self.blocks if b.is_moe}
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
+                trunc_normal_(m.weight, std=routers.get(id(m), 0.02))
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 

@@ -104,6 +104,7 @@ class MoELayer(nn.Module):
         router: str = "topk",
         slots_per_expert: int = 1,
         expert_parallel: bool = False,
+        router_init_std: float | None = 0.02,
     ) -> None:
         super().__init__()
         _check_config(num_experts, top_k, capacity_factor, capacity_multiple)
@@ -140,11 +141,15 @@ class MoELayer(nn.Module):
         weights = (importance_weight, load_weight, vmoe_load_weight, z_loss_weight)
         weights += (local_entropy_weight, global_entropy_weight)
         self.loss_weights = dict(zip(LOSS_NAMES, weights))
+        # The router's initial weights: timm's 0.02, or LeCun normal (dim**-0.5, None) as
+        # vmoe's router, whose logits then start about as spread as the hidden state is wide,
+        # so the entropy losses (flat at uniform routing) have a gradient from the first step.
+        self.router_init_std = dim**-0.5 if router_init_std is None else float(router_init_std)
         if router == "soft":
             self.router = SoftRouter(dim, num_experts * slots_per_expert)
         else:
             self.router = nn.Linear(dim, num_experts, bias=False)
-            nn.init.trunc_normal_(self.router.weight, std=0.02)
+            nn.init.trunc_normal_(self.router.weight, std=self.router_init_std)
         self.experts = Experts(
             num_experts, dim, hidden_dim, act_layer=act_layer, drop=drop, gemm=gemm
         )

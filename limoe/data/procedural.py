@@ -4,6 +4,8 @@ per-sample labels for the zero-shot tasks."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from open_clip.tokenizer import SimpleTokenizer
@@ -17,9 +19,9 @@ STD = (0.5, 0.5, 0.5)
 class ProceduralPairs(Dataset):
     """``size`` samples of one split: ``(image [3,H,W] in [-1,1], tokens [L])`` (+ labels).
 
-    A subclass draws the split's ``table`` (every field an array over samples, the label
-    fields named by ``task_names``) and says what one row is (``row``: an object with a
-    ``caption()``) and how it looks (``draw``). Tokenised captions are cached per distinct
+    A subclass says how to draw the split's table (``sample_table``: every field an array over
+    samples, the label fields named by ``task_names``), what one row is (``row``: an object
+    with a ``caption()``) and how it looks (``draw``). Tokenised captions are cached per distinct
     caption string: there are far fewer of them than samples, and BPE is the slow part.
     """
 
@@ -28,16 +30,28 @@ class ProceduralPairs(Dataset):
     def __init__(
         self,
         split: str,
-        table: dict[str, np.ndarray],
+        size: int,
         image_size: int,
+        seed: int,
         tokenizer: SimpleTokenizer | None,
         context_length: int,
         return_labels: bool,
+        partial_captions: float,
+        partial_from: int,
+        hard_negatives: float,
+        hard_negative_attributes: Sequence[str],
     ) -> None:
+        if size < 0:
+            raise ValueError(f"size must be >= 0, got {size}")
         if image_size < 8:
             raise ValueError(f"image_size must be >= 8, got {image_size}")
+        table = self.sample_table(
+            seed, split, np.arange(size), partial_captions, partial_from,
+            hard_negatives, hard_negative_attributes,
+        )  # fmt: skip
         self.split = split
-        self.size = len(table[self.task_names[0]])
+        self.seed = seed
+        self.size = size
         self.image_size = image_size
         self.return_labels = return_labels
         if tokenizer is None:  # a given tokenizer (shared by a datamodule) sets its own length
@@ -48,6 +62,18 @@ class ProceduralPairs(Dataset):
         self._token_cache: dict[str, torch.Tensor] = {}
 
     # --- given by each dataset ----------------------------------------------------------------
+
+    @staticmethod
+    def sample_table(
+        seed: int,
+        split: str,
+        indices: np.ndarray,
+        partial_captions: float,
+        partial_from: int,
+        hard_negatives: float,
+        hard_negative_attributes: Sequence[str],
+    ) -> dict[str, np.ndarray]:
+        raise NotImplementedError
 
     def row(self, i: int):
         raise NotImplementedError

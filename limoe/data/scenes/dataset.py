@@ -20,6 +20,7 @@ class ScenesDataset(ProceduralPairs):
     one per caption slot in ``TASK_NAMES`` order)."""
 
     task_names = TASK_NAMES
+    sample_table = staticmethod(sample_table)
 
     def __init__(
         self,
@@ -35,14 +36,10 @@ class ScenesDataset(ProceduralPairs):
         hard_negatives: float = 0.0,
         hard_negative_attributes: Sequence[str] = ("binding", "shape"),
     ) -> None:
-        if size < 0:
-            raise ValueError(f"size must be >= 0, got {size}")
-        self.seed = seed
-        table = sample_table(
-            seed, split, np.arange(size), partial_captions, partial_from,
-            hard_negatives, hard_negative_attributes,
+        super().__init__(
+            split, size, image_size, seed, tokenizer, context_length, return_labels,
+            partial_captions, partial_from, hard_negatives, hard_negative_attributes,
         )  # fmt: skip
-        super().__init__(split, table, image_size, tokenizer, context_length, return_labels)
 
     def row(self, i: int) -> Scene:
         return row_scene(self._table, i)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from limoe.data.scenes.scene import BACKGROUNDS, COLOUR_RGB, COLOURS, SHAPES, Scene
+from limoe.data.scenes.scene import COLOUR_RGB, COLOURS, SHAPES, Scene
 from limoe.data.shapes.render import background_bank, draw_mask
 
-__all__ = ["BACKGROUNDS", "object_masks", "render"]
+__all__ = ["object_masks", "render"]
 
 
 def object_masks(scene: Scene, image_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -25,6 +25,7 @@ class ShapesDataset(ProceduralPairs):
     """
 
     task_names = TASK_NAMES
+    sample_table = staticmethod(sample_table)
 
     def __init__(
         self,
@@ -40,14 +41,10 @@ class ShapesDataset(ProceduralPairs):
         hard_negatives: float = 0.0,
         hard_negative_attributes: Sequence[str] = ("shape", "position"),
     ) -> None:
-        if size < 0:
-            raise ValueError(f"size must be >= 0, got {size}")
-        self.seed = seed
-        table = sample_table(
-            seed, split, np.arange(size), partial_captions, partial_from,
-            hard_negatives, hard_negative_attributes,
+        super().__init__(
+            split, size, image_size, seed, tokenizer, context_length, return_labels,
+            partial_captions, partial_from, hard_negatives, hard_negative_attributes,
         )  # fmt: skip
-        super().__init__(split, table, image_size, tokenizer, context_length, return_labels)
 
     def row(self, i: int) -> Attributes:
         return row_attributes(self._table, i)

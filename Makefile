@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml setup.py
 
 install: $(STAMP)
 
-train: $(STAMP)  ## train the default LIMoE on the embedded shapes data (ARGS="key=value ...")
+train: $(STAMP)  ## train the default LIMoE on the embedded scenes benchmark (ARGS="key=value ...")
 	$(BIN)/limoe-train $(ARGS)
 
 dense: $(STAMP)  ## the dense one-tower arm with the same budget

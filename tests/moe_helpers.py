@@ -13,7 +13,9 @@ from limoe.moe import MoELayer
 BARE = {
     "capacity_factor": 1.0,
     "noisy_gating": False,
+    "importance_weight": 0.0,
     "load_weight": 0.0,
+    "vmoe_load_weight": 0.0,
     "local_entropy_weight": 0.0,
     "global_entropy_weight": 0.0,
     "global_entropy_min_experts": 1.0,

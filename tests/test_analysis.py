@@ -179,7 +179,7 @@ def test_caption_roles_find_multi_token_values_and_leave_template_words():
     assert roles[len(words) :] == ["other"] * (len(roles) - len(words))  # padding
 
 
-TINY = ["model.width=32", "model.embed_dim=32", "model.depth=2", "model.num_heads=2"]
+TINY = ["data=shapes", "model.width=32", "model.embed_dim=32", "model.depth=2", "model.num_heads=2"]
 
 
 def tiny_limoe():

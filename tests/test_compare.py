@@ -87,8 +87,8 @@ def test_flop_count_leaves_the_model_mode_and_random_stream_alone():
 
 
 def test_the_three_arms_build_from_one_size_config():
-    overrides = ["model.width=32", "model.depth=2", "model.num_heads=2", "model.embed_dim=16",
-                 "model.patch_size=4", "model.moe_layers=[1]"]  # fmt: skip
+    overrides = ["data=shapes", "model.width=32", "model.depth=2", "model.num_heads=2",
+                 "model.embed_dim=16", "model.patch_size=4", "model.moe_layers=[1]"]  # fmt: skip
     limoe = create_model("limoe", overrides)
     dense = create_model("dense", overrides[:-1])
     clip = create_model("clip", overrides[:-1])

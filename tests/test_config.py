@@ -1,6 +1,6 @@
 """One source of defaults: every constructor default of what the configs build equals the
 composed YAML, and every YAML key is a constructor argument, so ``LIMoE()`` is the model
-``create_model("limoe")`` builds and ``ShapesDataModule()`` the data ``limoe-train`` trains on."""
+``create_model("limoe")`` builds and ``ScenesDataModule()`` the data ``limoe-train`` trains on."""
 
 from __future__ import annotations
 

@@ -249,6 +249,7 @@ def test_empty_modality_gives_zero_and_no_nan_grad():
         local_entropy_weight=1,
         global_entropy_weight=1,
         global_entropy_min_experts=3.0,
+        loss_scope="modality",
     )
     x = torch.randn(6, 8)
     _, routing = layer(x, torch.zeros(6, dtype=torch.long))  # no text tokens
@@ -267,6 +268,7 @@ def test_layer_aux_loss_is_weighted_sum():
         16,
         4,
         global_entropy_min_experts=(3.5, 2.0),
+        loss_scope="modality",
         **{f"{n}_weight": w for n, w in weights.items()},
     )
     x = torch.randn(10, 8)

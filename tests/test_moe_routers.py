@@ -15,7 +15,7 @@ from limoe.models import LIMoE
 from limoe.moe import (
     MoELayer,
     Routing,
-    default_load_weight,
+    default_loss_weights,
     expert_choice,
     layer_summary,
     pack_groups,
@@ -259,9 +259,14 @@ def test_expert_choice_layer_drops_nothing_it_was_built_to_keep():
 
 
 def test_expert_choice_and_soft_train_without_a_balancing_loss_unless_asked():
+    classic = ("importance", "load", "vmoe_load")
     for router in ("expert_choice", "soft"):
         layer = MoELayer(DIM, HIDDEN, 4, router=router, capacity_factor=1.0)
-        assert layer.loss_weights["load"] == 0.0
+        assert [layer.loss_weights[name] for name in classic] == [0.0, 0.0, 0.0]
         asked = MoELayer(DIM, HIDDEN, 4, router=router, capacity_factor=1.0, load_weight=0.02)
         assert asked.loss_weights["load"] == 0.02
-    assert MoELayer(DIM, HIDDEN, 4).loss_weights["load"] == default_load_weight("topk") == 0.01
+    # top-k routing balances as V-MoE: importance and its load loss at 0.005, no Switch load
+    topk = MoELayer(DIM, HIDDEN, 4).loss_weights
+    assert [topk[name] for name in classic] == [0.005, 0.0, 0.005]
+    assert default_loss_weights("topk") == {"importance": 0.005, "load": 0.0, "vmoe_load": 0.005}
+    assert MoELayer(DIM, HIDDEN, 4, importance_weight=0.0).loss_weights["importance"] == 0.0

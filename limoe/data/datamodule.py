@@ -209,7 +209,7 @@ class ShapesDataModule(PairDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         partial_captions: float = 0.5,
-        partial_captions_from_step: int = 850,
+        partial_captions_from_step: int = 400,
         hard_negatives: float = 1.0,
         hard_negative_attributes: Sequence[str] = ("shape", "position"),
         zeroshot: Mapping | None = None,

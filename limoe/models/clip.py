@@ -27,13 +27,13 @@ def _choice(key: str, value: str, table: dict[str, str]) -> str:
 
 def build_clip(
     embed_dim: int = 96,
-    image_size: int = 32,
+    image_size: int = 56,
     patch_size: int = 8,
     width: int = 96,
     depth: int = 4,
     num_heads: int = 4,
     mlp_ratio: float = 4.0,
-    context_length: int = 24,
+    context_length: int = 16,
     vocab_size: int = 49408,
     image_pos_embed: str = "sincos",
     image_pool: str = "mean",

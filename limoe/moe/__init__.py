@@ -13,7 +13,7 @@ dispatch, which the sorted path must equal. Two more routers fill the same recor
 
 from .dispatch import combine, gather_tokens, sort_by_expert
 from .experts import Experts, ExpertShard
-from .layer import Choices, MoELayer, default_load_weight
+from .layer import Choices, MoELayer, default_loss_weights
 from .losses import (
     CLASSIC_LOSSES,
     LOSS_NAMES,
@@ -65,7 +65,7 @@ __all__ = [
     "compute_capacity",
     "choice_totals",
     "concat_routings",
-    "default_load_weight",
+    "default_loss_weights",
     "dropped_share",
     "SoftRouter",
     "expert_counts",

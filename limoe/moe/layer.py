@@ -46,9 +46,10 @@ class MoELayer(nn.Module):
     token). ``forward`` returns ``(y [N, dim], Routing)``; ``routing.aux_loss`` is
     the weighted auxiliary loss for the trainer to add.
 
-    ``modality [N]`` (ids into ``modality_names``) only affects the aux losses,
-    which are computed per modality as in LIMoE; routing, capacity and BPR are
-    shared by all tokens so modalities compete for the same experts.
+    ``modality [N]`` (ids into ``modality_names``) only affects the aux losses: LIMoE's
+    entropy losses are per modality, the classic ones over all tokens (``loss_scope="all"``,
+    as V-MoE and LIMoE) or per modality; routing, capacity and BPR are shared by all tokens
+    so modalities compete for the same experts.
 
     ``dispatch="sorted"`` (default) permutes kept choices into per-expert slices
     (MegaBlocks/ScatterMoE); ``"onehot"`` is GShard's dense one-hot einsum dispatch, kept
@@ -67,9 +68,10 @@ class MoELayer(nn.Module):
     a ``torch.distributed`` group once it exists (``parallel``: tokens travel by all-to-all);
     until then, and on one process, the layer holds every expert.
 
-    The defaults are those of ``conf/model/limoe.yaml``'s ``moe`` node (dropless top-1 with
-    gating noise, the load and both LIMoE entropy losses at 0.01, S = 2 per modality; the
-    load loss defaults to 0 for the expert-choice and soft routers), so
+    The defaults are those of ``conf/model/limoe.yaml``'s ``moe`` node, LIMoE's recipe
+    (dropless top-1 with gating noise and a LeCun-normal router; V-MoE's importance and load
+    losses at 0.005 over all tokens, 0 for the expert-choice and soft routers; both entropy
+    losses at 0.01, S = 2 per modality), so
     ``MoELayer(dim, hidden, E)`` is the layer the default LIMoE builds; a test keeps the two
     equal.
     """
@@ -88,14 +90,14 @@ class MoELayer(nn.Module):
         renormalize_gates: bool = False,
         noisy_gating: bool = True,
         capacity_multiple: int = 4,
-        importance_weight: float = 0.0,
+        importance_weight: float | None = None,
         load_weight: float | None = None,
-        vmoe_load_weight: float = 0.0,
+        vmoe_load_weight: float | None = None,
         z_loss_weight: float = 0.0,
         local_entropy_weight: float = 0.01,
         global_entropy_weight: float = 0.01,
         global_entropy_min_experts: float | Sequence[float] = (2.0, 2.0),
-        loss_scope: str = "modality",
+        loss_scope: str = "all",
         modality_names: Sequence[str] = MODALITY_NAMES,
         act_layer: type[nn.Module] = nn.GELU,
         drop: float = 0.0,
@@ -104,7 +106,7 @@ class MoELayer(nn.Module):
         router: str = "topk",
         slots_per_expert: int = 1,
         expert_parallel: bool = False,
-        router_init_std: float | None = 0.02,
+        router_init_std: float | None = None,
     ) -> None:
         super().__init__()
         _check_config(num_experts, top_k, capacity_factor, capacity_multiple)
@@ -136,10 +138,10 @@ class MoELayer(nn.Module):
         if loss_scope not in LOSS_SCOPES:
             raise ValueError(f"loss_scope must be one of {LOSS_SCOPES}, got {loss_scope!r}")
         self.loss_scope = loss_scope
-        if load_weight is None:
-            load_weight = default_load_weight(router)
-        weights = (importance_weight, load_weight, vmoe_load_weight, z_loss_weight)
-        weights += (local_entropy_weight, global_entropy_weight)
+        unset = default_loss_weights(router)
+        given = (importance_weight, load_weight, vmoe_load_weight)
+        weights = tuple(unset[n] if w is None else w for n, w in zip(LOSS_NAMES, given))
+        weights += (z_loss_weight, local_entropy_weight, global_entropy_weight)
         self.loss_weights = dict(zip(LOSS_NAMES, weights))
         # The router's initial weights: timm's 0.02, or LeCun normal (dim**-0.5, None) as
         # vmoe's router, whose logits then start about as spread as the hidden state is wide,
@@ -295,11 +297,14 @@ class MoELayer(nn.Module):
             )
 
 
-def default_load_weight(router: str) -> float:
-    """The Switch/GShard load loss weight when none is given: 0.01 for top-k routing, 0 for
-    expert choice (balanced by construction) and Soft MoE (nothing to balance: every slot
-    takes a full weighted average), which vmoe also trains without any auxiliary loss."""
-    return 0.01 if router == "topk" else 0.0
+def default_loss_weights(router: str) -> dict[str, float]:
+    """The classic balancing losses' weights where none is given (None): V-MoE's for top-k
+    routing (importance and V-MoE load, 0.005 each, over all tokens with the default
+    ``loss_scope``; no Switch/GShard load loss), none for expert choice (balanced by
+    construction) and Soft MoE (nothing to balance: every slot takes a full weighted
+    average), which vmoe also trains without any auxiliary loss."""
+    vmoe = 0.005 if router == "topk" else 0.0
+    return {"importance": vmoe, "load": 0.0, "vmoe_load": vmoe}
 
 
 def _check_config(

@@ -54,7 +54,7 @@ def dropped_share(routing: Routing, counts: Tensor, tokens: Tensor) -> Tensor:
         lost = torch.bincount(modality[unpicked], minlength=tokens.numel()).to(tokens.device)
         return lost.float() / tokens.clamp(min=1).float()
     kept = counts.sum(dim=0).float()
-    totals = (tokens * routing.expert_index.shape[1]).float()  # every token's top-k choices
+    totals = choice_totals(routing, counts, tokens).float()
     return torch.where(tokens > 0, 1.0 - kept / totals.clamp(min=1), torch.zeros_like(kept))
 
 

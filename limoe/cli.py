@@ -1,5 +1,6 @@
 """Console entry points: thin Hydra apps over the run builder (``limoe.train``), the routing
-analysis and the benchmarks: ``limoe-train``, ``limoe-eval``, ``limoe-analyze``, ``limoe-bench``.
+analysis, the benchmarks and the export: ``limoe-train``, ``limoe-eval``, ``limoe-analyze``,
+``limoe-bench``, ``limoe-export``.
 
 All take ``key=value`` overrides. A user error (a wrong key, group or value, a missing file,
 a non-finite loss) ends the command with one line naming it and exit status 2.
@@ -19,6 +20,7 @@ from limoe import train as runs
 from limoe.analysis.analyze import analyze as analyze_run
 from limoe.bench.run import run_bench
 from limoe.config import CONFIG_PATH, compose_config
+from limoe.factory import export_model
 from limoe.lit import NonFiniteLossError
 
 # A user error ends a command with one line; anything else is a bug and keeps its traceback.
@@ -110,6 +112,16 @@ def _analyze(cfg: DictConfig) -> None:
     _run_and_print(analyze_run, cfg)
 
 
+def _export_run(cfg: DictConfig) -> None:
+    out = export_model(cfg.ckpt, cfg.out)
+    print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'}")
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name="export", version_base="1.3")
+def _export(cfg: DictConfig) -> None:
+    _run_or_fail(_export_run, cfg)
+
+
 @hydra.main(config_path=CONFIG_PATH, config_name="bench", version_base="1.3")
 def _bench(cfg: DictConfig) -> None:
     _run_or_fail(run_bench, cfg)
@@ -131,6 +143,12 @@ def analyze() -> None:
     """``limoe-analyze ckpt=PATH [out=DIR] [split=test] [num_pairs=1000] ...``"""
     _check_overrides("analyze", sys.argv[1:])
     _analyze()
+
+
+def export() -> None:
+    """``limoe-export ckpt=PATH out=DIR``"""
+    _check_overrides("export", sys.argv[1:])
+    _export()
 
 
 def flags_to_overrides(argv: list[str]) -> list[str]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from limoe import cli
 from limoe.bench import check_targets, format_table, layer_cases, time_interleaved
 from limoe.bench.run import run_bench
 from limoe.cli import flags_to_overrides
@@ -51,6 +52,33 @@ def test_layer_cases_leave_out_top_k_above_num_experts():
     assert all(c.top_k <= c.num_experts and c.hidden == 1024 for c in cases)
 
 
+TINY_DATA = [
+    "data.image_sizes=[16]", "data.num_workers=[0,1]", "data.batch_size=4", "data.batches=2",
+    "data.feed.file_size=16", "data.feed.warmup=1", "data.feed.steps=2", "data.feed.rounds=1",
+    "data.feed.overrides=['size=smoke','data.batch_size=4','data.image_size=16']",
+]  # fmt: skip
+
+
+def _check_data_suite(results: dict, printed: str) -> None:
+    loaders = results["loaders"]
+    assert [(r["format"], r["num_workers"]) for r in loaders] == [
+        ("csv", 0), ("csv", 1), ("webdataset", 0), ("webdataset", 1)
+    ]  # fmt: skip
+    for r in loaders:
+        assert r["image_size"] == 16 and r["batch_size"] == 4 and r["pairs_per_s"] > 0
+        per_worker = r["pairs_per_s"] / max(1, r["num_workers"])
+        assert r["pairs_per_s_per_worker"] == pytest.approx(per_worker)
+    (feed,) = results["feed"]
+    assert feed["model"] == "limoe" and feed["batch_size"] == 4 and feed["image_size"] == 16
+    assert feed["num_workers"] >= 1  # data=csv's default: one per spare core, at least one
+    ratio = feed["files_pairs_per_s"] / feed["memory_pairs_per_s"]
+    assert feed["files_vs_memory"] == pytest.approx(ratio)
+    target = results["targets"][-1]
+    assert target["target"].startswith("training pairs/s fed from files")
+    assert target["value"] == feed["files_vs_memory"] and target["bound"] == 0.9
+    assert "| csv | 16 | 1 | 4 |" in printed and "| limoe | 16 → 16 | " in printed
+
+
 def _bench_cfg(tmp_path: Path, overrides: list[str]):
     return compose(
         [*overrides, f"out={tmp_path / 'bench.json'}", "progress=false"], tmp_path, "bench"
@@ -58,9 +86,10 @@ def _bench_cfg(tmp_path: Path, overrides: list[str]):
 
 
 def test_tiny_benchmark_writes_the_json_schema(tmp_path, capsys):
-    results = run_bench(_bench_cfg(tmp_path, TINY_LAYER + TINY_TRAIN))
+    results = run_bench(_bench_cfg(tmp_path, TINY_LAYER + TINY_TRAIN + TINY_DATA))
     assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(results))
-    assert set(results) == {"machine", "dtype", "config", "layer", "train", "targets"}
+    assert set(results) == {"machine", "dtype", "config", "layer", "train", "loaders", "feed",
+                            "targets"}  # fmt: skip
     assert results["dtype"] == "float32" and results["machine"]["device"] == "cpu"
     layer = results["layer"]
     # 6 cases (E=1: 2, E=4: 4) x 3 modes x 2 passes.
@@ -86,9 +115,12 @@ def test_tiny_benchmark_writes_the_json_schema(tmp_path, capsys):
         assert r["batch_size"] == 8 and len(r["times_s"]) == 2
         assert r["pairs_per_s"] == pytest.approx(8 / r["median_s"])
     assert train["limoe"]["params"] > train["dense"]["params"]  # the experts
-    # The tiny shape is not the issue's, so only the training target applies.
-    assert [t["target"] for t in results["targets"]] == ["limoe pairs/s / dense pairs/s"]
+    # The tiny shape is not the issue's, so only the training and feed targets apply.
+    assert [t["target"] for t in results["targets"]] == [
+        "limoe pairs/s / dense pairs/s", "training pairs/s fed from files / from memory"
+    ]  # fmt: skip
     printed = capsys.readouterr().out
+    _check_data_suite(results, printed)
     assert "| 4 | 2 | dropless | 64 | 16 | fwd_bwd |" in printed
     assert "| limoe | 8 |" in printed
 
@@ -147,10 +179,9 @@ def test_limoe_bench_console_script(tmp_path):
     [("suite=gpu", "suite must be one of"), ("dtype=float16", "dtype must be float32"),
      ("layer.modes=[dense,fast]", "layer mode must be one of")],
 )  # fmt: skip
-def test_bad_bench_config_fails_with_one_line(override, message, tmp_path):
-    cmd = [str(BIN / "limoe-bench"), *TINY_LAYER, "suite=layer", override,
-           f"hydra.run.dir={tmp_path}"]  # fmt: skip
-    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("limoe: error: ")
-    assert message in result.stderr
+def test_bad_bench_config_fails_with_one_line(override, message, tmp_path, console):
+    argv = [*TINY_LAYER, "suite=layer", override, f"hydra.run.dir={tmp_path}"]
+    code, _, err = console(cli.bench, argv, tmp_path)
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith("limoe: error: ")
+    assert message in err

@@ -16,6 +16,7 @@ from moe_helpers import bare_layer
 from torch.utils.data import default_collate
 
 from limoe.analysis.compare import compare, find_runs, group_by_arm, summarise
+from limoe.analysis.compare import main as compare_main
 from limoe.lit.callbacks import read_history, routing_metrics
 from limoe.models import LIMoE, build_clip, create_model, model_cost, parameter_counts
 from limoe.models.cost import count_flops, flops_per_pair
@@ -203,12 +204,12 @@ def test_routing_metrics_by_hand():
     assert len(metrics) == 2 * (4 + 2 * 4) + 2
 
 
-def test_compare_without_runs_fails_with_one_line(tmp_path):
-    result = subprocess.run([str(BIN / "limoe-compare"), str(tmp_path)],
-                            capture_output=True, text=True)  # fmt: skip
-    assert result.returncode == 2
+def test_compare_without_runs_fails_with_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        compare_main([str(tmp_path)])
+    assert stop.value.code == 2
     assert (
-        result.stderr.strip()
+        capsys.readouterr().err.strip()
         == f"limoe-compare: error: no run with a metrics.json under {tmp_path}"
     )
 

@@ -80,7 +80,8 @@ def test_quickstart_notebook(run_notebook):
     out, executed = run_notebook("01_quickstart.ipynb")
     assert (out / "checkpoints" / "last.ckpt").is_file()
     assert (out / "routing" / "history.jsonl").is_file()
-    assert image_outputs(executed) >= 2  # the data grid and the retrievals
+    assert (out / "export" / "model.safetensors").is_file()
+    assert image_outputs(executed) >= 3  # the data grid, the retrievals, the classified file
 
 
 def test_expert_modality_analysis_notebook(run_notebook):

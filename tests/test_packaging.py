@@ -62,11 +62,13 @@ def test_create_model_from_another_directory(installed, tmp_path):
     code = (
         "import limoe, limoe.conf; "
         "print(limoe.__file__); print(limoe.conf.__file__); "
-        "print(type(limoe.create_model('limoe')).__name__)"
+        "print(type(limoe.create_model('limoe')).__name__); "
+        "model, _, preprocess = limoe.create_model_and_transforms('clip'); "
+        "print(type(model).__name__, limoe.get_tokenizer('clip').context_length)"
     )
     out = run([sys.executable, "-c", code], cwd=tmp_path, env=env).stdout.split()
     assert out[0].startswith(str(site)) and out[1].startswith(str(site))
-    assert out[2] == "LIMoE"
+    assert out[2:] == ["LIMoE", "CLIP", "16"]
 
 
 def test_limoe_train_from_another_directory(installed, tmp_path):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import FAST_DEV_RUN
 
+from limoe import cli
 from limoe.lit import read_history
 from limoe.train import build_datamodule, build_module, build_trainer, compose
 
@@ -91,12 +92,12 @@ def test_limoe_eval_recomputes_the_same_metrics(trained_run, tmp_path):
         assert evaluated[key] == pytest.approx(trained[key], abs=1e-6), key
 
 
-def test_limoe_eval_into_the_run_directory_keeps_its_record(trained_run, tmp_path):
+def test_limoe_eval_into_the_run_directory_keeps_its_record(trained_run, tmp_path, console):
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run, run_dir)
     before = json.loads((run_dir / "metrics.json").read_text())
-    result = run([str(BIN / "limoe-eval"), f"ckpt={run_dir / 'checkpoints/last.ckpt'}"], tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    code, _, err = console(cli.evaluate, [f"ckpt={run_dir / 'checkpoints/last.ckpt'}"], tmp_path)
+    assert code == 0, err[-3000:]
     after = json.loads((run_dir / "metrics.json").read_text())
     assert set(after) == set(before)  # training metrics, costs, arm and config kept
     assert after["train/steps"] == before["train/steps"] == 4
@@ -126,12 +127,12 @@ def test_resume_from_last_checkpoint_continues_the_run(trained_run, tmp_path):
         ("data.batch_size=0", "batch_size"),
     ],
 )
-def test_bad_config_fails_with_one_line(override, message, tmp_path):
-    result = run([str(BIN / "limoe-train"), *TINY, override, f"hydra.run.dir={tmp_path}"], tmp_path)
-    assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("limoe: error:")]
-    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+def test_bad_config_fails_with_one_line(override, message, tmp_path, console):
+    code, _, err = console(cli.train, [*TINY, override, f"hydra.run.dir={tmp_path}"], tmp_path)
+    assert code == 2
+    errors = [line for line in err.splitlines() if line.startswith("limoe: error:")]
+    assert len(errors) == 1 and message in errors[0], err[-2000:]
+    assert "Traceback" not in err
 
 
 ROUTING_FILES = {
@@ -164,7 +165,7 @@ def test_limoe_analyze_writes_every_figure_and_table(trained_run, tmp_path):
     )
 
 
-def test_limoe_analyze_of_a_missing_checkpoint_fails_with_one_line(tmp_path):
-    result = run([str(BIN / "limoe-analyze"), f"ckpt={tmp_path}/nope.ckpt"], cwd=tmp_path)
-    assert result.returncode == 2
-    assert result.stderr.strip() == f"limoe: error: ckpt={tmp_path}/nope.ckpt does not exist"
+def test_limoe_analyze_of_a_missing_checkpoint_fails_with_one_line(tmp_path, console):
+    code, _, err = console(cli.analyze, [f"ckpt={tmp_path}/nope.ckpt"], tmp_path)
+    assert code == 2
+    assert err.strip() == f"limoe: error: ckpt={tmp_path}/nope.ckpt does not exist"

@@ -15,6 +15,7 @@ LAYER_TARGETS = (
     ("one-hot fwd+bwd time / sorted, E=32", 32, "onehot_vs_sorted", 4.0, "min"),
 )
 TRAIN_TARGET = ("limoe pairs/s / dense pairs/s", 0.85, "min")
+FEED_TARGET = ("training pairs/s fed from files / from memory", 0.9, "min")
 
 
 def machine_info(device: str | torch.device) -> dict:
@@ -39,7 +40,9 @@ def _row(rows: list[dict], **match) -> dict | None:
     return found[0] if found else None
 
 
-def check_targets(layer_rows: list[dict], train_rows: list[dict]) -> list[dict]:
+def check_targets(
+    layer_rows: list[dict], train_rows: list[dict], feed_rows: list[dict] = ()
+) -> list[dict]:
     """Each target whose measurements are in the run: its value, bound and whether it is met.
 
     Layer targets use the top-1, dropless, forward+backward rows at 16384 tokens and dim
@@ -61,6 +64,8 @@ def check_targets(layer_rows: list[dict], train_rows: list[dict]) -> list[dict]:
     limoe = _row(train_rows, model="limoe")
     if limoe is not None and limoe["pairs_per_s_vs_dense"] is not None:
         targets.append(_target(TRAIN_TARGET[0], limoe["pairs_per_s_vs_dense"], *TRAIN_TARGET[1:]))
+    for feed in feed_rows:
+        targets.append(_target(FEED_TARGET[0], feed["files_vs_memory"], *FEED_TARGET[1:]))
     return targets
 
 
@@ -103,6 +108,27 @@ def _train_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _loader_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| format | px | workers | batch | pairs/s | pairs/s per worker |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['format']} | {r['image_size']} | {r['num_workers']} | "
+                     f"{r['batch_size']} | {r['pairs_per_s']:.0f} | {r['pairs_per_s_per_worker']:.0f} |")  # fmt: skip
+    return lines
+
+
+def _feed_table(rows: list[dict]) -> list[str]:
+    lines = ["| model | files px → input px | workers | batch | in memory pairs/s | from files pairs/s | files / memory |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['file_size']} → {r['image_size']} | {r['num_workers']} | "
+                     f"{r['batch_size']} | {r['memory_pairs_per_s']:.0f} | {r['files_pairs_per_s']:.0f} | "
+                     f"{r['files_vs_memory']:.2f} |")  # fmt: skip
+    return lines
+
+
 def format_table(results: dict) -> str:
     """Markdown tables of a run (layer times with the ratio to dense in brackets; training
     pairs/s) and the targets, as ``limoe-bench`` prints them."""
@@ -112,6 +138,11 @@ def format_table(results: dict) -> str:
         lines += _layer_table(results["layer"]) + [""]
     if results.get("train"):
         lines += ["Training step:", ""] + _train_table(results["train"]) + [""]
+    if results.get("loaders"):
+        lines += ["Training loader (decoded and transformed pairs):", ""]
+        lines += _loader_table(results["loaders"]) + [""]
+    if results.get("feed"):
+        lines += ["Training fed by the file loader:", ""] + _feed_table(results["feed"]) + [""]
     for t in results.get("targets", []):
         sign = "≤" if t["kind"] == "max" else "≥"
         verdict = "met" if t["met"] else "MISSED"

@@ -2,7 +2,9 @@
 targets, and write every repeat to JSON (after each suite, so a failure later loses nothing).
 
 The training suite steps each model as ``limoe-train model=NAME`` builds it
-(``limoe.train.compose`` and ``build_module``), on one batch of that config's val split.
+(``limoe.train.compose`` and ``build_module``), on one batch of that config's val split. The
+data suite times the file loaders, then trains ``data.feed.model`` as ``limoe-train data=csv``
+builds it, fed by that loader and by one batch in memory.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from omegaconf import DictConfig
 from limoe.data.loading import first_pairs
 from limoe.train import build_datamodule, build_module, compose, plain
 
+from .data import run_feed_bench, run_loader_bench, temporary_root, write_fixture
 from .layer import layer_cases, run_layer_bench
 from .report import check_targets, format_table, machine_info
 from .train import run_train_bench
 
-SUITES = ("layer", "train", "all")
+SUITES = ("layer", "train", "data", "all")
 
 
 def bench_dtype(cfg: DictConfig) -> torch.dtype:
@@ -61,6 +64,28 @@ def bench_train(cfg: DictConfig, dtype: torch.dtype) -> list[dict]:
     )
 
 
+def bench_data(cfg: DictConfig, dtype: torch.dtype) -> dict:
+    """Loader pairs/s per format, size and workers; then the training feed: the default
+    model on ``data=csv`` files (its default workers) against the same steps in memory."""
+    data, feed = cfg.data, cfg.data.feed
+    with temporary_root() as root:
+        root = Path(root)
+        loaders = run_loader_bench(
+            root, data.formats, data.image_sizes, data.num_workers, data.batch_size,
+            data.batches, cfg.progress,
+        )  # fmt: skip
+        pairs = data.batch_size * (feed.warmup + 1)
+        files = write_fixture(root / "feed", feed.file_size, pairs)
+        run_cfg = compose([f"model={feed.model}", "data=csv", f"data.train_data={files['csv']}",
+                           "data.check_images=false", *feed.overrides])  # fmt: skip
+        L.seed_everything(cfg.seed, verbose=False)
+        module = build_module(run_cfg)
+        loader = build_datamodule(run_cfg).train_dataloader()
+        result = run_feed_bench(module, loader, feed.warmup, feed.steps, feed.rounds, cfg.progress)
+    result.update(model=feed.model, image_size=run_cfg.data.image_size, file_size=feed.file_size)
+    return {"loaders": loaders, "feed": [result]}
+
+
 def run_bench(cfg: DictConfig) -> dict:
     """Run the chosen suites; print the tables and targets; write everything to JSON."""
     if cfg.suite not in SUITES:
@@ -69,14 +94,15 @@ def run_bench(cfg: DictConfig) -> dict:
         raise ValueError("device=cuda but torch sees no CUDA GPU")
     dtype = bench_dtype(cfg)
     results = {"machine": machine_info(cfg.device), "dtype": str(dtype).removeprefix("torch.")}
-    results.update(config=plain(cfg), layer=[], train=[], targets=[])
+    results.update(config=plain(cfg), layer=[], train=[], loaders=[], feed=[], targets=[])
     out = Path(cfg.out) if cfg.out else Path(cfg.paths.output_dir) / "bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    suites = {"layer": bench_layer, "train": bench_train}
+    suites = {"layer": bench_layer, "train": bench_train, "data": bench_data}
     for name, run in suites.items():
         if cfg.suite in (name, "all"):
-            results[name] = run(cfg, dtype)
-            results["targets"] = check_targets(results["layer"], results["train"])
+            found = run(cfg, dtype)
+            results.update(found if isinstance(found, dict) else {name: found})
+            results["targets"] = check_targets(results["layer"], results["train"], results["feed"])
             out.write_text(json.dumps(results, indent=2) + "\n")  # kept if a later suite fails
     print(format_table(results))
     print(f"limoe: benchmark of {results['machine']['device']} ({results['dtype']}) -> {out}")

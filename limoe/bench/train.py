@@ -14,23 +14,31 @@ from tqdm.auto import tqdm
 from .timing import time_interleaved
 
 
-def training_step(
-    module: nn.Module, images: Tensor, tokens: Tensor, dtype: torch.dtype, lr: float = 1e-3
-) -> Callable[[], None]:
-    """One optimisation step of ``module`` (anything with ``compute_loss(images, tokens)``,
-    such as ``ContrastiveModule``), under autocast when ``dtype`` is not float32."""
+def make_step(
+    module: nn.Module, dtype: torch.dtype, lr: float = 1e-3
+) -> Callable[[Tensor, Tensor], None]:
+    """``step(images, tokens)``: one optimisation step of ``module`` (anything with
+    ``compute_loss(images, tokens)``, such as ``ContrastiveModule``), under autocast when
+    ``dtype`` is not float32."""
     optimizer = torch.optim.AdamW(module.parameters(), lr=lr)
-    device = images.device.type
 
-    def run() -> None:
+    def step(images: Tensor, tokens: Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
-        amp = torch.autocast(device, dtype) if dtype != torch.float32 else nullcontext()
+        amp = torch.autocast(images.device.type, dtype) if dtype != torch.float32 else nullcontext()
         with amp:
             loss = module.compute_loss(images, tokens)[0]
         loss.backward()
         optimizer.step()
 
-    return run
+    return step
+
+
+def training_step(
+    module: nn.Module, images: Tensor, tokens: Tensor, dtype: torch.dtype, lr: float = 1e-3
+) -> Callable[[], None]:
+    """``make_step`` on one fixed batch."""
+    step = make_step(module, dtype, lr)
+    return lambda: step(images, tokens)
 
 
 def run_train_bench(

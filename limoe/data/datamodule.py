@@ -11,6 +11,7 @@ samples and zero-shot tasks, and the tokenizer (``limoe.eval.EvalPlan``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 
 import lightning as L
@@ -31,6 +32,19 @@ from limoe.data.skips import SkipCounts
 from limoe.data.webdataset import ShardStream, check_tars, expand_urls, index_shards
 from limoe.eval.plan import EvalPlan, EvalSet
 
+# Loader workers when data.num_workers is null: decoding keeps pace with one spare core on the
+# small images limoe trains on (limoe-bench suite=data); more only contend with the model.
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_workers() -> int:
+    """One worker per core beyond the first (which trains), at least one, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_DEFAULT_WORKERS, cores - 1))
+
 
 def _pair_sample(dataset: PairDataset, i: int) -> dict:
     return dataset.sample(i)
@@ -50,9 +64,9 @@ class PairDataModule(L.LightningDataModule):
         self,
         image_size: int,
         eval_batch_size: int,
-        num_workers: int,
-        pin_memory: bool,
-        persistent_workers: bool,
+        num_workers: int | None,
+        pin_memory: bool | None,
+        persistent_workers: bool | None,
         zeroshot: Mapping | None,
         mean: Sequence[float],
         std: Sequence[float],
@@ -61,8 +75,10 @@ class PairDataModule(L.LightningDataModule):
         check_images: bool = True,
     ) -> None:
         super().__init__()
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if num_workers is not None and num_workers < 0:
+            raise ValueError(
+                f"num_workers must be >= 0 or null (one per spare core), got {num_workers}"
+            )
         if not 0 <= max_skipped_fraction <= 1:
             raise ValueError(f"max_skipped_fraction must be in [0, 1], got {max_skipped_fraction}")
         self.max_skipped_fraction = max_skipped_fraction
@@ -71,9 +87,11 @@ class PairDataModule(L.LightningDataModule):
         self.counts: dict[str, SkipCounts] = {}
         self.image_size = image_size
         self.eval_batch_size = eval_batch_size
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers and num_workers > 0
+        self.num_workers = default_workers() if num_workers is None else num_workers
+        self.pin_memory = pin_memory  # null: when the trainer runs on a GPU
+        if persistent_workers is None:
+            persistent_workers = True
+        self.persistent_workers = persistent_workers and self.num_workers > 0
         self.mean, self.std, self.background = tuple(mean), tuple(std), tuple(background)
         for name, spec in (zeroshot or {}).items():
             if not isinstance(spec, Mapping) or not spec.get("root"):
@@ -139,9 +157,13 @@ class PairDataModule(L.LightningDataModule):
 
     def _workers(self) -> dict:
         """The DataLoader options on worker processes, shared by every loader."""
+        pin = self.pin_memory
+        if pin is None:
+            on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+            pin = on_gpu
         return {
             "num_workers": self.num_workers,
-            "pin_memory": self.pin_memory,
+            "pin_memory": pin,
             "persistent_workers": self.persistent_workers,
         }
 
@@ -367,7 +389,8 @@ class ImageTextDataModule(PairDataModule):
     ``dataset_type`` ``auto`` reads ``*.csv``/``*.tsv`` as CSV and ``*.tar`` as shards, per
     split. CSV training is map-style and shuffled per epoch; shard training streams
     ``train_num_samples`` pairs per epoch. ``val_data`` and ``test_data`` report retrieval
-    metrics (``val/``, ``test/``); zero-shot tasks come from ``zeroshot`` folders.
+    metrics (``val/``, ``test/``), each ``extra_test`` split under ``test_<name>/`` (e.g.
+    held-out concepts as ``test_novel/``); zero-shot tasks come from ``zeroshot`` folders.
     """
 
     def __init__(
@@ -375,6 +398,7 @@ class ImageTextDataModule(PairDataModule):
         train_data: str | None = None,
         val_data: str | None = None,
         test_data: str | None = None,
+        extra_test: Mapping[str, str] | None = None,
         dataset_type: str = "auto",
         csv_img_key: str = "filepath",
         csv_caption_key: str = "title",
@@ -385,9 +409,9 @@ class ImageTextDataModule(PairDataModule):
         context_length: int = 24,
         batch_size: int = 128,
         eval_batch_size: int = 500,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
+        num_workers: int | None = None,
+        pin_memory: bool | None = None,
+        persistent_workers: bool | None = None,
         seed: int = 0,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
@@ -410,6 +434,10 @@ class ImageTextDataModule(PairDataModule):
             raise ValueError(f"dataset_type must be one of {DATASET_TYPES}, got {dataset_type!r}")
         self.save_hyperparameters(logger=False)
         self.paths = {"train": train_data, "val": val_data, "test": test_data}
+        for name, path in (extra_test or {}).items():
+            if not path:
+                raise ValueError(f"data.extra_test.{name} needs a path (a .csv or .tar)")
+            self.paths[f"test_{name}"] = path
         self.kinds = {
             split: _data_kind(path, dataset_type, split)
             for split, path in self.paths.items()
@@ -430,7 +458,7 @@ class ImageTextDataModule(PairDataModule):
     def _items(self, split: str) -> list:
         """The usable rows of a split; stops when too few are usable."""
         path = self.paths[split]
-        counts = self._counts(split, f"data.{split}_data={path}")
+        counts = self._counts(split, f"{_data_key(split)}={path}")
         if self.kinds[split] == "csv":
             items = read_csv(path, *self.csv_keys, counts=counts, check_images=self.check_images)
         else:
@@ -443,7 +471,7 @@ class ImageTextDataModule(PairDataModule):
         if split not in self.paths:
             raise ValueError(f"unknown split {split!r}; expected one of {tuple(self.paths)}")
         if not self.paths[split]:
-            raise ValueError(f"data.{split}_data is not set")
+            raise ValueError(f"{_data_key(split)} is not set")
         if split == "train" and self.kinds[split] == "webdataset":
             raise ValueError("training shards are streamed: there is no map-style train split")
         if split not in self._datasets:
@@ -461,7 +489,7 @@ class ImageTextDataModule(PairDataModule):
         shards, that each is a tar and the first has usable samples), so unusable data stops
         the run before training."""
         for stage in stages:
-            if stage == "test" and not (self.paths["test"] or self.zeroshot):
+            if stage == "test" and not (self._test_splits() or self.zeroshot):
                 raise ValueError("nothing to test on: set data.test_data or "
                                  "+data.zeroshot.NAME.root (or test=false)")  # fmt: skip
             self.setup(stage)
@@ -479,18 +507,20 @@ class ImageTextDataModule(PairDataModule):
         first.check(self.max_skipped_fraction)
 
     def setup(self, stage: str | None = None) -> None:
-        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
-        for split in needed.get(stage, ("train", "val", "test")):
+        needed = {"fit": ("train", "val"), "validate": ("val",), "test": self._test_splits()}
+        for split in needed.get(stage, tuple(self.paths)):
             if self.paths[split] and not (split == "train" and self.kinds[split] == "webdataset"):
                 self.dataset(split)
         if stage == "fit" and not self.paths["train"]:
             raise ValueError("data.train_data is not set: nothing to train on")
 
+    def _test_splits(self) -> tuple[str, ...]:
+        """``test`` and the ``extra_test`` splits (``test_<name>``) that have a path."""
+        return tuple(s for s, path in self.paths.items() if s.startswith("test") and path)
+
     def _own_eval_sets(self, stage: str) -> list[EvalSet]:
-        split = "test" if stage == "test" else "val"
-        if not self.paths[split]:
-            return []
-        return [EvalSet(split, IndexedSamples(self.dataset(split), _pair_sample), ())]
+        splits = self._test_splits() if stage == "test" else ("val",) * bool(self.paths["val"])
+        return [EvalSet(s, IndexedSamples(self.dataset(s), _pair_sample), ()) for s in splits]
 
     def train_dataloader(self) -> DataLoader:
         if self.kinds["train"] == "csv":
@@ -511,6 +541,13 @@ class ImageTextDataModule(PairDataModule):
 DATASET_TYPES = ("auto", "csv", "webdataset")
 
 
+def _data_key(split: str) -> str:
+    """The config key that names a split's path: ``data.test_data``, ``data.extra_test.novel``."""
+    if split.startswith("test_"):
+        return f"data.extra_test.{split[len('test_') :]}"
+    return f"data.{split}_data"
+
+
 def _data_kind(path: str, dataset_type: str, split: str) -> str:
     """``csv`` or ``webdataset``: as given, or from the file extension for ``auto``."""
     if dataset_type != "auto":
@@ -521,7 +558,7 @@ def _data_kind(path: str, dataset_type: str, split: str) -> str:
     if name.endswith(".tar"):
         return "webdataset"
     raise ValueError(
-        f"data.{split}_data={path}: cannot tell its format from the extension (.csv, .tsv or "
+        f"{_data_key(split)}={path}: cannot tell its format from the extension (.csv, .tsv or "
         ".tar); set data.dataset_type=csv or webdataset"
     )
 

@@ -1,9 +1,11 @@
-"""``limoe-data export``: write the shapes data, or any open_clip CSV, as files that the
-``csv`` and ``webdataset`` data configs (and open_clip itself) read.
+"""``limoe-data``: write data as files that the ``csv`` and ``webdataset`` data configs (and
+open_clip itself) read: ``export`` the shapes data or any open_clip CSV, or prepare ``tabler``
+(Tabler Icons, from its two unpacked npm packages; see ``limoe.data.tabler``).
 
     limoe-data export shapes --split train --size 10000 --format webdataset --out data/shards
     limoe-data export shapes --split test --size 500 --format imagefolder --task shape --out data/zs
     limoe-data export data/train.csv --format webdataset --out data/shards
+    limoe-data tabler --icons tabler/icons --png tabler/png --out data/tabler
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tqdm.auto import tqdm
 from limoe.data.csv import read_csv
 from limoe.data.pairs import IMAGE_EXTENSIONS
 from limoe.data.shapes import ATTRIBUTE_VALUES, SPLITS, export_csv, rendered_samples
+from limoe.data.tabler import prepare_tabler
 from limoe.data.webdataset import encode_image, write_shards
 
 FORMATS = ("webdataset", "csv", "imagefolder")
@@ -87,6 +90,17 @@ def export(args: argparse.Namespace) -> str:
     return f"wrote {pairs.n} pairs to {len(shards)} shards: {urls}"
 
 
+def tabler(args: argparse.Namespace) -> str:
+    counts = prepare_tabler(
+        args.icons, args.png, args.out, args.image_size, args.holdout, args.max_tags, args.seed
+    )
+    return (
+        f"wrote {counts['train']} train, {counts['test']} test and {counts['novel']} novel "
+        f"pairs ({counts['concepts_held_out']} concepts held out; {counts['skipped']} icons "
+        f"without both a PNG and an icons.json entry left out) under {args.out}"
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="limoe-data", description=__doc__.split("\n\n")[0])
     commands = main.add_subparsers(dest="command", required=True)
@@ -104,6 +118,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--csv-img-key", default="filepath")
     p.add_argument("--csv-caption-key", default="title")
     p.add_argument("--csv-separator", default="\t")
+    t = commands.add_parser("tabler", help="Tabler Icons as train/test/novel CSVs + zero-shot")
+    t.add_argument("--icons", required=True, help="the unpacked @tabler/icons package")
+    t.add_argument("--png", required=True, help="the unpacked @tabler/icons-png package")
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--image-size", type=int, default=64, help="pixels per side; 0: keep 240")
+    t.add_argument("--holdout", type=float, default=0.2, help="share of concepts held out")
+    t.add_argument("--max-tags", type=int, default=4, help="tags per caption")
+    t.add_argument("--seed", type=int, default=0, help="seed of the held-out draw")
     return main
 
 
@@ -111,6 +133,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="limoe: %(message)s")
     args = parser().parse_args(argv)
     try:
+        if args.command == "tabler":
+            print(tabler(args))
+            return
         if args.size < 1 or args.samples_per_shard < 1:
             raise ValueError("--size and --samples-per-shard must be >= 1")
         print(export(args))

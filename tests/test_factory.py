@@ -1,0 +1,111 @@
+"""open_clip-style loading: ``limoe-export`` of a trained checkpoint, and
+``create_model_and_transforms`` / ``get_tokenizer`` from a name, a checkpoint or an export,
+checked against Lightning's own loading and the datamodule's own transforms."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import limoe
+from limoe import cli
+from limoe.factory import export_model
+from limoe.lit import ContrastiveModule
+from limoe.train import build_datamodule, compose, train
+
+RUN = ["experiment=smoke", "data.train_size=64", "data.batch_size=16", "trainer.max_steps=2",
+       "test=false", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, object]:
+    """A two-step run's ``last.ckpt`` and its composed config."""
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = compose(RUN, run_dir)
+    train(cfg)
+    return run_dir / "checkpoints" / "last.ckpt", cfg
+
+
+def _features(model, images, tokens):
+    with torch.no_grad():
+        return model.encode_image(images), model.encode_text(tokens)
+
+
+def _rgba_image(seed: int = 0, size: int = 40) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 4), dtype=np.uint8)
+    return Image.fromarray(pixels, "RGBA")
+
+
+def test_export_loads_back_with_the_checkpoints_features_transforms_and_tokenizer(
+    trained, tmp_path
+):
+    ckpt, cfg = trained
+    out = export_model(ckpt, tmp_path / "export")
+    reference = ContrastiveModule.load_from_checkpoint(ckpt, map_location="cpu").model.eval()
+    # Weights only: exactly the model's tensors, no optimiser state or Lightning keys.
+    assert set(load_file(out / "model.safetensors")) == set(reference.state_dict())
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["_target_"] == "limoe.models.LIMoE"
+    datamodule = build_datamodule(cfg)
+    image = _rgba_image()
+    texts = ["a red circle in the centre", "a blue square"]
+    expected = _features(reference, datamodule._eval_transform()(image.convert("RGB"))[None],
+                         datamodule.tokenizer(texts))  # fmt: skip
+    for source in (out, ckpt):
+        model, _, preprocess_val = limoe.create_model_and_transforms(source)
+        tokenizer = limoe.get_tokenizer(source)
+        assert not model.training and tokenizer.context_length == cfg.data.context_length
+        # The datamodule composites transparency on white before its transform.
+        images = preprocess_val(image)[None]
+        white = Image.alpha_composite(Image.new("RGBA", image.size, (255,) * 4), image)
+        reference_images = datamodule._eval_transform()(white.convert("RGB"))[None]
+        torch.testing.assert_close(images, reference_images, rtol=0, atol=0)
+        got = _features(model, datamodule._eval_transform()(image.convert("RGB"))[None],
+                        tokenizer(texts))  # fmt: skip
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_a_name_gives_random_weights_with_that_configs_preprocessing():
+    model, preprocess_train, preprocess_val = limoe.create_model_and_transforms("dense")
+    assert type(model).__name__ == "LIMoE" and not any(b.is_moe for b in model.blocks)
+    assert preprocess_val(_rgba_image(size=80)).shape == (3, 56, 56)  # scenes: 56 px
+    assert preprocess_train(_rgba_image(size=80)).shape == (3, 56, 56)
+    assert limoe.get_tokenizer("clip").context_length == 16
+    assert limoe.get_tokenizer("limoe", ["data=shapes"]).context_length == 24
+
+
+def test_limoe_export_console_entry(trained, tmp_path, console):
+    ckpt, _ = trained
+    code, out, err = console(cli.export, [f"ckpt={ckpt}", f"out={tmp_path / 'e'}"], tmp_path)
+    assert code == 0, err
+    assert f"wrote {tmp_path / 'e' / 'model.safetensors'}" in out
+
+
+def test_bad_sources_fail_with_one_line_naming_them(tmp_path, console):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad/model.safetensors").write_bytes(b"")
+    (tmp_path / "bad/config.json").write_text('{"model": {}}')
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
+    cases = {
+        tmp_path / "nope": "is neither a model config (clip, dense, limoe) nor an existing",
+        tmp_path / "empty": "is not a limoe export: it needs model.safetensors and config.json",
+        tmp_path / "bad": "config.json is not a limoe export config",
+        tmp_path / "notes.ckpt": "is not a limoe checkpoint",
+    }
+    for source, message in cases.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            limoe.create_model_and_transforms(source)
+    argv = [f"ckpt={tmp_path / 'nope.ckpt'}", f"out={tmp_path / 'e'}"]
+    code, _, err = console(cli.export, argv, tmp_path)
+    assert (
+        code == 2 and err.strip() == f"limoe: error: ckpt={tmp_path / 'nope.ckpt'} does not exist"
+    )

@@ -15,7 +15,15 @@ from hydra.utils import instantiate
 from moe_helpers import bare_layer
 from torch.utils.data import default_collate
 
-from limoe.analysis.compare import compare, find_runs, group_by_arm, summarise
+from limoe.analysis.compare import (
+    Run,
+    compare,
+    curve_keys,
+    find_runs,
+    group_by_arm,
+    read_curves,
+    summarise,
+)
 from limoe.analysis.compare import main as compare_main
 from limoe.lit.callbacks import read_history, routing_metrics
 from limoe.models import LIMoE, build_clip, create_model, model_cost, parameter_counts
@@ -202,6 +210,19 @@ def test_routing_metrics_by_hand():
     assert metrics["routing/layer3/unused_experts"] == 2.0
     assert metrics["routing/layer2/text_dropped"] == 0.25
     assert len(metrics) == 2 * (4 + 2 * 4) + 2
+
+
+def test_curves_are_the_validation_metrics_or_else_the_training_loss(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,train/contrastive_loss,val/image_to_text_R@1,val/x_zeroshot_top5\n"
+                    "24,4.5,,\n49,4.0,,\n49,,0.25,0.5\n")  # fmt: skip
+    curves = read_curves(path)
+    assert curves == {"train/contrastive_loss": [(24, 4.5), (49, 4.0)],
+                      "val/image_to_text_R@1": [(49, 0.25)], "val/x_zeroshot_top5": [(49, 0.5)]}  # fmt: skip
+    validated = {"limoe": [Run("limoe", 8, {}, curves)]}
+    assert curve_keys(validated) == ["val/image_to_text_R@1"]
+    trained_only = {"limoe": [Run("limoe", 8, {}, {"train/contrastive_loss": [(24, 4.5)]})]}
+    assert curve_keys(trained_only) == ["train/contrastive_loss"]
 
 
 def test_compare_without_runs_fails_with_one_line(tmp_path, capsys):

@@ -163,6 +163,23 @@ def test_pair_dataset_decodes_every_mode_and_stands_in_for_a_broken_image(csv_di
     assert torch.equal(image, dataset[3][0]) and torch.equal(tokens, dataset[3][1])
 
 
+def test_captions_are_tokenised_once_per_process(csv_dir):
+    calls = []
+    tokenizer = SimpleTokenizer(context_length=8)
+
+    def counting(texts):
+        calls.extend(texts)
+        return tokenizer(texts)
+
+    rows = read_csv(csv_dir / "pairs.csv")
+    dataset = PairDataset(rows, build_transform(SIZE, False), SIZE, tokenizer=counting)
+    for _ in range(2):  # two epochs
+        texts = [dataset.sample(i)["text"] for i in range(len(dataset))]
+    assert sorted(calls) == sorted(c for _, c in rows) and len(calls) == len(rows)
+    for (_, caption), tokens in zip(rows, texts):
+        assert torch.equal(tokens, tokenizer([caption])[0])
+
+
 def test_csv_datamodule_trains_on_shuffled_full_batches(csv_dir):
     dm = ImageTextDataModule(train_data=str(csv_dir / "pairs.csv"), batch_size=2, seed=3,
                              image_size=SIZE)  # fmt: skip

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
+from limoe.factory import export_model
 
 BIN = Path(sys.executable).parent
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -57,6 +60,14 @@ def test_a_killed_run_resumed_from_last_ckpt_ends_as_an_uninterrupted_one(proces
                ["state_dict"] for run in ("whole", "resumed")]  # fmt: skip
     for name, value in weights[0].items():
         torch.testing.assert_close(weights[1][name], value, rtol=0, atol=1e-6, msg=name)
+    # The checkpoint holds every expert, however many processes held them: it exports whole.
+    exported = load_file(export_model(tmp_path / "whole/checkpoints/last.ckpt", tmp_path / "e")
+                         / "model.safetensors")  # fmt: skip
+    model_weights = {k.removeprefix("model."): v for k, v in weights[0].items()}
+    assert exported.keys() == model_weights.keys()
+    for name, value in exported.items():
+        assert torch.equal(value, model_weights[name]), name
+    assert exported["blocks.2.mlp.experts.w1"].shape[0] == 4  # experiment=smoke: 4 experts
 
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path):

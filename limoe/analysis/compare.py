@@ -37,15 +37,20 @@ class Run:
     history: list[dict] = field(default_factory=list)  # RoutingHistory records, MoE runs only
 
 
+# Plotted when the runs validated nothing (data without a val split, such as data=tabler).
+TRAIN_CURVE = "train/contrastive_loss"
+
+
 def read_curves(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every ``val/`` column of a CSVLogger file as ``[(step, value), ...]``."""
+    """Every ``val/`` column of a CSVLogger file, and the training contrastive loss, as
+    ``[(step, value), ...]``."""
     curves: dict[str, list[tuple[int, float]]] = defaultdict(list)
     if not metrics_csv.is_file():
         return {}
     with metrics_csv.open(newline="") as f:
         for row in csv.DictReader(f):
             for key, value in row.items():
-                if key.startswith("val/") and value not in ("", None):
+                if (key.startswith("val/") or key == TRAIN_CURVE) and value not in ("", None):
                     curves[key].append((int(row["step"]), float(value)))
     return dict(curves)
 
@@ -155,9 +160,12 @@ def training_flops(runs: list[Run], steps: np.ndarray) -> np.ndarray:
 
 
 def curve_keys(groups: dict[str, list[Run]]) -> list[str]:
-    """Validation R@1 (both directions) and every zero-shot top-1 the runs logged."""
+    """Validation R@1 (both directions) and every zero-shot top-1 the runs logged; the
+    training contrastive loss when they validated nothing."""
     keys = {k for runs in groups.values() for run in runs for k in run.curves}
     wanted = [k for k in sorted(keys) if k.endswith(("_R@1", "_zeroshot_top1"))]
+    if not wanted and TRAIN_CURVE in keys:
+        return [TRAIN_CURVE]
     return sorted(wanted, key=lambda k: (not k.endswith("_R@1"), k))
 
 

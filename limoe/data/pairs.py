@@ -34,6 +34,8 @@ WHITE = (255, 255, 255)
 # Stride between the tries of a training sample whose image fails: far from the failed index,
 # so the stand-in seldom lands in the same batch.
 SUBSTITUTE_STRIDE = 7919
+# Captions whose tokens a PairDataset keeps per process (77 int64 tokens each: 40 MB at most).
+TOKEN_CACHE_SIZE = 1 << 16
 MAX_TRIES = 32
 
 
@@ -159,6 +161,18 @@ class PairDataset(Dataset):
         self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
         self.background = tuple(background)
         self.counts = counts or SkipCounts("images")
+        self._tokens: dict[int, Tensor] = {}  # per process: each worker fills its own
+
+    def _text(self, i: int) -> Tensor:
+        """The tokens of caption ``i``, tokenised once per process for the first
+        ``TOKEN_CACHE_SIZE`` captions met: open_clip's tokenizer (ftfy, BPE) costs about as
+        much as decoding a small image, every epoch again otherwise."""
+        tokens = self._tokens.get(i)
+        if tokens is None:
+            tokens = self.tokenizer([self.items[i][1]])[0]
+            if len(self._tokens) < TOKEN_CACHE_SIZE:
+                self._tokens[i] = tokens
+        return tokens
 
     def __len__(self) -> int:
         return len(self.items)
@@ -181,7 +195,7 @@ class PairDataset(Dataset):
         out = {"valid": torch.tensor(image is not None)}
         out["image"] = image if image is not None else torch.zeros(3, *_size2(self.image_size))
         if self.tokenizer is not None:
-            out["text"] = self.tokenizer([self.items[i][1]])[0]
+            out["text"] = self._text(i)
         if self.labels is not None:
             out["labels"] = self.labels[i : i + 1]  # one task; shapes carries one per attribute
         return out

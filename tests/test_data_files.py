@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 
-from limoe.data import ImageTextDataModule
+from limoe.data import ImageTextDataModule, pairs
 from limoe.data.csv import read_csv
 from limoe.data.export import main as limoe_data
 from limoe.data.imagefolder import DEFAULT_TEMPLATES, classname, imagefolder_task
@@ -163,21 +163,35 @@ def test_pair_dataset_decodes_every_mode_and_stands_in_for_a_broken_image(csv_di
     assert torch.equal(image, dataset[3][0]) and torch.equal(tokens, dataset[3][1])
 
 
-def test_captions_are_tokenised_once_per_process(csv_dir):
-    calls = []
+@pytest.mark.parametrize("cache_bytes", [1 << 20, 0])
+def test_captions_and_images_are_decoded_once_per_process(csv_dir, monkeypatch, cache_bytes):
+    """Tokens are kept for every caption; decoded images while ``IMAGE_CACHE_BYTES`` lasts."""
+    monkeypatch.setattr(pairs, "IMAGE_CACHE_BYTES", cache_bytes)
+    tokenised, decoded = [], []
     tokenizer = SimpleTokenizer(context_length=8)
 
-    def counting(texts):
-        calls.extend(texts)
+    def counting_tokenizer(texts):
+        tokenised.extend(texts)
         return tokenizer(texts)
 
+    def counting_open(source, background):
+        decoded.append(source)
+        return open_image(source, background)
+
+    monkeypatch.setattr(pairs, "open_image", counting_open)
     rows = read_csv(csv_dir / "pairs.csv")
-    dataset = PairDataset(rows, build_transform(SIZE, False), SIZE, tokenizer=counting)
-    for _ in range(2):  # two epochs
-        texts = [dataset.sample(i)["text"] for i in range(len(dataset))]
-    assert sorted(calls) == sorted(c for _, c in rows) and len(calls) == len(rows)
-    for (_, caption), tokens in zip(rows, texts):
-        assert torch.equal(tokens, tokenizer([caption])[0])
+    dataset = PairDataset(rows, build_transform(SIZE, False), SIZE, tokenizer=counting_tokenizer)
+    epochs = [[dataset.sample(i) for i in range(len(dataset))] for _ in range(2)]
+    assert sorted(tokenised) == sorted(c for _, c in rows) and len(tokenised) == len(rows)
+    for (_, caption), sample in zip(rows, epochs[1]):
+        assert torch.equal(sample["text"], tokenizer([caption])[0])
+    # The truncated image fails to decode each time it is met; the others once while cached.
+    readable = [p for p, _ in rows if not p.endswith("cut.png")]
+    assert sorted(decoded) == sorted((readable if cache_bytes else 2 * readable) + 2 * [
+        p for p, _ in rows if p.endswith("cut.png")
+    ])  # fmt: skip
+    for first, second in zip(*epochs):
+        assert torch.equal(first["image"], second["image"])  # eval transform: deterministic
 
 
 def test_csv_datamodule_trains_on_shuffled_full_batches(csv_dir):

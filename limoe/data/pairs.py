@@ -36,6 +36,9 @@ WHITE = (255, 255, 255)
 SUBSTITUTE_STRIDE = 7919
 # Captions whose tokens a PairDataset keeps per process (77 int64 tokens each: 40 MB at most).
 TOKEN_CACHE_SIZE = 1 << 16
+# Bytes of decoded images a PairDataset keeps per process: all of a small data set (5,000
+# icons at 64 px are 61 MB), so later epochs skip decoding; larger ones decode every time.
+IMAGE_CACHE_BYTES = 128 << 20
 MAX_TRIES = 32
 
 
@@ -162,6 +165,8 @@ class PairDataset(Dataset):
         self.background = tuple(background)
         self.counts = counts or SkipCounts("images")
         self._tokens: dict[int, Tensor] = {}  # per process: each worker fills its own
+        self._decoded: dict[int, Image.Image] = {}
+        self._decoded_bytes = 0
 
     def _text(self, i: int) -> Tensor:
         """The tokens of caption ``i``, tokenised once per process for the first
@@ -177,10 +182,21 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def _decode(self, i: int) -> Image.Image:
+        """Image ``i`` as RGB, decoded once per process while the cache has room."""
+        image = self._decoded.get(i)
+        if image is None:
+            image = open_image(self.items[i][0], self.background)
+            size = image.width * image.height * 3
+            if self._decoded_bytes + size <= IMAGE_CACHE_BYTES:
+                self._decoded[i] = image
+                self._decoded_bytes += size
+        return image
+
     def _image(self, i: int) -> Tensor | None:
         source = self.items[i][0]
         try:
-            return self.transform(open_image(source, self.background))
+            return self.transform(self._decode(i))
         except Exception as error:  # PIL raises many types for broken files
             self.counts.skip_loaded("undecodable")
             log.warning(

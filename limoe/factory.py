@@ -40,10 +40,9 @@ def preprocess_config(data: Mapping) -> dict:
     datamodule reads no file)."""
     datamodule = instantiate(data, _convert_="all")
     found = {key: getattr(datamodule, key, None) for key in PREPROCESS_KEYS}
-    found["augment"] = found["augment"] or {}
-    for key in ("mean", "std", "background"):
-        found[key] = [float(v) if key != "background" else int(v) for v in found[key]]
-    return found
+    found["augment"] = found["augment"] or {}  # the embedded data have no augmentation keys
+    # Plain lists for config.json (the datamodule holds tuples).
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in found.items()}
 
 
 def _from_name(name: str, overrides: list[str]) -> tuple[dict, dict, None]:

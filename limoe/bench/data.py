@@ -8,7 +8,6 @@ the benchmark needs no data of its own."""
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -132,7 +131,3 @@ def run_feed_bench(
         "files_vs_memory": files_rate / memory_rate,
         "rates": rates,
     }
-
-
-def temporary_root() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="limoe-bench-data-")

@@ -10,6 +10,7 @@ builds it, fed by that loader and by one batch in memory.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -19,7 +20,7 @@ from omegaconf import DictConfig
 from limoe.data.loading import first_pairs
 from limoe.train import build_datamodule, build_module, compose, plain
 
-from .data import run_feed_bench, run_loader_bench, temporary_root, write_fixture
+from .data import run_feed_bench, run_loader_bench, write_fixture
 from .layer import layer_cases, run_layer_bench
 from .report import check_targets, format_table, machine_info
 from .train import run_train_bench
@@ -68,7 +69,7 @@ def bench_data(cfg: DictConfig, dtype: torch.dtype) -> dict:
     """Loader pairs/s per format, size and workers; then the training feed: the default
     model on ``data=csv`` files (its default workers) against the same steps in memory."""
     data, feed = cfg.data, cfg.data.feed
-    with temporary_root() as root:
+    with tempfile.TemporaryDirectory(prefix="limoe-bench-data-") as root:
         root = Path(root)
         loaders = run_loader_bench(
             root, data.formats, data.image_sizes, data.num_workers, data.batch_size,

@@ -89,9 +89,8 @@ class PairDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = default_workers() if num_workers is None else num_workers
         self.pin_memory = pin_memory  # null: when the trainer runs on a GPU
-        if persistent_workers is None:
-            persistent_workers = True
-        self.persistent_workers = persistent_workers and self.num_workers > 0
+        # null: kept between epochs, as there is no reason to restart them.
+        self.persistent_workers = persistent_workers is not False and self.num_workers > 0
         self.mean, self.std, self.background = tuple(mean), tuple(std), tuple(background)
         for name, spec in (zeroshot or {}).items():
             if not isinstance(spec, Mapping) or not spec.get("root"):
@@ -159,8 +158,7 @@ class PairDataModule(L.LightningDataModule):
         """The DataLoader options on worker processes, shared by every loader."""
         pin = self.pin_memory
         if pin is None:
-            on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-            pin = on_gpu
+            pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return {
             "num_workers": self.num_workers,
             "pin_memory": pin,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
+import random
 import tarfile
 from pathlib import Path
 
@@ -16,12 +18,21 @@ from conftest import FILES_SMOKE
 from hydra.utils import instantiate
 from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
+from torchvision import transforms
 
 from limoe.data import ImageTextDataModule, pairs
 from limoe.data.csv import read_csv
 from limoe.data.export import main as limoe_data
 from limoe.data.imagefolder import DEFAULT_TEMPLATES, classname, imagefolder_task
-from limoe.data.pairs import PairDataset, build_transform, open_image, to_rgb
+from limoe.data.pairs import (
+    PairDataset,
+    RandomResizedCrop,
+    build_transform,
+    normalize_images,
+    open_image,
+    split_normalize,
+    to_rgb,
+)
 from limoe.data.shapes import render, sample_attributes
 from limoe.data.skips import SkipCounts
 from limoe.data.webdataset import ShardStream, expand_urls, index_shards
@@ -113,6 +124,60 @@ def test_any_size_is_resized_and_centre_cropped_to_the_input_size():
     assert pixels.min() > 0.99  # the centre crop (a third of the width) is all white
 
 
+def crop_boxes(get_params, image, scale, ratio, n=3000) -> np.ndarray:
+    """(area share, log aspect) of ``n`` boxes; checks each lies inside the image."""
+    width, height = image.size
+    boxes = []
+    for _ in range(n):
+        top, left, h, w = get_params(image, scale, ratio)
+        assert 0 <= top <= height - h and 0 <= left <= width - w
+        boxes.append((h * w / (width * height), math.log(w / h)))
+    return np.array(boxes)
+
+
+def test_random_resized_crop_draws_the_boxes_torchvision_draws():
+    image, scale, ratio = Image.new("RGB", (64, 48)), (0.08, 1.0), (3 / 4, 4 / 3)
+    random.seed(0), torch.manual_seed(0)
+    ours = crop_boxes(RandomResizedCrop.get_params, image, scale, ratio)
+    theirs = crop_boxes(transforms.RandomResizedCrop.get_params, image, scale, ratio)
+    # Means and spreads of area share and aspect agree within sampling error (n = 3000).
+    np.testing.assert_allclose(ours.mean(0), theirs.mean(0), atol=0.02)
+    np.testing.assert_allclose(ours.std(0), theirs.std(0), atol=0.02)
+    assert ours[:, 0].min() >= 0.07 and abs(ours[:, 1]).max() <= math.log(4 / 3) + 0.1
+    # No box fits a 100 x 10 strip at aspect 1 and 90 % of its area: both fall back to the
+    # same centred square.
+    strip = Image.new("RGB", (100, 10))
+    expected = transforms.RandomResizedCrop.get_params(strip, (0.9, 1.0), (1.0, 1.0))
+    assert (
+        RandomResizedCrop.get_params(strip, (0.9, 1.0), (1.0, 1.0)) == expected == (0, 45, 10, 10)
+    )
+
+
+def test_random_resized_crop_of_the_whole_image_is_torchvisions_resize():
+    noise = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    image = Image.fromarray(noise)
+    args = (SIZE, (1.0, 1.0), (1.0, 1.0), transforms.InterpolationMode.BICUBIC)
+    ours, theirs = RandomResizedCrop(*args)(image), transforms.RandomResizedCrop(*args)(image)
+    assert ours.size == (SIZE, SIZE) and np.array_equal(np.array(ours), np.array(theirs))
+    train = build_transform(SIZE, train=True)
+    assert any(type(t) is RandomResizedCrop for t in train.transforms)
+
+
+def test_uint8_images_normalised_later_equal_the_whole_transform():
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (30, 40, 3), np.uint8))
+    whole = build_transform(SIZE, True, MEAN, STD, {"scale": (0.3, 0.6)})
+    part, normalize = split_normalize(whole)
+    random.seed(5), torch.manual_seed(5)
+    expected = whole(image)
+    random.seed(5), torch.manual_seed(5)
+    pixels = part(image)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, SIZE, SIZE)
+    torch.testing.assert_close(normalize_images(pixels[None], normalize)[0], expected)
+    # Random erasing works on the normalised tensor: such a transform stays whole.
+    erasing = build_transform(SIZE, True, augment={"use_timm": True, "re_prob": 0.5})
+    assert split_normalize(erasing) == (erasing, None)
+
+
 # --------------------------------------------------------------------------- CSV
 
 
@@ -202,6 +267,21 @@ def test_csv_datamodule_trains_on_shuffled_full_batches(csv_dir):
     first, second = ([b[1].tolist() for b in loader] for _ in range(2))
     assert len(first) == 3 and all(len(b) == 2 for b in first)  # 6 readable rows, drop_last
     assert first != second  # a new order each epoch
+    # Workers send uint8 images; the hook the Trainer calls on the device normalises them to
+    # what the split's own (float) dataset gives.
+    images, tokens = next(iter(loader))
+    assert images.dtype == torch.uint8
+    normalised, same_tokens = dm.on_after_batch_transfer((images, tokens), 0)
+    assert normalised.dtype == torch.float32 and same_tokens is tokens
+    by_caption = {tuple(t.tolist()): image for image, t in zip(normalised, tokens)}
+    matched = 0
+    for image, text in (dm.dataset("train")[i] for i in range(6)):
+        if tuple(text.tolist()) in by_caption:  # solid colours: any crop gives the same
+            torch.testing.assert_close(by_caption.pop(tuple(text.tolist())), image)
+            matched += 1
+    assert matched == len(tokens) == 2
+    evaluation = {"image": normalised}
+    assert dm.on_after_batch_transfer(evaluation, 0) is evaluation
 
 
 # --------------------------------------------------------------------------- shards

@@ -91,10 +91,10 @@ def run_loader_bench(
     return rows
 
 
-def _steps_rate(step: Callable, batches: Iterator, steps: int) -> float:
+def _steps_rate(step: Callable, batches: Iterator, steps: int, prepare: Callable) -> float:
     start, pairs = time.perf_counter(), 0
     for _ in range(steps):
-        images, tokens = next(batches)
+        images, tokens = prepare(next(batches))
         step(images, tokens)
         pairs += images.shape[0]
     return pairs / (time.perf_counter() - start)
@@ -105,23 +105,26 @@ def run_feed_bench(
     loader: DataLoader,
     warmup: int,
     steps: int,
-    rounds: int = 2,
+    rounds: int = 4,
     progress: bool = True,
+    prepare: Callable[[tuple], tuple] = lambda batch: batch,
 ) -> dict:
     """Training pairs/s fed by ``loader`` against the same steps on its first batch held in
     memory: ``rounds`` of (memory, files) blocks of ``steps`` steps; medians over rounds.
-    The loader runs on between blocks' steps as it would in training."""
+    The loader runs on between blocks' steps as it would in training. ``prepare`` finishes
+    each batch as the Trainer would (the datamodule's ``on_after_batch_transfer``), in
+    both blocks."""
     module.train()
     step = make_step(module, torch.float32)
     batch_iter = endless(loader)
     first = next(batch_iter)
     memory = iter(lambda: first, None)
-    _steps_rate(step, memory, warmup)
-    _steps_rate(step, batch_iter, warmup)
+    _steps_rate(step, memory, warmup, prepare)
+    _steps_rate(step, batch_iter, warmup, prepare)
     rates: dict[str, list[float]] = {"memory": [], "files": []}
     for _ in tqdm(range(rounds), desc="limoe-bench data feed", disable=not progress):
-        rates["memory"].append(_steps_rate(step, memory, steps))
-        rates["files"].append(_steps_rate(step, batch_iter, steps))
+        rates["memory"].append(_steps_rate(step, memory, steps, prepare))
+        rates["files"].append(_steps_rate(step, batch_iter, steps, prepare))
     memory_rate, files_rate = median(rates["memory"]), median(rates["files"])
     return {
         "batch_size": first[0].shape[0],

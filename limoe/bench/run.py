@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -81,8 +82,11 @@ def bench_data(cfg: DictConfig, dtype: torch.dtype) -> dict:
                            "data.check_images=false", *feed.overrides])  # fmt: skip
         L.seed_everything(cfg.seed, verbose=False)
         module = build_module(run_cfg)
-        loader = build_datamodule(run_cfg).train_dataloader()
-        result = run_feed_bench(module, loader, feed.warmup, feed.steps, feed.rounds, cfg.progress)
+        datamodule = build_datamodule(run_cfg)
+        result = run_feed_bench(
+            module, datamodule.train_dataloader(), feed.warmup, feed.steps, feed.rounds,
+            cfg.progress, partial(datamodule.on_after_batch_transfer, dataloader_idx=0),
+        )  # fmt: skip
     result.update(model=feed.model, image_size=run_cfg.data.image_size, file_size=feed.file_size)
     return {"loaders": loaders, "feed": [result]}
 

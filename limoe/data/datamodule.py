@@ -25,7 +25,14 @@ from limoe.data import scenes, shapes
 from limoe.data.csv import read_csv
 from limoe.data.imagefolder import imagefolder_task
 from limoe.data.loading import ResumableLoader, ResumableSampler
-from limoe.data.pairs import WHITE, IndexedSamples, PairDataset, build_transform
+from limoe.data.pairs import (
+    WHITE,
+    IndexedSamples,
+    PairDataset,
+    build_transform,
+    normalize_images,
+    split_normalize,
+)
 from limoe.data.procedural import MEAN, STD, ProceduralPairs
 from limoe.data.shapes import SPLITS, ShapesDataset
 from limoe.data.skips import SkipCounts
@@ -452,6 +459,8 @@ class ImageTextDataModule(PairDataModule):
         self.augment = dict(augment or {})
         self.tokenizer = SimpleTokenizer(context_length=context_length)
         self._datasets: dict[str, PairDataset] = {}
+        # Training loaders yield uint8 images; this Normalize finishes them on the device.
+        self._train_transform, self._normalize = split_normalize(self._transform(train=True))
 
     def _items(self, split: str) -> list:
         """The usable rows of a split; stops when too few are usable."""
@@ -473,14 +482,23 @@ class ImageTextDataModule(PairDataModule):
         if split == "train" and self.kinds[split] == "webdataset":
             raise ValueError("training shards are streamed: there is no map-style train split")
         if split not in self._datasets:
-            transform = build_transform(
-                self.image_size, split == "train", self.mean, self.std, self.augment
-            )
             self._datasets[split] = PairDataset(
-                self._items(split), transform, self.image_size, tokenizer=self.tokenizer,
+                self._items(split), self._transform(split == "train"), self.image_size,
+                tokenizer=self.tokenizer,
                 background=self.background, counts=self.counts[split],
             )  # fmt: skip
         return self._datasets[split]
+
+    def _transform(self, train: bool):
+        return build_transform(self.image_size, train, self.mean, self.std, self.augment)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Training batches arrive with uint8 images (the workers stop before the float
+        conversion and Normalize, ``split_normalize``): normalised here, on the device the
+        Trainer moved them to. Evaluation batches (dicts) are normalised already."""
+        if isinstance(batch, (tuple, list)) and batch[0].dtype == torch.uint8:
+            return (normalize_images(batch[0], self._normalize), *batch[1:])
+        return batch
 
     def check(self, stages: Sequence[str]) -> None:
         """Read every split the ``stages`` use (CSV rows, shard indexes; of streamed training
@@ -522,12 +540,12 @@ class ImageTextDataModule(PairDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if self.kinds["train"] == "csv":
-            return self._train_loader(self.dataset("train"), self.batch_size, True, self.seed)
+            pairs = self.dataset("train").with_transform(self._train_transform)
+            return self._train_loader(pairs, self.batch_size, True, self.seed)
         rank, world_size = self._world()
         stream = ShardStream(
-            expand_urls(self.paths["train"]),
-            build_transform(self.image_size, True, self.mean, self.std, self.augment),
-            self.tokenizer, self.batch_size, self.train_num_samples, rank, world_size,
+            expand_urls(self.paths["train"]), self._train_transform, self.tokenizer,
+            self.batch_size, self.train_num_samples, rank, world_size,
             self.num_workers, self.seed, self.shuffle_buffer, self.background,
             self._counts("train", f"data.train_data={self.paths['train']}"),
         )  # fmt: skip

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -26,9 +27,17 @@ from limoe.analysis.compare import (
 )
 from limoe.analysis.compare import main as compare_main
 from limoe.lit.callbacks import read_history, routing_metrics
-from limoe.models import LIMoE, build_clip, create_model, model_cost, parameter_counts
+from limoe.models import (
+    LIMoE,
+    build_clip,
+    build_open_clip,
+    create_model,
+    model_cost,
+    parameter_counts,
+)
 from limoe.models.cost import count_flops, flops_per_pair
 from limoe.runs import write_metrics
+from limoe.train import compose
 
 BIN = Path(sys.executable).parent
 SIZE = dict(embed_dim=8, image_size=8, patch_size=4, width=16, depth=2, num_heads=2,
@@ -148,6 +157,33 @@ def test_clip_arm_takes_only_what_clip_uses():
     for limoe_only in ("moe_layers", "moe", "drop_path_rate", "weight_init"):
         with pytest.raises(TypeError, match=limoe_only):
             build_clip(**SIZE, **{limoe_only: None})
+
+
+@pytest.mark.parametrize(
+    ("preset", "name"),
+    [("clip_b32", "ViT-B-32"), ("clip_b16", "ViT-B-16"), ("clip_l14", "ViT-L-14")],
+)
+def test_paper_clip_presets_are_open_clips_own_models(preset, name, tmp_path):
+    cfg = compose([f"model={preset}", "data=csv", "data.image_size=224",
+                   "data.context_length=77"], output_dir=tmp_path)  # fmt: skip
+    with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised
+        ours = instantiate(cfg.model)
+    theirs = open_clip.create_model(name, device="meta")
+    shapes = {key: p.shape for key, p in ours.named_parameters()}
+    assert shapes == {key: p.shape for key, p in theirs.named_parameters()}
+    assert type(ours) is type(theirs) and ours.output_dict
+    # The data's sizes replace the config's: 112 px at patch 16 is 7 x 7 positions + class.
+    with torch.device("meta"):
+        small = instantiate(compose([f"model={preset}", "data=csv", "data.image_size=112",
+                                     "data.context_length=16"], output_dir=tmp_path).model)  # fmt: skip
+    patch = theirs.visual.patch_size[0]
+    assert small.visual.positional_embedding.shape[0] == (112 // patch) ** 2 + 1
+    assert small.positional_embedding.shape[0] == 16
+
+
+def test_paper_clip_preset_names_a_missing_open_clip_config():
+    with pytest.raises(ValueError, match="model.name='ViT-X-99' is not an open_clip model"):
+        build_open_clip("ViT-X-99")
 
 
 def fake_run(root: Path, name: str, arm: str, seed: int, metrics: dict, val: list) -> Path:

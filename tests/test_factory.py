@@ -96,7 +96,7 @@ def test_bad_sources_fail_with_one_line_naming_them(tmp_path, console):
     (tmp_path / "bad/config.json").write_text('{"model": {}}')
     (tmp_path / "notes.ckpt").write_text("not a checkpoint")
     cases = {
-        tmp_path / "nope": "is neither a model config (clip, dense, limoe) nor an existing",
+        tmp_path / "nope": "model config (clip, clip_b16, clip_b32, clip_l14, dense, limoe) nor an",
         tmp_path / "empty": "is not a limoe export: it needs model.safetensors and config.json",
         tmp_path / "bad": "config.json is not a limoe export config",
         tmp_path / "notes.ckpt": "is not a limoe checkpoint",

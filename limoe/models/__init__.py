@@ -1,7 +1,7 @@
 """Models: the one-tower LIMoE encoder (dense when it has no MoE blocks), the open_clip CLIP
 arm, what each costs (parameters, FLOPs) and the factory that builds them by name."""
 
-from limoe.models.clip import build_clip
+from limoe.models.clip import build_clip, build_open_clip
 from limoe.models.cost import model_cost, parameter_counts
 from limoe.models.factory import create_model
 from limoe.models.limoe import LIMoE, text_padding_mask
@@ -9,6 +9,7 @@ from limoe.models.limoe import LIMoE, text_padding_mask
 __all__ = [
     "LIMoE",
     "build_clip",
+    "build_open_clip",
     "create_model",
     "model_cost",
     "parameter_counts",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import open_clip
 from open_clip.model import CLIP
 
 _POS_EMBED = {"sincos": "sin_cos_2d", "learned": "learnable"}
@@ -74,3 +75,24 @@ def build_clip(
     }
     return CLIP(embed_dim, vision_cfg, text_cfg, init_logit_scale=init_logit_scale,
                 output_dict=output_dict)  # fmt: skip
+
+
+def build_open_clip(
+    name: str = "ViT-B-32",
+    image_size: int | None = None,
+    context_length: int | None = None,
+    output_dict: bool = True,
+) -> CLIP:
+    """open_clip's own model config ``name`` (``ViT-B-32``, ``ViT-B-16``, ``ViT-L-14``, ...)
+    as ``open_clip.create_model(name)`` builds it, without pretrained weights: the paper-size
+    CLIP arms. ``image_size`` and ``context_length`` replace the config's (224 and 77 for
+    those three) when given, so the arm reads the data's sizes as the others do."""
+    config = open_clip.get_model_config(name)
+    if config is None:
+        raise ValueError(f"model.name={name!r} is not an open_clip model config; "
+                         f"choose one of open_clip.list_models()")  # fmt: skip
+    if image_size is not None:
+        config["vision_cfg"]["image_size"] = image_size
+    if context_length is not None:
+        config["text_cfg"]["context_length"] = context_length
+    return CLIP(**config, output_dict=output_dict)

@@ -163,6 +163,12 @@ def test_random_resized_crop_of_the_whole_image_is_torchvisions_resize():
     assert any(type(t) is RandomResizedCrop for t in train.transforms)
 
 
+def test_random_resized_crop_takes_tensors_as_torchvision_does():
+    crop = RandomResizedCrop(SIZE, scale=(0.5, 1.0))
+    random.seed(0)
+    assert crop(torch.rand(3, 40, 30)).shape == (3, SIZE, SIZE)
+
+
 def test_uint8_images_normalised_later_equal_the_whole_transform():
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (30, 40, 3), np.uint8))
     whole = build_transform(SIZE, True, MEAN, STD, {"scale": (0.3, 0.6)})

@@ -484,8 +484,7 @@ class ImageTextDataModule(PairDataModule):
         if split not in self._datasets:
             self._datasets[split] = PairDataset(
                 self._items(split), self._transform(split == "train"), self.image_size,
-                tokenizer=self.tokenizer,
-                background=self.background, counts=self.counts[split],
+                tokenizer=self.tokenizer, background=self.background, counts=self.counts[split],
             )  # fmt: skip
         return self._datasets[split]
 

@@ -98,9 +98,9 @@ class RandomResizedCrop(transforms.RandomResizedCrop):
 
     @staticmethod
     def get_params(
-        img: Image.Image, scale: Sequence[float], ratio: Sequence[float]
+        img: Image.Image | Tensor, scale: Sequence[float], ratio: Sequence[float]
     ) -> tuple[int, int, int, int]:
-        width, height = img.size
+        width, height = transforms.functional.get_image_size(img)
         area = width * height
         log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
         for _ in range(10):

@@ -26,7 +26,8 @@ from torchvision.transforms import Compose
 
 from limoe.config import compose_config, config_options
 from limoe.data.pairs import build_transform, to_rgb
-from limoe.lit.checkpoint import read_checkpoint
+from limoe.lit.checkpoint import model_weights, read_checkpoint
+from limoe.models.upcycle import pop_upcycle, upcycle
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -56,9 +57,7 @@ def _from_checkpoint(path: Path) -> tuple[dict, dict, dict]:
     hparams = ckpt["hyper_parameters"]
     if not hparams.get("data"):
         raise ValueError(f"{path}: the checkpoint holds no data config to take preprocessing from")
-    prefix = "model."
-    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    return dict(hparams["model"]), preprocess_config(hparams["data"]), state
+    return dict(hparams["model"]), preprocess_config(hparams["data"]), model_weights(ckpt)
 
 
 def _read_export(folder: Path) -> dict:
@@ -97,7 +96,10 @@ def resolve(name_or_path: str | Path, overrides: list[str] | None = None):
 
 
 def _build(model_cfg: Mapping, weights, device: str | torch.device | None) -> nn.Module:
+    model_cfg, upcycle_from = pop_upcycle(model_cfg)
     model = instantiate(model_cfg, _convert_="all")
+    if upcycle_from and weights is None:
+        upcycle(model, model_weights(read_checkpoint(upcycle_from, "model.upcycle_from")))
     if isinstance(weights, Path):
         load_model(model, weights, strict=True)
     elif weights is not None:

@@ -26,7 +26,8 @@ BUILT = [
     (ImageTextDataModule, "data", ["data=csv"], set()),
     (RoutingHistory, "callbacks.routing_history", [], {"dirpath"}),
 ]
-NOT_ARGUMENTS = {"_target_", "_convert_"}
+# upcycle_from: read by the builders (limoe.models.upcycle), never passed to the model.
+NOT_ARGUMENTS = {"_target_", "_convert_", "upcycle_from"}
 
 
 def plain(value):

@@ -446,9 +446,31 @@ def test_a_run_longer_than_the_train_split_warns_that_the_curriculum_restarts():
 
     dm = ShapesDataModule(train_size=160, batch_size=16, **PLAIN_TRAIN_SPLIT)  # 10 steps a pass
     dm.trainer = L.Trainer(max_steps=20, logger=False, enable_checkpointing=False)
-    with pytest.warns(UserWarning, match=r"train_size=160 lasts 10 steps but max_steps=20"):
+    wraps = r"train_size=160 lasts 10 steps but train_from_step \+ max_steps=20"
+    with pytest.warns(UserWarning, match=wraps):
         dm.train_dataloader()
     dm.trainer = L.Trainer(max_steps=10, logger=False, enable_checkpointing=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dm.train_dataloader()
+    # A continued run counts the steps it skips.
+    dm = ShapesDataModule(train_size=160, batch_size=16, train_from_step=4, **PLAIN_TRAIN_SPLIT)
+    dm.trainer = L.Trainer(max_steps=8, logger=False, enable_checkpointing=False)
+    with pytest.warns(UserWarning, match=wraps.replace("20", "12")):
+        dm.train_dataloader()
+
+
+def test_train_from_step_reads_the_samples_the_longer_run_reads_at_that_step():
+    dm = ShapesDataModule(train_size=160, batch_size=16, **PLAIN_TRAIN_SPLIT)
+    later = ShapesDataModule(train_size=160, batch_size=16, train_from_step=3, **PLAIN_TRAIN_SPLIT)
+    batches = list(dm.train_dataloader())
+    continued = list(later.train_dataloader())
+    assert len(continued) == len(batches) - 3
+    for ours, theirs in zip(continued, batches[3:]):
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a, b)
+    too_late = ShapesDataModule(train_size=160, batch_size=16, train_from_step=10,
+                                **PLAIN_TRAIN_SPLIT)  # fmt: skip
+    with pytest.raises(ValueError, match=r"train_from_step=10 starts past the end of the train "
+                       r"split \(train_size=160\)"):  # fmt: skip
+        too_late.train_dataloader()

@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.tokenizer import SimpleTokenizer
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from limoe.data import scenes, shapes
 from limoe.data.csv import read_csv
@@ -237,6 +237,7 @@ class ShapesDataModule(PairDataModule):
         persistent_workers: bool = False,
         partial_captions: float = 0.5,
         partial_captions_from_step: int = 400,
+        train_from_step: int = 0,
         hard_negatives: float = 1.0,
         hard_negative_attributes: Sequence[str] = ("shape", "position"),
         zeroshot: Mapping | None = None,
@@ -260,10 +261,12 @@ class ShapesDataModule(PairDataModule):
             raise ValueError(f"train_size ({train_size}) must be >= batch_size ({batch_size})")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
-        if partial_captions_from_step < 0:
-            raise ValueError(
-                f"partial_captions_from_step must be >= 0, got {partial_captions_from_step}"
-            )
+        for key, value in (
+            ("partial_captions_from_step", partial_captions_from_step),
+            ("train_from_step", train_from_step),
+        ):
+            if value < 0:
+                raise ValueError(f"{key} must be >= 0, got {value}")
         group = 1 << len(hard_negative_attributes)
         if hard_negatives > 0 and batch_size % group:
             raise ValueError(
@@ -277,6 +280,7 @@ class ShapesDataModule(PairDataModule):
         self.batch_size = batch_size
         self.partial_captions = partial_captions  # train split only: eval captions are full
         self.partial_captions_from_step = partial_captions_from_step
+        self.train_from_step = train_from_step
         self.hard_negatives = hard_negatives  # train split only: evaluation pairs are i.i.d.
         self.hard_negative_attributes = hard_negative_attributes
         self.tokenizer = SimpleTokenizer(context_length=context_length)
@@ -306,8 +310,7 @@ class ShapesDataModule(PairDataModule):
         """First train index with partial captions: the train loader reads samples in order
         (each is an independent hash draw, so order adds no bias), one ``batch_size`` per step on
         each of ``world_size`` processes."""
-        world_size = self.trainer.world_size if self.trainer is not None else 1
-        first = self.partial_captions_from_step * self.batch_size * world_size
+        first = self._first_index(self.partial_captions_from_step)
         if self.partial_captions > 0 and first >= self.sizes["train"]:
             raise ValueError(
                 f"partial_captions_from_step={self.partial_captions_from_step} starts past the "
@@ -332,7 +335,19 @@ class ShapesDataModule(PairDataModule):
     def train_dataloader(self) -> DataLoader:
         self._warn_if_split_wraps()
         # Read in order: samples are i.i.d. draws already, and the order keeps the curriculum.
-        return self._train_loader(self.dataset("train"), self.batch_size, False, self.seed)
+        train = self.dataset("train")
+        start = self._first_index(self.train_from_step)
+        if start:
+            if start >= len(train):
+                raise ValueError(f"train_from_step={self.train_from_step} starts past the end "
+                                 f"of the train split (train_size={len(train)})")  # fmt: skip
+            train = Subset(train, range(start, len(train)))
+        return self._train_loader(train, self.batch_size, False, self.seed)
+
+    def _first_index(self, step: int) -> int:
+        """The first train sample of ``step``: one ``batch_size`` per step and process."""
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        return step * self.batch_size * world_size
 
     def _warn_if_split_wraps(self) -> None:
         """The curriculum lives in the sample order, so a run longer than one pass over the
@@ -340,10 +355,10 @@ class ShapesDataModule(PairDataModule):
         max_steps = self.trainer.max_steps if self.trainer is not None else -1
         world_size = self.trainer.world_size if self.trainer is not None else 1
         steps_per_pass = self.sizes["train"] // (self.batch_size * world_size)
-        if max_steps > steps_per_pass:
+        if max_steps + self.train_from_step > steps_per_pass:
             rank_zero_warn(
                 f"data.train_size={self.sizes['train']} lasts {steps_per_pass} steps but "
-                f"max_steps={max_steps}: later steps re-read the split from the start "
+                f"train_from_step + max_steps={self.train_from_step + max_steps}: later steps re-read the split from the start "
                 "(captions full again); raise data.train_size to keep the curriculum"
             )
 
@@ -372,6 +387,7 @@ class ScenesDataModule(ShapesDataModule):
         persistent_workers: bool = False,
         partial_captions: float = 0.5,
         partial_captions_from_step: int = 400,
+        train_from_step: int = 0,
         hard_negatives: float = 1.0,
         hard_negative_attributes: Sequence[str] = ("binding", "shape"),
         zeroshot: Mapping | None = None,
@@ -381,7 +397,7 @@ class ScenesDataModule(ShapesDataModule):
         super().__init__(
             image_size, context_length, seed, train_size, val_size, test_size, novel_size,
             batch_size, eval_batch_size, num_workers, pin_memory, persistent_workers,
-            partial_captions, partial_captions_from_step, hard_negatives,
+            partial_captions, partial_captions_from_step, train_from_step, hard_negatives,
             hard_negative_attributes, zeroshot, max_skipped_fraction, check_images,
         )  # fmt: skip
 

@@ -46,6 +46,12 @@ def read_checkpoint(path: str | Path, key: str = "ckpt") -> dict:
     return ckpt
 
 
+def model_weights(ckpt: Mapping) -> dict:
+    """The model's state dict from a checkpoint's (``ContrastiveModule`` keeps it as ``model``)."""
+    prefix = "model."
+    return {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+
+
 def check_fits(ckpt: Mapping, module: nn.Module, model: Mapping, key: str = "ckpt") -> None:
     """Stop unless the checkpoint's weights have the names and shapes of ``module``'s; the
     message names the model config keys where the checkpoint and ``model`` differ."""

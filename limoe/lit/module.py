@@ -21,7 +21,9 @@ from timm.optim import param_groups_weight_decay
 from torch import Tensor
 
 from limoe.eval import Evaluation
+from limoe.lit.checkpoint import model_weights, read_checkpoint
 from limoe.lit.parallel import ExpertParallel, grad_norm
+from limoe.models.upcycle import pop_upcycle, upcycle
 from limoe.moe.statistics import routing_stats
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learned temperature at 1/100
@@ -48,8 +50,14 @@ class NonFiniteLossError(RuntimeError):
 class ContrastiveModule(L.LightningModule):
     def __init__(self, model: Mapping, optim: Mapping, data: Mapping | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # upcycle_from names where the first weights come from: used once, here, and kept out
+        # of the hyperparameters, so the checkpoint reloads without the dense one.
+        model, upcycle_from = pop_upcycle(model)
+        self.save_hyperparameters({"model": model, "optim": optim, "data": data})
         self.model = instantiate(model, _convert_="all")
+        if upcycle_from:
+            dense = model_weights(read_checkpoint(upcycle_from, "model.upcycle_from"))
+            upcycle(self.model, dense)
         self.optim = dict(optim)
         self.clip_loss = ClipLoss()
         self._evaluation: Evaluation | None = None

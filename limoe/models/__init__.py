@@ -5,6 +5,7 @@ from limoe.models.clip import build_clip, build_open_clip
 from limoe.models.cost import model_cost, parameter_counts
 from limoe.models.factory import create_model
 from limoe.models.limoe import LIMoE, text_padding_mask
+from limoe.models.upcycle import upcycle
 
 __all__ = [
     "LIMoE",
@@ -14,4 +15,5 @@ __all__ = [
     "model_cost",
     "parameter_counts",
     "text_padding_mask",
+    "upcycle",
 ]

@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from limoe.config import compose_config, config_options
+from limoe.models.upcycle import pop_upcycle
 
 
 def model_config(name: str, overrides: list[str] | None = None) -> DictConfig:
@@ -29,4 +30,10 @@ def create_model(
     cfg = model_config(name_or_cfg, overrides) if isinstance(name_or_cfg, str) else name_or_cfg
     if "_target_" not in cfg:
         raise ValueError(f"a model config needs a _target_, got keys {sorted(cfg)}")
+    cfg, upcycle_from = pop_upcycle(cfg)
+    if upcycle_from:
+        raise ValueError(
+            "model.upcycle_from is read where checkpoints are: limoe-train or "
+            "limoe.create_model_and_transforms (or call limoe.models.upcycle on a built model)"
+        )
     return instantiate(cfg, **kwargs, _convert_="all")

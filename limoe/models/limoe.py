@@ -187,7 +187,7 @@ class LIMoE(nn.Module):
         self.text_pos = nn.Parameter(torch.zeros(1, context_length, width))
         self.modality_embed = nn.Parameter(torch.zeros(2, width))
 
-        drop_path = torch.linspace(0, drop_path_rate, depth).tolist()
+        drop_path = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             Block(width, num_heads, mlp_ratio, drop_path=drop_path[i],
                   moe=dict(moe or {}) if i in moe_layers else None)

@@ -1,0 +1,110 @@
+"""Sparse upcycling (Komatsuzaki et al., 2022): a LIMoE that starts from a trained dense
+one-tower model of the same size. Every weight outside the MoE layers is copied; every expert
+of a MoE layer starts as a copy of that block's dense MLP; the routers start fresh.
+
+With top-k routing on plain softmax gates a token's update is ``sum_k gate_k * expert(x)``,
+so copied experts alone would scale every MLP output by the gates. The start chosen here
+undoes that exactly enough to keep the dense model's features: the router's weights are drawn
+so small (logits of about ``ROUTER_LOGIT_STD``) that every gate is 1/E to within 1e-6, and
+each expert's output layer is multiplied by ``E / k`` (by 1 when the gates are renormalised
+over the top-k, which already sum to 1). In eval mode the upcycled model then computes the
+dense model's features, while the router, whose softmax is not saturated, receives the full
+gradient of the loss from the first step. The tiny logits still differ between tokens, so
+tokens spread over the experts rather than all tying onto the first. Where a capacity factor
+is set, tokens over an expert's capacity are dropped (their MLP update is skipped), so there
+the start equals the dense model only when nothing is dropped; dropless layers (the default
+``model=limoe``) always match.
+
+The scale stays in the experts' weights: as routing sharpens during training, gates above
+1/E scale an expert's output up (at most ``E / k`` times its dense MLP's), which training
+absorbs as it does any other weight; no extra parameter or special forward is needed, so an
+upcycled checkpoint is an ordinary LIMoE checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from limoe.models.limoe import LIMoE
+
+# The key of the model config naming the dense checkpoint; it is not a model argument.
+UPCYCLE_KEY = "upcycle_from"
+# Standard deviation of the upcycled routers' logits: gates equal 1/E to about this relative
+# error, while fp32 probabilities of ~1/E still differ between experts (ulp ~ 1e-7 relative).
+ROUTER_LOGIT_STD = 1e-6
+
+
+def pop_upcycle(model_cfg: Mapping) -> tuple[dict, str | None]:
+    """``(model config without upcycle_from, its value)``: the models take no such argument."""
+    cfg = dict(model_cfg)
+    return cfg, cfg.pop(UPCYCLE_KEY, None)
+
+
+def expert_scale(layer) -> float:
+    """What multiplies each copied expert's output so that ``sum_k gate_k * scale = 1`` at
+    gates of 1/E."""
+    return 1.0 if layer.renormalize_gates else layer.num_experts / layer.top_k
+
+
+def upcycle(model: LIMoE, dense: Mapping[str, Tensor], generator: torch.Generator | None = None):
+    """Load the dense one-tower weights ``dense`` (a state dict with the same config but no MoE
+    layers) into ``model``, as the module docstring describes; returns ``model``."""
+    if not isinstance(model, LIMoE):
+        raise ValueError(
+            f"model.upcycle_from needs a one-tower LIMoE model, not {type(model).__name__}"
+        )
+    ours = model.state_dict()
+    state = {}
+    for i in model.moe_layers:
+        state.update(_upcycled_layer(model.blocks[i].mlp, dense, f"blocks.{i}.mlp.", generator))
+    state.update({k: v for k, v in dense.items() if not _in_moe_layer(k, model.moe_layers)})
+    _check_same_weights(state, ours)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _in_moe_layer(name: str, moe_layers: list[int]) -> bool:
+    return any(name.startswith(f"blocks.{i}.mlp.") for i in moe_layers)
+
+
+def _upcycled_layer(layer, dense: Mapping[str, Tensor], prefix: str, generator) -> dict:
+    if layer.router_type != "topk":
+        raise ValueError(f"model.upcycle_from needs model.moe.router=topk (its gates are known "
+                         f"at the start), got {layer.router_type!r}")  # fmt: skip
+    names = [f"{prefix}{n}" for n in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")]
+    missing = [n for n in names if n not in dense]
+    if missing:
+        raise ValueError(f"model.upcycle_from is not a dense one-tower checkpoint of this size: "
+                         f"it has no {missing[0]} (upcycle from model=dense or dense_*)")  # fmt: skip
+    fc1_w, fc1_b, fc2_w, fc2_b = (dense[n].float() for n in names)
+    experts, scale = layer.num_experts, expert_scale(layer)
+    router = layer.router.weight
+    logit_std = ROUTER_LOGIT_STD * router.shape[1] ** -0.5  # LayerNorm output: |x| ~ sqrt(dim)
+    noise = torch.randn(router.shape, generator=generator) * logit_std
+    return {
+        f"{prefix}router.weight": noise,
+        f"{prefix}experts.w1": fc1_w.t().expand(experts, -1, -1).clone(),
+        f"{prefix}experts.b1": fc1_b.expand(experts, -1).clone(),
+        f"{prefix}experts.w2": (fc2_w.t() * scale).expand(experts, -1, -1).clone(),
+        f"{prefix}experts.b2": (fc2_b * scale).expand(experts, -1).clone(),
+    }
+
+
+def _check_same_weights(state: Mapping[str, Tensor], ours: Mapping[str, Tensor]) -> None:
+    """One line naming the first weight the dense checkpoint lacks, has in excess, or holds
+    in another shape than the upcycled model."""
+    missing = sorted(set(ours) - set(state))
+    extra = sorted(set(state) - set(ours))
+    shaped = [n for n in ours if n in state and state[n].shape != ours[n].shape]
+    if missing or extra or shaped:
+        what = (
+            f"lacks {missing[0]}" if missing
+            else f"has {extra[0]}, which this model lacks" if extra
+            else f"holds {shaped[0]} as {list(state[shaped[0]].shape)}, this model as "
+            f"{list(ours[shaped[0]].shape)}"
+        )  # fmt: skip
+        raise ValueError(f"model.upcycle_from does not fit this model: the checkpoint {what}; "
+                         "upcycle from the dense one-tower of the same size")  # fmt: skip

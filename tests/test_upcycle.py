@@ -1,0 +1,130 @@
+"""Sparse upcycling: ``model.upcycle_from=CKPT`` starts a LIMoE from a trained dense one-tower
+checkpoint whose features it reproduces before any step, while its fresh routers learn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from limoe import create_model
+from limoe.data.loading import first_pairs
+from limoe.lit import ContrastiveModule
+from limoe.lit.checkpoint import CheckpointError
+from limoe.models.upcycle import expert_scale
+from limoe.train import build_datamodule, build_module, compose, train
+
+RUN = ["experiment=smoke", "data.train_size=256", "data.batch_size=32", "trainer.max_steps=8",
+       "test=false", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false"]  # fmt: skip
+
+
+def _run(tmp_path_factory, name: str, overrides: list[str]) -> Path:
+    run_dir = tmp_path_factory.mktemp(name)
+    train(compose([*RUN, *overrides], run_dir))
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def dense_ckpt(tmp_path_factory) -> Path:
+    """Eight steps of the dense one-tower (norm gains, biases and MLPs moved off their init)."""
+    return _run(tmp_path_factory, "dense", ["model=dense"])
+
+
+def _upcycled(ckpt: Path, *overrides: str) -> ContrastiveModule:
+    cfg = compose([*RUN, "model=limoe", f"model.upcycle_from={ckpt}", *overrides])
+    torch.manual_seed(0)
+    return build_module(cfg)
+
+
+def _val_batch(n: int = 64):
+    return first_pairs(build_datamodule(compose(RUN)).dataset("val"), n)
+
+
+def _features(model, images, tokens):
+    model.eval()
+    with torch.no_grad():
+        return model.encode_image(images), model.encode_text(tokens)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["model.moe.top_k=2"], ["model.moe.top_k=2", "model.moe.renormalize_gates=true"]],
+    ids=["top1", "top2", "top2_renormalised"],
+)
+def test_upcycled_features_equal_the_dense_checkpoints(dense_ckpt, overrides):
+    dense = ContrastiveModule.load_from_checkpoint(dense_ckpt, map_location="cpu").model
+    model = _upcycled(dense_ckpt, *overrides).model
+    images, tokens = _val_batch()
+    for ours, theirs in zip(_features(model, images, tokens), _features(dense, images, tokens)):
+        assert (ours - theirs).abs().max().item() < 1e-5
+    # Every expert is its block's dense MLP, its output layer scaled by E / k (1 when the
+    # top-k gates are renormalised): checked against the checkpoint's own tensors.
+    for i in model.moe_layers:
+        layer, mlp = model.blocks[i].mlp, dense.blocks[i].mlp
+        scale = expert_scale(layer)
+        assert scale == (1.0 if "model.moe.renormalize_gates=true" in overrides
+                         else layer.num_experts / layer.top_k)  # fmt: skip
+        for e in range(layer.num_experts):
+            assert torch.equal(layer.experts.w1[e], mlp.fc1.weight.t())
+            assert torch.equal(layer.experts.b1[e], mlp.fc1.bias)
+            torch.testing.assert_close(layer.experts.w2[e], mlp.fc2.weight.t() * scale)
+            torch.testing.assert_close(layer.experts.b2[e], mlp.fc2.bias * scale)
+    # Everything else is copied.
+    moe = tuple(f"blocks.{i}.mlp." for i in model.moe_layers)
+    for name, tensor in dense.state_dict().items():
+        if not name.startswith(moe):
+            assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def test_upcycled_routers_spread_tokens_and_learn_from_the_contrastive_loss(dense_ckpt):
+    # No auxiliary loss: any router gradient comes through the gates, from the contrastive loss.
+    off = [f"model.moe.{w}_weight=0" for w in
+           ("importance", "load", "vmoe_load", "local_entropy", "global_entropy")]  # fmt: skip
+    module = _upcycled(dense_ckpt, *off)
+    images, tokens = _val_batch()
+    module.model.eval()
+    with torch.no_grad():
+        routing = module.model(images, tokens)["routing"]
+    for record in routing:
+        # Gates of 1/E, yet the tiny logits differ between tokens: no tie onto one expert.
+        torch.testing.assert_close(record.gates, torch.full_like(record.gates, 1 / 4), atol=1e-5,
+                                   rtol=0)  # fmt: skip
+        assert record.expert_index.unique().numel() > 1
+    module.model.train()
+    loss, contrastive, aux, _ = module.compute_loss(images, tokens)
+    assert aux.item() == 0.0
+    loss.backward()
+    for i in module.model.moe_layers:
+        grad = module.model.blocks[i].mlp.router.weight.grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().max() > 1e-6
+
+
+def test_an_upcycled_run_trains_and_reloads_without_the_dense_checkpoint(
+    dense_ckpt, tmp_path_factory
+):
+    ckpt = _run(tmp_path_factory, "upcycled", ["model=limoe", f"model.upcycle_from={dense_ckpt}"])
+    module = ContrastiveModule.load_from_checkpoint(ckpt, map_location="cpu")
+    assert "upcycle_from" not in module.hparams["model"]
+    assert module.model.moe_layers == [2, 3]
+    # The dense tower continued the same way: a warm start that copies every weight.
+    warm = _upcycled(dense_ckpt, "model=dense").model
+    dense = ContrastiveModule.load_from_checkpoint(dense_ckpt, map_location="cpu").model
+    for name, tensor in dense.state_dict().items():
+        assert torch.equal(warm.state_dict()[name], tensor)
+
+
+def test_checkpoints_that_do_not_fit_fail_with_one_line(dense_ckpt, tmp_path_factory, tmp_path):
+    limoe_ckpt = _run(tmp_path_factory, "limoe", ["model=limoe", "trainer.max_steps=1"])
+    with pytest.raises(ValueError, match=r"not a dense one-tower checkpoint of this size: it has "
+                       r"no blocks\.2\.mlp\.fc1\.weight \(upcycle from model=dense"):  # fmt: skip
+        _upcycled(limoe_ckpt)
+    with pytest.raises(ValueError, match=r"does not fit this model: the checkpoint holds "
+                       r"image_pos as \[1, 16, 32\], this model as \[1, 16, 16\]"):  # fmt: skip
+        _upcycled(dense_ckpt, "size.width=16", "size.embed_dim=16")
+    with pytest.raises(CheckpointError, match=r"^model\.upcycle_from=.*nope\.ckpt does not exist$"):
+        _upcycled(tmp_path / "nope.ckpt")
+    with pytest.raises(ValueError, match="router=topk"):
+        _upcycled(dense_ckpt, "model.moe.router=soft")
+    with pytest.raises(ValueError, match="model.upcycle_from is read where checkpoints are"):
+        create_model("limoe", [f"model.upcycle_from={dense_ckpt}"])

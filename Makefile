@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install train dense compare ablation analyze bench test test-all lint format notebooks lab clean
+.PHONY: install train dense compare ablation analyze bench gpu-check test test-all lint format notebooks lab clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ analyze: $(STAMP)  ## routing figures and tables of the latest `make train` run 
 
 bench: $(STAMP)  ## limoe-bench: MoE layer vs dense MLP vs one-hot, training pairs/s (ARGS="device=cuda")
 	$(BIN)/limoe-bench $(ARGS)
+
+gpu-check: $(STAMP)  ## on a GPU machine: MoE layer bf16 by GEMM path, LIMoE-B/32 vs dense B/32 steps, DDP (docs/paper_sizes.md)
+	$(BIN)/limoe-bench suite=gpu device=cuda $(ARGS)
 
 test: $(STAMP)  ## the test suite (skips tests marked slow)
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)

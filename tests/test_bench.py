@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from limoe import cli
 from limoe.bench import check_targets, format_table, layer_cases, time_interleaved
@@ -89,7 +90,8 @@ def test_tiny_benchmark_writes_the_json_schema(tmp_path, capsys):
     results = run_bench(_bench_cfg(tmp_path, TINY_LAYER + TINY_TRAIN + TINY_DATA))
     assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(results))
     assert set(results) == {"machine", "dtype", "config", "layer", "train", "loaders", "feed",
-                            "targets"}  # fmt: skip
+                            "cost", "gpu_layer", "gpu_train", "ddp", "targets"}  # fmt: skip
+    assert results["cost"] == results["gpu_layer"] == results["gpu_train"] == results["ddp"] == []
     assert results["dtype"] == "float32" and results["machine"]["device"] == "cpu"
     layer = results["layer"]
     # 6 cases (E=1: 2, E=4: 4) x 3 modes x 2 passes.
@@ -140,14 +142,31 @@ def test_targets_and_table_from_rows_built_by_hand():
     ]  # fmt: skip
     train = [{"model": "limoe", "batch_size": 128, "median_s": 0.25, "times_s": [0.25],
               "pairs_per_s": 512.0, "pairs_per_s_vs_dense": 0.8}]  # fmt: skip
-    targets = {t["target"]: (round(t["value"], 6), t["met"]) for t in check_targets(layer, train)}
+    cost = [{"model": "limoe_b32", "against": "clip_b32", "flops_vs_against": 1.12},
+            {"model": "limoe_l16", "against": "clip_l14", "flops_vs_against": 0.95},
+            {"model": "dense_b32", "against": "clip_b32", "flops_vs_against": 1.12},
+            {"model": "clip_b32", "against": None, "flops_vs_against": None}]  # fmt: skip
+    gpu_layer = [{**_layer_row(8, "dense", 0.4, 0.4), "pass": "fwd_bwd"},
+                 _layer_row(8, "sorted-grouped", 0.45, 0.4), _layer_row(8, "sorted-loop", 0.6, 0.4),
+                 _layer_row(32, "sorted-grouped", 0.8, 0.4)]  # fmt: skip
+    gpu_train = [{"model": "limoe", "pairs_per_s_vs_dense": None},
+                 {"model": "limoe_b32", "pairs_per_s_vs_dense": 0.8}]  # fmt: skip
+    results = {"layer": layer, "train": train, "cost": cost, "gpu_layer": gpu_layer,
+               "gpu_train": gpu_train}  # fmt: skip
+    targets = {t["target"]: (round(t["value"], 6), t["met"]) for t in check_targets(results)}
     assert targets == {
         "sorted fwd+bwd time / dense, E=8": (1.1, True),
         "sorted fwd+bwd time / dense, E=32": (1.3, False),
         "one-hot fwd+bwd time / sorted, E=32": (3.0, False),
         "limoe pairs/s / dense pairs/s": (0.8, False),
+        # within 10 % either way; only the LIMoE presets are held to it
+        "limoe_b32 FLOPs per pair / clip_b32": (1.12, False),
+        "limoe_l16 FLOPs per pair / clip_l14": (0.95, True),
+        # the faster GEMM path at E=8: 0.4 / 0.45 of the dense MLP's time
+        "bf16 MoE fwd+bwd throughput / dense MLP, E=8": (round(0.4 / 0.45, 6), True),
+        "limoe_b32 pairs/s / dense_b32 pairs/s": (0.8, False),
     }
-    table = format_table({"layer": layer, "train": train, "targets": check_targets(layer, train)})
+    table = format_table({"layer": layer, "train": train, "targets": check_targets(results)})
     assert (
         "| 32 | 1 | dropless | 16384 | 256 | fwd_bwd | 400.0 | 520.0 (1.30×) | 1560.0 (3.90×) |"
         in table
@@ -176,7 +195,7 @@ def test_limoe_bench_console_script(tmp_path):
 
 @pytest.mark.parametrize(
     "override, message",
-    [("suite=gpu", "suite must be one of"), ("dtype=float16", "dtype must be float32"),
+    [("suite=tpu", "suite must be one of"), ("dtype=float16", "dtype must be float32"),
      ("layer.modes=[dense,fast]", "layer mode must be one of")],
 )  # fmt: skip
 def test_bad_bench_config_fails_with_one_line(override, message, tmp_path, console):
@@ -185,3 +204,87 @@ def test_bad_bench_config_fails_with_one_line(override, message, tmp_path, conso
     assert code == 2
     assert err.strip().splitlines()[-1].startswith("limoe: error: ")
     assert message in err
+
+
+# The GPU check's dry run: the real preset names, shrunk to a few seconds on a CPU.
+SHRUNK = ['data=shapes', 'data.image_size=16', 'data.context_length=8', 'data.val_size=16',
+          'model.width=16', 'model.depth=2', 'model.num_heads=2', 'model.patch_size=8',
+          'model.embed_dim=16']  # fmt: skip
+TINY_GPU = [
+    "gpu.layer.tokens=[64]", "gpu.layer.dim=[16]", "gpu.layer.num_experts=[8]",
+    "gpu.layer.warmup=1", "gpu.layer.repeats=2",
+    "gpu.train.models.limoe=['experiment=smoke']",
+    f"gpu.train.models.limoe_b32={[*SHRUNK, 'model.moe_layers=[1]']}",
+    f"gpu.train.models.dense_b32={SHRUNK}",
+    "gpu.train.batch_size=8", "gpu.train.warmup=1", "gpu.train.steps=2",
+]  # fmt: skip
+
+
+def test_gpu_check_dry_run_on_cpu_writes_every_part(tmp_path, capsys):
+    ddp = ["gpu.ddp.processes=2", "gpu.ddp.model=limoe", "gpu.ddp.steps=2",
+           "gpu.ddp.overrides=['experiment=smoke','data.batch_size=8','data.val_size=16',"
+           "'data.test_size=16','data.novel_size=16']"]  # fmt: skip
+    results = run_bench(_bench_cfg(tmp_path, ["suite=gpu", *TINY_GPU, *ddp]))
+    assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(results))
+    layer = results["gpu_layer"]
+    # 2 capacities x 2 passes x (dense + one row per GEMM path)
+    assert sorted({r["mode"] for r in layer}) == ["dense", "sorted-grouped", "sorted-loop"]
+    assert len(layer) == 2 * 2 * 3
+    train = {r["model"]: r for r in results["gpu_train"]}
+    assert list(train) == ["limoe", "limoe_b32", "dense_b32"]
+    for r in train.values():
+        assert r["steps"] == 2 and r["batch_size"] == 8 and r["losses_finite"]
+        assert r["pairs_per_s"] == pytest.approx(8 * 2 / r["seconds"])
+        assert r["peak_memory_gib"] is None  # measured on GPUs only
+    ratio = train["limoe_b32"]["pairs_per_s"] / train["dense_b32"]["pairs_per_s"]
+    assert train["limoe_b32"]["pairs_per_s_vs_dense"] == pytest.approx(ratio)
+    assert train["limoe"]["pairs_per_s_vs_dense"] is None  # no model=dense among them
+    (ddp_row,) = results["ddp"]
+    assert ddp_row["processes"] == 2 and ddp_row["finite"] and ddp_row["pairs_per_s"] > 0
+    assert [t["target"] for t in results["targets"]] == [
+        "bf16 MoE fwd+bwd throughput / dense MLP, E=8", "limoe_b32 pairs/s / dense_b32 pairs/s"
+    ]  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "| 8 | 1 | dropless | 64 | 16 | fwd_bwd |" in printed
+    assert "| limoe_b32 | 8 | 2 |" in printed and "| 2 | limoe | 2 |" in printed
+
+
+def test_cost_suite_counts_one_full_pair_and_the_ratio_to_its_baseline(tmp_path):
+    from limoe.bench.cost import full_caption
+    from limoe.bench.gpu import synthetic_pairs
+    from limoe.models import create_model, model_cost
+
+    against = ["~cost.against", "+cost.against={limoe: clip, dense: clip}",
+               "cost.overrides=['experiment=smoke']"]  # fmt: skip
+    rows = {
+        r["model"]: r for r in run_bench(_bench_cfg(tmp_path, ["suite=cost", *against]))["cost"]
+    }
+    assert list(rows) == ["limoe", "dense", "clip"]
+    # The same count by hand: the dropless LIMoE on a random image and a caption filling all
+    # 24 text positions (start token, words, end-of-text last).
+    tokens = full_caption(1, 24, 49408)
+    assert tokens[0, 0] == 49406 and tokens[0, -1] == 49407 and (tokens[0, 1:-1] == 320).all()
+    images, _ = synthetic_pairs(1, 32, 24)
+    counts = {}
+    for name in rows:
+        extra = ["model.moe.capacity_factor=null"] if name == "limoe" else []
+        model = create_model(name, ["experiment=smoke", *extra])
+        counts[name] = model_cost(model, images, tokens)["model/flops_per_pair"]
+        assert rows[name]["flops_per_pair"] == counts[name]
+        assert (rows[name]["image_size"], rows[name]["context_length"]) == (32, 24)
+    assert rows["limoe"]["flops_vs_against"] == pytest.approx(counts["limoe"] / counts["clip"])
+    assert rows["clip"]["against"] is None and rows["clip"]["flops_vs_against"] is None
+
+
+def test_synthetic_pairs_look_like_tokenized_captions():
+    from limoe.bench.gpu import synthetic_pairs
+    from limoe.models import text_padding_mask
+
+    images, tokens = synthetic_pairs(64, 8, 12, seed=3)
+    assert images.shape == (64, 3, 8, 8) and tokens.shape == (64, 12)
+    lengths = text_padding_mask(tokens).sum(1)
+    assert (tokens[:, 0] == 49406).all() and lengths.min() >= 2 and lengths.max() <= 12
+    rows = torch.arange(64)
+    assert (tokens[rows, lengths - 1] == 49407).all()  # end-of-text, found by argmax
+    assert (tokens[text_padding_mask(tokens).logical_not()] == 0).all()  # zero padding
+    assert torch.equal(synthetic_pairs(64, 8, 12, seed=3)[1], tokens)

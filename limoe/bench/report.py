@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Mapping
 
 import torch
 
@@ -14,8 +15,14 @@ LAYER_TARGETS = (
     ("sorted fwd+bwd time / dense, E=32", 32, "time_vs_dense", 1.25, "max"),
     ("one-hot fwd+bwd time / sorted, E=32", 32, "onehot_vs_sorted", 4.0, "min"),
 )
-TRAIN_TARGET = ("limoe pairs/s / dense pairs/s", 0.85, "min")
+TRAIN_TARGET = ("limoe pairs/s / dense pairs/s", 0.9, "min")
 FEED_TARGET = ("training pairs/s fed from files / from memory", 0.9, "min")
+# suite=cost: each LIMoE preset's forward FLOPs per pair within 10 % of its CLIP's.
+COST_TARGET = ("FLOPs per pair / ", 0.1, "within")
+# suite=gpu (issue "Paper scale"): the bf16 MoE layer's forward+backward throughput at E=8 (its
+# faster GEMM path, top-1) against the dense MLP's, and the LIMoE-B/32 step against dense B/32.
+GPU_LAYER_TARGET = ("bf16 MoE fwd+bwd throughput / dense MLP, E=8", 0.8, "min")
+GPU_TRAIN_TARGET = ("limoe_b32 pairs/s / dense_b32 pairs/s", 0.85, "min")
 
 
 def machine_info(device: str | torch.device) -> dict:
@@ -40,14 +47,41 @@ def _row(rows: list[dict], **match) -> dict | None:
     return found[0] if found else None
 
 
-def check_targets(
-    layer_rows: list[dict], train_rows: list[dict], feed_rows: list[dict] = ()
-) -> list[dict]:
-    """Each target whose measurements are in the run: its value, bound and whether it is met.
+def check_targets(results: Mapping) -> list[dict]:
+    """Each target whose measurements are in the run (``results``' rows by suite): its value,
+    bound and whether it is met.
 
     Layer targets use the top-1, dropless, forward+backward rows at 16384 tokens and dim
     256 (the issue's shape); a run without those rows has no layer targets to check.
     """
+    targets = _layer_targets(results.get("layer", []))
+    limoe = _row(results.get("train", []), model="limoe")
+    if limoe is not None and limoe["pairs_per_s_vs_dense"] is not None:
+        targets.append(_target(TRAIN_TARGET[0], limoe["pairs_per_s_vs_dense"], *TRAIN_TARGET[1:]))
+    for feed in results.get("feed", []):
+        targets.append(_target(FEED_TARGET[0], feed["files_vs_memory"], *FEED_TARGET[1:]))
+    for row in results.get("cost", []):
+        if row["against"] and row["model"].startswith("limoe"):
+            name = f"{row['model']} {COST_TARGET[0]}{row['against']}"
+            targets.append(_target(name, row["flops_vs_against"], *COST_TARGET[1:]))
+    return targets + _gpu_targets(results.get("gpu_layer", []), results.get("gpu_train", []))
+
+
+def _gpu_targets(layer_rows: list[dict], train_rows: list[dict]) -> list[dict]:
+    targets = []
+    moe = [r for r in layer_rows if r["num_experts"] == 8 and r["pass"] == "fwd_bwd"
+           and r["top_k"] == 1 and r["mode"] != "dense"]  # fmt: skip
+    if moe:
+        best = min(r["time_vs_dense"] for r in moe)
+        targets.append(_target(GPU_LAYER_TARGET[0], 1 / best, *GPU_LAYER_TARGET[1:]))
+    b32 = _row(train_rows, model="limoe_b32")
+    if b32 is not None and b32["pairs_per_s_vs_dense"] is not None:
+        targets.append(_target(GPU_TRAIN_TARGET[0], b32["pairs_per_s_vs_dense"],
+                               *GPU_TRAIN_TARGET[1:]))  # fmt: skip
+    return targets
+
+
+def _layer_targets(layer_rows: list[dict]) -> list[dict]:
     targets = []
     shape = {"top_k": 1, "capacity_factor": None, "tokens": 16384, "dim": 256, "pass": "fwd_bwd"}
     for name, experts, measure, bound, kind in LAYER_TARGETS:
@@ -61,16 +95,12 @@ def check_targets(
             value = None if onehot is None else onehot["median_s"] / fast["median_s"]
         if value is not None:
             targets.append(_target(name, value, bound, kind))
-    limoe = _row(train_rows, model="limoe")
-    if limoe is not None and limoe["pairs_per_s_vs_dense"] is not None:
-        targets.append(_target(TRAIN_TARGET[0], limoe["pairs_per_s_vs_dense"], *TRAIN_TARGET[1:]))
-    for feed in feed_rows:
-        targets.append(_target(FEED_TARGET[0], feed["files_vs_memory"], *FEED_TARGET[1:]))
     return targets
 
 
 def _target(name: str, value: float, bound: float, kind: str) -> dict:
-    met = value <= bound if kind == "max" else value >= bound
+    """``kind``: max (value <= bound), min (value >= bound) or within (|value - 1| <= bound)."""
+    met = {"max": value <= bound, "min": value >= bound, "within": abs(value - 1) <= bound}[kind]
     return {"target": name, "value": value, "bound": bound, "kind": kind, "met": met}
 
 
@@ -129,6 +159,39 @@ def _feed_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _cost_table(rows: list[dict]) -> list[str]:
+    lines = ["| model | px | text positions | parameters | active per token | GFLOPs per pair | "
+             "× against |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        ratio = "—" if r["against"] is None else f"{r['flops_vs_against']:.3f} ({r['against']})"
+        lines.append(f"| {r['model']} | {r['image_size']} | {r['context_length']} | "
+                     f"{r['params_total'] / 1e6:,.1f}M | {r['params_active_per_token'] / 1e6:,.1f}M | "
+                     f"{r['flops_per_pair'] / 1e9:.2f} | {ratio} |")  # fmt: skip
+    return lines
+
+
+def _gpu_train_table(rows: list[dict]) -> list[str]:
+    lines = ["| model | batch | steps | pairs/s | × dense | peak memory GiB | last loss |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        ratio = "—" if r["pairs_per_s_vs_dense"] is None else f"{r['pairs_per_s_vs_dense']:.2f}"
+        peak = "—" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}"
+        lines.append(f"| {r['model']} | {r['batch_size']} | {r['steps']} | {r['pairs_per_s']:.0f} | "
+                     f"{ratio} | {peak} | {r['final_loss']:.3f} |")  # fmt: skip
+    return lines
+
+
+def _ddp_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| processes | model | steps | pairs/s (all processes) | finite |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['processes']} | {r['model']} | {r['steps']} | {r['pairs_per_s']:.0f} | "
+                     f"{r['finite']} |")  # fmt: skip
+    return lines
+
+
 def format_table(results: dict) -> str:
     """Markdown tables of a run (layer times with the ratio to dense in brackets; training
     pairs/s) and the targets, as ``limoe-bench`` prints them."""
@@ -143,8 +206,19 @@ def format_table(results: dict) -> str:
         lines += _loader_table(results["loaders"]) + [""]
     if results.get("feed"):
         lines += ["Training fed by the file loader:", ""] + _feed_table(results["feed"]) + [""]
+    if results.get("cost"):
+        lines += ["Cost per image-text pair (forward FLOPs of one pair):", ""]
+        lines += _cost_table(results["cost"]) + [""]
+    if results.get("gpu_layer"):
+        lines += ["MoE layer by expert GEMM path (× = time / dense MLP):", ""]
+        lines += _layer_table(results["gpu_layer"]) + [""]
+    if results.get("gpu_train"):
+        lines += ["Training steps on synthetic pairs:", ""] + _gpu_train_table(results["gpu_train"])
+        lines += [""]
+    if results.get("ddp"):
+        lines += ["DDP:", ""] + _ddp_table(results["ddp"]) + [""]
     for t in results.get("targets", []):
-        sign = "≤" if t["kind"] == "max" else "≥"
+        sign = {"max": "≤", "min": "≥", "within": "1 ±"}[t["kind"]]
         verdict = "met" if t["met"] else "MISSED"
         lines.append(f"target {t['target']}: {t['value']:.2f} ({sign} {t['bound']}) {verdict}")
     return "\n".join(lines)

@@ -19,14 +19,20 @@ import torch
 from omegaconf import DictConfig
 
 from limoe.data.loading import first_pairs
+from limoe.models import create_model
 from limoe.train import build_datamodule, build_module, compose, plain
 
+from .cost import run_cost_bench
 from .data import run_feed_bench, run_loader_bench, write_fixture
+from .gpu import run_ddp_check, run_gemm_layer_bench, run_model_steps
 from .layer import layer_cases, run_layer_bench
 from .report import check_targets, format_table, machine_info
 from .train import run_train_bench
 
-SUITES = ("layer", "train", "data", "all")
+# all: layer, train and data; cost (minutes: it builds the 3.5B-parameter LIMoE-L/16) and gpu
+# (made for a GPU) run only when named.
+SUITES = ("layer", "train", "data", "cost", "gpu", "all")
+ALL = ("layer", "train", "data")
 
 
 def bench_dtype(cfg: DictConfig) -> torch.dtype:
@@ -91,6 +97,46 @@ def bench_data(cfg: DictConfig, dtype: torch.dtype) -> dict:
     return {"loaders": loaders, "feed": [result]}
 
 
+def bench_cost(cfg: DictConfig, dtype: torch.dtype) -> list[dict]:
+    """Parameters and forward FLOPs per pair of each model of ``cost.against`` (dtype unused:
+    FLOPs are counted in float32 on the CPU)."""
+    return run_cost_bench(
+        plain(cfg.cost.against), compose, lambda run: create_model(plain(run.model)),
+        cfg.cost.overrides, cfg.cost.dropless, cfg.progress,
+    )  # fmt: skip
+
+
+def bench_gpu(cfg: DictConfig, dtype: torch.dtype) -> dict:
+    """The GPU check: the MoE layer with each GEMM path against a dense MLP; training steps of
+    each model on synthetic pairs; DDP over every GPU when there are two or more."""
+    gpu, device = cfg.gpu, torch.device(cfg.device)
+    lay = gpu.layer
+    cases = layer_cases(lay.num_experts, [1], lay.capacity_factor, lay.tokens, lay.dim,
+                        lay.mlp_ratio)  # fmt: skip
+    layer_kwargs = dict(cases=cases, passes=lay.passes, warmup=lay.warmup, repeats=lay.repeats,
+                        device=device, dtype=dtype, image_fraction=lay.image_fraction,
+                        seed=cfg.seed, progress=cfg.progress)  # fmt: skip
+    layer = run_gemm_layer_bench(lay.gemms, layer_kwargs, plain(lay.moe))
+    modules = {}
+    for name, overrides in gpu.train.models.items():
+        run_cfg = compose([f"model={name}", *overrides])
+        L.seed_everything(cfg.seed, verbose=False)
+        vocab = run_cfg.model.get("vocab_size", 49408)
+        modules[name] = (build_module(run_cfg), run_cfg.data.image_size,
+                         run_cfg.data.context_length, vocab)  # fmt: skip
+    train = run_model_steps(modules, gpu.train.batch_size, gpu.train.warmup, gpu.train.steps,
+                            device, dtype, cfg.seed, cfg.progress)  # fmt: skip
+    processes = gpu.ddp.processes
+    if processes is None:
+        processes = torch.cuda.device_count() if device.type == "cuda" else 0
+    ddp = []
+    if processes >= 2:
+        accelerator = "gpu" if device.type == "cuda" else "cpu"
+        ddp.append(run_ddp_check(processes, gpu.ddp.model, gpu.ddp.overrides, gpu.ddp.steps,
+                                 accelerator))  # fmt: skip
+    return {"gpu_layer": layer, "gpu_train": train, "ddp": ddp}
+
+
 def run_bench(cfg: DictConfig) -> dict:
     """Run the chosen suites; print the tables and targets; write everything to JSON."""
     if cfg.suite not in SUITES:
@@ -99,15 +145,17 @@ def run_bench(cfg: DictConfig) -> dict:
         raise ValueError("device=cuda but torch sees no CUDA GPU")
     dtype = bench_dtype(cfg)
     results = {"machine": machine_info(cfg.device), "dtype": str(dtype).removeprefix("torch.")}
-    results.update(config=plain(cfg), layer=[], train=[], loaders=[], feed=[], targets=[])
+    results.update(config=plain(cfg), layer=[], train=[], loaders=[], feed=[], cost=[],
+                   gpu_layer=[], gpu_train=[], ddp=[], targets=[])  # fmt: skip
     out = Path(cfg.out) if cfg.out else Path(cfg.paths.output_dir) / "bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    suites = {"layer": bench_layer, "train": bench_train, "data": bench_data}
+    suites = {"layer": bench_layer, "train": bench_train, "data": bench_data, "cost": bench_cost,
+              "gpu": bench_gpu}  # fmt: skip
     for name, run in suites.items():
-        if cfg.suite in (name, "all"):
+        if cfg.suite == name or (cfg.suite == "all" and name in ALL):
             found = run(cfg, dtype)
             results.update(found if isinstance(found, dict) else {name: found})
-            results["targets"] = check_targets(results["layer"], results["train"], results["feed"])
+            results["targets"] = check_targets(results)
             out.write_text(json.dumps(results, indent=2) + "\n")  # kept if a later suite fails
     print(format_table(results))
     print(f"limoe: benchmark of {results['machine']['device']} ({results['dtype']}) -> {out}")

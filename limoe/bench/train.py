@@ -16,26 +16,27 @@ from .timing import time_interleaved
 
 def make_step(
     module: nn.Module, dtype: torch.dtype, lr: float = 1e-3
-) -> Callable[[Tensor, Tensor], None]:
-    """``step(images, tokens)``: one optimisation step of ``module`` (anything with
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """``step(images, tokens) -> loss``: one optimisation step of ``module`` (anything with
     ``compute_loss(images, tokens)``, such as ``ContrastiveModule``), under autocast when
-    ``dtype`` is not float32."""
+    ``dtype`` is not float32; the loss comes back detached, on the device (no sync)."""
     optimizer = torch.optim.AdamW(module.parameters(), lr=lr)
 
-    def step(images: Tensor, tokens: Tensor) -> None:
+    def step(images: Tensor, tokens: Tensor) -> Tensor:
         optimizer.zero_grad(set_to_none=True)
         amp = torch.autocast(images.device.type, dtype) if dtype != torch.float32 else nullcontext()
         with amp:
             loss = module.compute_loss(images, tokens)[0]
         loss.backward()
         optimizer.step()
+        return loss.detach()
 
     return step
 
 
 def training_step(
     module: nn.Module, images: Tensor, tokens: Tensor, dtype: torch.dtype, lr: float = 1e-3
-) -> Callable[[], None]:
+) -> Callable[[], Tensor]:
     """``make_step`` on one fixed batch."""
     step = make_step(module, dtype, lr)
     return lambda: step(images, tokens)

@@ -228,8 +228,9 @@ def test_gpu_check_dry_run_on_cpu_writes_every_part(tmp_path, capsys):
     assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(results))
     layer = results["gpu_layer"]
     # 2 capacities x 2 passes x (dense + one row per GEMM path)
-    assert sorted({r["mode"] for r in layer}) == ["dense", "sorted-grouped", "sorted-loop"]
-    assert len(layer) == 2 * 2 * 3
+    modes = ["dense", "sorted-grouped", "sorted-loop", "sorted-padded"]
+    assert sorted({r["mode"] for r in layer}) == sorted(modes)
+    assert len(layer) == 2 * 2 * 4
     train = {r["model"]: r for r in results["gpu_train"]}
     assert list(train) == ["limoe", "limoe_b32", "dense_b32"]
     for r in train.values():

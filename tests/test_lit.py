@@ -44,6 +44,25 @@ def test_no_weight_decay_on_gains_biases_and_temperature():
     assert module.optimizer_params() == [p for g in module.param_groups() for p in g["params"]]
 
 
+def test_a_continued_run_joins_the_longer_schedule_with_fused_adamw():
+    model = {"_target_": "limoe.models.LIMoE", "width": 16, "embed_dim": 16, "depth": 1,
+             "num_heads": 2, "moe_layers": []}  # fmt: skip
+    optim = {"lr": 1e-3, "weight_decay": 0.05, "betas": [0.9, 0.98], "eps": 1e-6,
+             "warmup_steps": 4, "min_lr_ratio": 0.0, "schedule_steps": 14,
+             "schedule_from_step": 9}  # fmt: skip
+    config = ContrastiveModule(model, optim).configure_optimizers()
+    optimizer, schedule = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert all(group["fused"] for group in optimizer.param_groups)
+    # Step 0 of this run is step 9 of the 14-step schedule: half the peak rate, then decaying.
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * warmup_cosine(9, 4, 14, 0.0))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5e-3)
+    optimizer.step()
+    schedule.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * warmup_cosine(10, 4, 14, 0.0))
+    unfused = ContrastiveModule(model, {**optim, "fused": False}).build_optimizer()
+    assert not any(group["fused"] for group in unfused.param_groups)
+
+
 def draws() -> tuple:
     return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
 

@@ -67,36 +67,48 @@ def test_unknown_dispatch_mode_fails_with_one_line():
         bare_layer(DIM, HIDDEN, 4, dispatch="dense")
 
 
+@pytest.mark.parametrize("gemm", ["grouped", "padded"])
 @pytest.mark.parametrize("capacity_factor", [1.0, None])
 @pytest.mark.parametrize("num_tokens, num_experts", [(40, 4), (5, 8)])
-def test_grouped_gemm_equals_the_loop(capacity_factor, num_tokens, num_experts):
-    """``F.grouped_mm`` (the CUDA bf16 path) also runs on CPU in float32, so CI checks it
-    against the per-expert loop: outputs and every gradient, with empty experts."""
+def test_grouped_and_padded_gemms_equal_the_loop(gemm, capacity_factor, num_tokens, num_experts):
+    """``F.grouped_mm`` (the CUDA bf16 path) also runs on CPU in float32, so CI checks it and
+    the padded batched GEMM against the per-expert loop: outputs and every gradient, with
+    empty experts."""
     torch.manual_seed(num_tokens)
     layer = bare_layer(DIM, HIDDEN, num_experts, top_k=2, capacity_factor=capacity_factor,
                      capacity_multiple=1)  # fmt: skip
     randomise(layer)
     x, probe = torch.randn(num_tokens, DIM), torch.randn(num_tokens, DIM)
     results = {}
-    for gemm in ("loop", "grouped"):
-        layer.experts.gemm = gemm
-        assert layer.experts.use_grouped(x) == (gemm == "grouped")
-        results[gemm] = outputs_and_grads(layer, x, "sorted", probe)
-    (y, x_grad, grads, _), (y_g, x_grad_g, grads_g, _) = results["loop"], results["grouped"]
+    for mode in ("loop", gemm):
+        layer.experts.gemm = mode
+        assert layer.experts.use_grouped(x) == (mode == "grouped")
+        results[mode] = outputs_and_grads(layer, x, "sorted", probe)
+    (y, x_grad, grads, _), (y_g, x_grad_g, grads_g, _) = results["loop"], results[gemm]
     torch.testing.assert_close(y_g, y, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x_grad_g, x_grad, rtol=1e-5, atol=1e-5)
     for name, grad in grads.items():
         torch.testing.assert_close(grads_g[name], grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_auto_gemm_takes_the_loop_on_cpu():
+def test_auto_gemm_on_cpu_pads_balanced_slices_and_loops_over_skewed_ones():
     layer = bare_layer(DIM, HIDDEN, 4)
-    assert layer.experts.gemm == "auto" and not layer.experts.use_grouped(torch.randn(3, DIM))
-    with pytest.raises(ValueError, match=r"gemm must be one of \('auto', 'loop', 'grouped'\)"):
+    experts = layer.experts
+    x = torch.randn(40, DIM)
+    assert experts.gemm == "auto" and not experts.use_grouped(x)
+    # 4 slices padded to the largest: 4 * 12 = 48 rows for 40 tokens (1.2x) -> padded;
+    # 4 * 31 = 124 rows (3.1x) -> the loop; no tokens -> the loop.
+    assert experts.gemm_path(x, torch.tensor([12, 10, 8, 10])) == "padded"
+    assert experts.gemm_path(x, torch.tensor([31, 3, 3, 3])) == "loop"
+    assert experts.gemm_path(x[:0], torch.tensor([0, 0, 0, 0])) == "loop"
+    experts.gemm = "padded"
+    assert experts.gemm_path(x, torch.tensor([31, 3, 3, 3])) == "padded"
+    with pytest.raises(ValueError, match=r"gemm must be one of \('auto', 'loop', 'grouped', "
+                       r"'padded'\)"):  # fmt: skip
         bare_layer(DIM, HIDDEN, 4, gemm="cutlass")
 
 
-@pytest.mark.parametrize("gemm", ["loop", "grouped"])
+@pytest.mark.parametrize("gemm", ["loop", "grouped", "padded"])
 def test_sorted_dispatch_is_deterministic_on_cpu(gemm):
     torch.manual_seed(0)
     layer = bare_layer(DIM, HIDDEN, 8, top_k=2, capacity_factor=1.0, gemm=gemm)

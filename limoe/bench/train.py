@@ -19,8 +19,12 @@ def make_step(
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """``step(images, tokens) -> loss``: one optimisation step of ``module`` (anything with
     ``compute_loss(images, tokens)``, such as ``ContrastiveModule``), under autocast when
-    ``dtype`` is not float32; the loss comes back detached, on the device (no sync)."""
-    optimizer = torch.optim.AdamW(module.parameters(), lr=lr)
+    ``dtype`` is not float32; the loss comes back detached, on the device (no sync). The
+    optimiser is the one training builds (``build_optimizer``) where the module has one."""
+    if hasattr(module, "build_optimizer"):
+        optimizer = module.build_optimizer()
+    else:
+        optimizer = torch.optim.AdamW(module.parameters(), lr=lr)
 
     def step(images: Tensor, tokens: Tensor) -> Tensor:
         optimizer.zero_grad(set_to_none=True)

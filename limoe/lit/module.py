@@ -172,20 +172,30 @@ class ContrastiveModule(L.LightningModule):
         """The weights in the optimiser's order, which indexes its state dict."""
         return [p for group in self.param_groups() for p in group["params"]]
 
-    def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(
+    def build_optimizer(self) -> torch.optim.AdamW:
+        """AdamW over ``param_groups``; fused (one kernel for all the element-wise update
+        work, CPU and CUDA) unless ``optim.fused`` is false: the unfused update of a small
+        model is a large share of its step, and the larger for the experts' parameters."""
+        return torch.optim.AdamW(
             self.param_groups(),
             lr=self.optim["lr"],
             betas=tuple(self.optim["betas"]),
             eps=self.optim["eps"],
+            fused=self.optim.get("fused", True) or None,
         )
-        total = self.trainer.max_steps
+
+    def configure_optimizers(self):
+        optimizer = self.build_optimizer()
+        total = self.optim.get("schedule_steps") or self.trainer.max_steps
         if total is None or total < 0:
             total = int(self.trainer.estimated_stepping_batches)
+        # A run continuing another from its weights (model.upcycle_from) picks up the longer
+        # run's schedule at schedule_from_step instead of warming up again.
+        offset = self.optim.get("schedule_from_step", 0)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda step: warmup_cosine(
-                step, self.optim["warmup_steps"], total, self.optim["min_lr_ratio"]
+                step + offset, self.optim["warmup_steps"], total, self.optim["min_lr_ratio"]
             ),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

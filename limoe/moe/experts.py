@@ -10,7 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-GEMM_MODES = ("auto", "loop", "grouped")
+GEMM_MODES = ("auto", "loop", "grouped", "padded")
+# gemm=auto takes the padded batched GEMM (off CUDA bf16) while the padded buffer holds at
+# most this many times the tokens: on 2 CPU cores at width 96 one baddbmm pair over 16
+# experts runs forward+backward about 1.4x as fast as 16 addmm pairs on the same tokens, so
+# up to half of it may be padding (docs/benchmarks.md).
+PADDED_MAX_FILL = 1.5
 
 
 def grouped_mm_supported(x: Tensor, *weights: Tensor) -> bool:
@@ -47,10 +52,13 @@ class Experts(nn.Module):
     applied to ``x`` equals ``nn.Linear`` with ``weight = w1[e].T``.
 
     ``gemm`` picks how the E GEMMs run: ``loop`` issues one ``addmm`` per non-empty
-    expert (fastest on CPU); ``grouped`` issues one ``F.grouped_mm`` per weight for all
-    experts (one kernel on a GPU, no host sync on the counts); ``auto`` takes ``grouped``
-    where ``grouped_mm_supported`` (CUDA, bf16 under autocast or in bf16) and ``loop``
-    elsewhere.
+    expert; ``grouped`` issues one ``F.grouped_mm`` per weight for all experts (one kernel on
+    a GPU, no host sync on the counts); ``padded`` copies each expert's slice into an
+    ``[E, C, dim]`` buffer padded to the largest slice ``C`` and runs one ``baddbmm`` per
+    weight (fewer, larger GEMMs: faster on a CPU for small experts, at the cost of the
+    padding); ``auto`` takes ``grouped`` where ``grouped_mm_supported`` (CUDA, bf16 under
+    autocast or in bf16), else ``padded`` while the buffer holds at most ``PADDED_MAX_FILL``
+    times the tokens, else ``loop``.
     """
 
     def __init__(
@@ -96,9 +104,24 @@ class Experts(nn.Module):
         Outside autocast the input is cast to the weight dtype (e.g. bf16 tokens
         into float32 experts); under autocast the GEMMs pick their own dtype.
         """
-        if x.shape[0] > 0 and self.use_grouped(x):
+        path = self.gemm_path(x, counts)
+        if path == "grouped":
             return self.forward_grouped(x, counts)
+        if path == "padded":
+            return self.forward_padded(x, counts)
         return self.forward_loop(x, counts)
+
+    def gemm_path(self, x: Tensor, counts: Tensor) -> str:
+        """``loop``, ``grouped`` or ``padded``: the ``gemm`` mode, ``auto`` resolved for
+        ``x`` and the slice sizes ``counts``."""
+        if x.shape[0] == 0:
+            return "loop"
+        if self.gemm != "auto":
+            return self.gemm
+        if self.use_grouped(x):
+            return "grouped"
+        padded = counts.shape[0] * int(counts.max())
+        return "padded" if padded <= PADDED_MAX_FILL * x.shape[0] else "loop"
 
     def compute_dtype(self, x: Tensor) -> torch.dtype:
         """The GEMMs' dtype: autocast's where it is on, the weights' otherwise."""
@@ -133,6 +156,24 @@ class Experts(nn.Module):
         if not outs:
             return x.new_zeros(0, self.w2.shape[-1])
         return torch.cat(outs)
+
+    def forward_padded(self, x: Tensor, counts: Tensor) -> Tensor:
+        """Both layers as one ``baddbmm`` over ``[E, C, dim]``, each expert's slice copied to
+        the start of its row block and padded with zeros to the largest slice ``C``; the
+        padding rows are computed and never read back (no gradient reaches them)."""
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.w1.dtype)
+        experts, rows = counts.shape[0], x.shape[0]
+        size = int(counts.max())
+        expert = torch.repeat_interleave(
+            torch.arange(experts, device=x.device), counts, output_size=rows
+        )
+        starts = torch.cumsum(counts, dim=0) - counts
+        slot = expert * size + torch.arange(rows, device=x.device) - starts[expert]
+        padded = x.new_zeros(experts * size, x.shape[1]).index_copy(0, slot, x)
+        h = torch.baddbmm(self.b1.unsqueeze(1), padded.view(experts, size, -1), self.w1)
+        out = torch.baddbmm(self.b2.unsqueeze(1), self.drop(self.act(h)), self.w2)
+        return self.drop(out.view(experts * size, -1)[slot])
 
     def forward_grouped(self, x: Tensor, counts: Tensor) -> Tensor:
         """Both layers as ``F.grouped_mm`` over the slices (offsets = cumulative counts).

@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from limoe.moe import MoELayer
+from limoe.moe.experts import Experts
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
@@ -41,14 +42,31 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
 
 
 def count_flops(fn: Callable, *args) -> int:
-    """FLOPs of one forward call ``fn(*args)`` (attention in the math backend, see above)."""
-    with (
-        torch.enable_grad(),
-        sdpa_kernel(SDPBackend.MATH),
-        FlopCounterMode(display=False) as counter,
-    ):
-        fn(*args)
+    """FLOPs of one forward call ``fn(*args)`` (attention in the math backend, see above).
+
+    Experts run as one GEMM pair per expert during the count: ``gemm=padded`` would also
+    charge the padding rows of its batched GEMM, a cost of the kernel, not of the model."""
+    experts = [m for m in _modules(fn) if isinstance(m, Experts)]
+    modes = [e.gemm for e in experts]
+    try:
+        for e in experts:
+            e.gemm = "loop"
+        with (
+            torch.enable_grad(),
+            sdpa_kernel(SDPBackend.MATH),
+            FlopCounterMode(display=False) as counter,
+        ):
+            fn(*args)
+    finally:
+        for e, mode in zip(experts, modes):
+            e.gemm = mode
     return counter.get_total_flops()
+
+
+def _modules(fn: Callable) -> list[nn.Module]:
+    """The modules ``fn`` runs: itself, or the module a bound method belongs to."""
+    owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
+    return list(owner.modules()) if isinstance(owner, nn.Module) else []
 
 
 def flops_per_pair(model: nn.Module, images: Tensor, tokens: Tensor) -> float:

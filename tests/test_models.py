@@ -90,6 +90,27 @@ def test_moe_block_routes_image_and_real_text_tokens_together():
     assert set(routing[0].aux_losses) >= {"local_entropy/image", "global_entropy/text"}
 
 
+@pytest.mark.parametrize("drop_path_rate", [0.0, 0.3])  # DropPath is identity in eval
+def test_moe_block_updates_real_text_tokens_and_leaves_padding(drop_path_rate):
+    """The block's text update, against the flat token set written with boolean masks: the
+    MoE layer's output added at the real tokens, nothing at the padding."""
+    model = tiny(drop_path_rate=drop_path_rate)
+    block = model.blocks[1]
+    assert block.is_moe and (drop_path_rate == 0) == isinstance(block.drop_path, torch.nn.Identity)
+    images, tokens = torch.randn(3, 3, 16, 16), tokens_batch()
+    image, text = model.embed_images(images), model.embed_text(tokens)
+    mask = text_padding_mask(tokens)
+    with torch.no_grad():
+        _, out, _ = block._moe_mlp(image, text, mask, mask.flatten().nonzero().squeeze(1))
+        flat = torch.cat([block.norm2(image).flatten(0, 1), block.norm2(text)[mask]])
+        modality = torch.cat([torch.zeros(48, dtype=torch.long), torch.ones(16, dtype=torch.long)])
+        y, _ = block.mlp(flat, modality)
+    expected = text.clone()
+    expected[mask] += y[48:]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out[~mask], text[~mask])
+
+
 def test_image_features_do_not_depend_on_other_images_when_dropless():
     """Dropless routing is per token, so a batch's other images cannot change an image."""
     model = tiny()

@@ -72,9 +72,11 @@ class Block(nn.Module):
         text: Tensor | None,
         text_mask: Tensor | None,
         text_bias: Tensor | None = None,
+        text_index: Tensor | None = None,
     ) -> tuple[Tensor | None, Tensor | None, Routing | None]:
-        """``text_bias`` is ``attention_bias(text_mask)``; the tower builds it once for all
-        blocks."""
+        """``text_bias`` is ``attention_bias(text_mask)`` and ``text_index`` the flat positions
+        of the real text tokens (``text_mask.flatten().nonzero()``); the tower builds both
+        once for all blocks."""
         if image is not None:
             image = image + self.drop_path(self.attn(self.norm1(image)))
         if text is not None:
@@ -85,16 +87,20 @@ class Block(nn.Module):
             image = None if image is None else image + self.drop_path(self.mlp(self.norm2(image)))
             text = None if text is None else text + self.drop_path(self.mlp(self.norm2(text)))
             return image, text, None
-        return self._moe_mlp(image, text, text_mask)
+        if text is not None and text_index is None:
+            text_index = text_mask.flatten().nonzero().squeeze(1)
+        return self._moe_mlp(image, text, text_mask, text_index)
 
-    def _moe_mlp(self, image, text, text_mask):
-        """Route image patches and real text tokens together as one flat token set."""
+    def _moe_mlp(self, image, text, text_mask, text_index):
+        """Route image patches and real text tokens together as one flat token set (the real
+        text tokens picked by ``index_select`` and their updates added back by
+        ``index_add``: no zero-filled update, no padding normalised)."""
         parts, modality = [], []
         if image is not None:
             parts.append(self.norm2(image).flatten(0, 1))
             modality.append(torch.full((parts[-1].shape[0],), IMAGE, device=image.device))
         if text is not None:
-            parts.append(self.norm2(text)[text_mask])
+            parts.append(self.norm2(text.flatten(0, 1).index_select(0, text_index)))
             modality.append(torch.full((parts[-1].shape[0],), TEXT, device=text.device))
         group = None
         if self.mlp.router_type == "soft":
@@ -104,9 +110,12 @@ class Block(nn.Module):
         if image is not None:
             image = image + self.drop_path(y_image.view_as(image))
         if text is not None:
-            update = text.new_zeros(text.shape)
-            update[text_mask] = y_text.to(text.dtype)
-            text = text + self.drop_path(update)
+            y_text = y_text.to(text.dtype)
+            if isinstance(self.drop_path, DropPath):  # per-sample drop needs the whole update
+                update = text.new_zeros(text.shape).flatten(0, 1).index_copy(0, text_index, y_text)
+                text = text + self.drop_path(update.view_as(text))
+            else:
+                text = text.flatten(0, 1).index_add(0, text_index, y_text).view_as(text)
         return image, text, routing
 
 
@@ -266,9 +275,12 @@ class LIMoE(nn.Module):
         text = None if tokens is None else self.embed_text(tokens)
         text_mask = None if tokens is None else text_padding_mask(tokens)
         text_bias = None if text is None else attention_bias(text_mask, text.dtype)
+        text_index = None
+        if text is not None and self.moe_layers:
+            text_index = text_mask.flatten().nonzero().squeeze(1)
         routings = []
         for block in self.blocks:
-            image, text, routing = block(image, text, text_mask, text_bias)
+            image, text, routing = block(image, text, text_mask, text_bias, text_index)
             if routing is not None:
                 routings.append(routing)
         return image, text, routings

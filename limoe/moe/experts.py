@@ -11,11 +11,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 GEMM_MODES = ("auto", "loop", "grouped", "padded")
-# gemm=auto takes the padded batched GEMM (off CUDA bf16) while the padded buffer holds at
-# most this many times the tokens: on 2 CPU cores at width 96 one baddbmm pair over 16
-# experts runs forward+backward about 1.4x as fast as 16 addmm pairs on the same tokens, so
-# up to half of it may be padding (docs/benchmarks.md).
-PADDED_MAX_FILL = 1.5
 
 
 def grouped_mm_supported(x: Tensor, *weights: Tensor) -> bool:
@@ -52,13 +47,13 @@ class Experts(nn.Module):
     applied to ``x`` equals ``nn.Linear`` with ``weight = w1[e].T``.
 
     ``gemm`` picks how the E GEMMs run: ``loop`` issues one ``addmm`` per non-empty
-    expert; ``grouped`` issues one ``F.grouped_mm`` per weight for all experts (one kernel on
-    a GPU, no host sync on the counts); ``padded`` copies each expert's slice into an
-    ``[E, C, dim]`` buffer padded to the largest slice ``C`` and runs one ``baddbmm`` per
-    weight (fewer, larger GEMMs: faster on a CPU for small experts, at the cost of the
-    padding); ``auto`` takes ``grouped`` where ``grouped_mm_supported`` (CUDA, bf16 under
-    autocast or in bf16), else ``padded`` while the buffer holds at most ``PADDED_MAX_FILL``
-    times the tokens, else ``loop``.
+    expert (fastest on CPU at the default size); ``grouped`` issues one ``F.grouped_mm`` per
+    weight for all experts (one kernel on a GPU, no host sync on the counts); ``padded``
+    copies each expert's slice into an ``[E, C, dim]`` buffer padded to the largest slice
+    ``C`` and runs one ``baddbmm`` per weight (fewer, larger GEMMs: on 2 CPU cores it wins
+    only for tiny experts, e.g. width 32 at 125 tokens each, and loses at width 96 and up:
+    docs/benchmarks.md); ``auto`` takes ``grouped`` where ``grouped_mm_supported`` (CUDA,
+    bf16 under autocast or in bf16) and ``loop`` elsewhere.
     """
 
     def __init__(
@@ -118,10 +113,7 @@ class Experts(nn.Module):
             return "loop"
         if self.gemm != "auto":
             return self.gemm
-        if self.use_grouped(x):
-            return "grouped"
-        padded = counts.shape[0] * int(counts.max())
-        return "padded" if padded <= PADDED_MAX_FILL * x.shape[0] else "loop"
+        return "grouped" if self.use_grouped(x) else "loop"
 
     def compute_dtype(self, x: Tensor) -> torch.dtype:
         """The GEMMs' dtype: autocast's where it is on, the weights' otherwise."""

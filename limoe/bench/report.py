@@ -129,67 +129,69 @@ def _layer_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table: the header, its rule, one line per row of cells."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(cells) + " |" for cells in rows]
+
+
+def _ratio(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
 def _train_table(rows: list[dict]) -> list[str]:
-    lines = ["| model | batch | step ms | pairs/s | × dense |", "|---|---|---|---|---|"]
-    for r in rows:
-        ratio = "—" if r["pairs_per_s_vs_dense"] is None else f"{r['pairs_per_s_vs_dense']:.2f}"
-        lines.append(f"| {r['model']} | {r['batch_size']} | {1e3 * r['median_s']:.1f} | "
-                     f"{r['pairs_per_s']:.0f} | {ratio} |")  # fmt: skip
-    return lines
+    return _markdown(
+        ["model", "batch", "step ms", "pairs/s", "× dense"],
+        [[r["model"], str(r["batch_size"]), f"{1e3 * r['median_s']:.1f}",
+          f"{r['pairs_per_s']:.0f}", _ratio(r["pairs_per_s_vs_dense"])] for r in rows],
+    )  # fmt: skip
 
 
 def _loader_table(rows: list[dict]) -> list[str]:
-    lines = [
-        "| format | px | workers | batch | pairs/s | pairs/s per worker |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(f"| {r['format']} | {r['image_size']} | {r['num_workers']} | "
-                     f"{r['batch_size']} | {r['pairs_per_s']:.0f} | {r['pairs_per_s_per_worker']:.0f} |")  # fmt: skip
-    return lines
+    return _markdown(
+        ["format", "px", "workers", "batch", "pairs/s", "pairs/s per worker"],
+        [[r["format"], str(r["image_size"]), str(r["num_workers"]), str(r["batch_size"]),
+          f"{r['pairs_per_s']:.0f}", f"{r['pairs_per_s_per_worker']:.0f}"] for r in rows],
+    )  # fmt: skip
 
 
 def _feed_table(rows: list[dict]) -> list[str]:
-    lines = ["| model | files px → input px | workers | batch | in memory pairs/s | from files pairs/s | files / memory |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['file_size']} → {r['image_size']} | {r['num_workers']} | "
-                     f"{r['batch_size']} | {r['memory_pairs_per_s']:.0f} | {r['files_pairs_per_s']:.0f} | "
-                     f"{r['files_vs_memory']:.2f} |")  # fmt: skip
-    return lines
+    return _markdown(
+        ["model", "files px → input px", "workers", "batch", "in memory pairs/s",
+         "from files pairs/s", "files / memory"],
+        [[r["model"], f"{r['file_size']} → {r['image_size']}", str(r["num_workers"]),
+          str(r["batch_size"]), f"{r['memory_pairs_per_s']:.0f}", f"{r['files_pairs_per_s']:.0f}",
+          f"{r['files_vs_memory']:.2f}"] for r in rows],
+    )  # fmt: skip
 
 
 def _cost_table(rows: list[dict]) -> list[str]:
-    lines = ["| model | px | text positions | parameters | active per token | GFLOPs per pair | "
-             "× against |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in rows:
-        ratio = "—" if r["against"] is None else f"{r['flops_vs_against']:.3f} ({r['against']})"
-        lines.append(f"| {r['model']} | {r['image_size']} | {r['context_length']} | "
-                     f"{r['params_total'] / 1e6:,.1f}M | {r['params_active_per_token'] / 1e6:,.1f}M | "
-                     f"{r['flops_per_pair'] / 1e9:.2f} | {ratio} |")  # fmt: skip
-    return lines
+    return _markdown(
+        ["model", "px", "text positions", "parameters", "active per token", "GFLOPs per pair",
+         "× against"],
+        [[r["model"], str(r["image_size"]), str(r["context_length"]),
+          f"{r['params_total'] / 1e6:,.1f}M", f"{r['params_active_per_token'] / 1e6:,.1f}M",
+          f"{r['flops_per_pair'] / 1e9:.2f}",
+          "—" if r["against"] is None else f"{r['flops_vs_against']:.3f} ({r['against']})"]
+         for r in rows],
+    )  # fmt: skip
 
 
 def _gpu_train_table(rows: list[dict]) -> list[str]:
-    lines = ["| model | batch | steps | pairs/s | × dense | peak memory GiB | last loss |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in rows:
-        ratio = "—" if r["pairs_per_s_vs_dense"] is None else f"{r['pairs_per_s_vs_dense']:.2f}"
-        peak = "—" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}"
-        lines.append(f"| {r['model']} | {r['batch_size']} | {r['steps']} | {r['pairs_per_s']:.0f} | "
-                     f"{ratio} | {peak} | {r['final_loss']:.3f} |")  # fmt: skip
-    return lines
+    return _markdown(
+        ["model", "batch", "steps", "pairs/s", "× dense", "peak memory GiB", "last loss"],
+        [[r["model"], str(r["batch_size"]), str(r["steps"]), f"{r['pairs_per_s']:.0f}",
+          _ratio(r["pairs_per_s_vs_dense"]), _ratio(r["peak_memory_gib"], 1),
+          f"{r['final_loss']:.3f}"] for r in rows],
+    )  # fmt: skip
 
 
 def _ddp_table(rows: list[dict]) -> list[str]:
-    lines = [
-        "| processes | model | steps | pairs/s (all processes) | finite |",
-        "|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(f"| {r['processes']} | {r['model']} | {r['steps']} | {r['pairs_per_s']:.0f} | "
-                     f"{r['finite']} |")  # fmt: skip
-    return lines
+    return _markdown(
+        ["processes", "model", "steps", "pairs/s (all processes)", "finite"],
+        [[str(r["processes"]), r["model"], str(r["steps"]), f"{r['pairs_per_s']:.0f}",
+          str(r["finite"])] for r in rows],
+    )  # fmt: skip
 
 
 def format_table(results: dict) -> str:

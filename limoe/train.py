@@ -26,7 +26,6 @@ from limoe.lit import ContrastiveModule, NonFiniteLossError
 from limoe.lit.callbacks import RoutingHistory, routing_metrics
 from limoe.lit.checkpoint import check_fits, read_checkpoint
 from limoe.models import model_cost, parameter_counts
-from limoe.models.upcycle import pop_upcycle
 from limoe.runs import read_metrics, write_metrics
 
 
@@ -91,7 +90,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule, module = build_datamodule(cfg), build_module(cfg)
     if cfg.get("ckpt_path"):
         key = f"ckpt_path={cfg.ckpt_path}"
-        model_cfg, _ = pop_upcycle(plain(cfg.model))  # as the module's hyperparameters hold it
+        model_cfg = module.hparams["model"]  # the config the module saves and was built from
         check_fits(read_checkpoint(cfg.ckpt_path, "ckpt_path"), module, model_cfg, key)
     # Unusable data stops the run here, before anything that looks like a run is written.
     datamodule.check(("fit", "test") if cfg.get("test", True) else ("fit",))

@@ -353,13 +353,13 @@ class ShapesDataModule(PairDataModule):
         """The curriculum lives in the sample order, so a run longer than one pass over the
         train split starts it again (full captions only) when the split runs out."""
         max_steps = self.trainer.max_steps if self.trainer is not None else -1
-        world_size = self.trainer.world_size if self.trainer is not None else 1
-        steps_per_pass = self.sizes["train"] // (self.batch_size * world_size)
-        if max_steps + self.train_from_step > steps_per_pass:
+        steps_per_pass = self.sizes["train"] // self._first_index(1)
+        last = self.train_from_step + max_steps
+        if last > steps_per_pass:
             rank_zero_warn(
                 f"data.train_size={self.sizes['train']} lasts {steps_per_pass} steps but "
-                f"train_from_step + max_steps={self.train_from_step + max_steps}: later steps re-read the split from the start "
-                "(captions full again); raise data.train_size to keep the curriculum"
+                f"train_from_step + max_steps={last}: later steps re-read the split from the "
+                "start (captions full again); raise data.train_size to keep the curriculum"
             )
 
 

@@ -32,6 +32,11 @@ def text_padding_mask(tokens: Tensor) -> Tensor:
     return torch.arange(tokens.shape[-1], device=tokens.device) <= eot
 
 
+def real_token_index(text_mask: Tensor) -> Tensor:
+    """Flat positions (in ``[B * L]``) of the real text tokens, in row-major order."""
+    return text_mask.flatten().nonzero().squeeze(1)
+
+
 def attention_bias(text_mask: Tensor, dtype: torch.dtype) -> Tensor:
     """Additive key mask [B, 1, 1, L]: -inf on padding, so no query attends to it (works for
     the fused and the plain attention paths of timm's ``Attention``)."""
@@ -75,7 +80,7 @@ class Block(nn.Module):
         text_index: Tensor | None = None,
     ) -> tuple[Tensor | None, Tensor | None, Routing | None]:
         """``text_bias`` is ``attention_bias(text_mask)`` and ``text_index`` the flat positions
-        of the real text tokens (``text_mask.flatten().nonzero()``); the tower builds both
+        of the real text tokens (``real_token_index(text_mask)``); the tower builds both
         once for all blocks."""
         if image is not None:
             image = image + self.drop_path(self.attn(self.norm1(image)))
@@ -88,7 +93,7 @@ class Block(nn.Module):
             text = None if text is None else text + self.drop_path(self.mlp(self.norm2(text)))
             return image, text, None
         if text is not None and text_index is None:
-            text_index = text_mask.flatten().nonzero().squeeze(1)
+            text_index = real_token_index(text_mask)
         return self._moe_mlp(image, text, text_mask, text_index)
 
     def _moe_mlp(self, image, text, text_mask, text_index):
@@ -277,7 +282,7 @@ class LIMoE(nn.Module):
         text_bias = None if text is None else attention_bias(text_mask, text.dtype)
         text_index = None
         if text is not None and self.moe_layers:
-            text_index = text_mask.flatten().nonzero().squeeze(1)
+            text_index = real_token_index(text_mask)
         routings = []
         for block in self.blocks:
             image, text, routing = block(image, text, text_mask, text_bias, text_index)

@@ -84,12 +84,13 @@ def _upcycled_layer(layer, dense: Mapping[str, Tensor], prefix: str, generator) 
     router = layer.router.weight
     logit_std = ROUTER_LOGIT_STD * router.shape[1] ** -0.5  # LayerNorm output: |x| ~ sqrt(dim)
     noise = torch.randn(router.shape, generator=generator) * logit_std
+    # Expanded views: load_state_dict copies each into the experts' own storage.
     return {
         f"{prefix}router.weight": noise,
-        f"{prefix}experts.w1": fc1_w.t().expand(experts, -1, -1).clone(),
-        f"{prefix}experts.b1": fc1_b.expand(experts, -1).clone(),
-        f"{prefix}experts.w2": (fc2_w.t() * scale).expand(experts, -1, -1).clone(),
-        f"{prefix}experts.b2": (fc2_b * scale).expand(experts, -1).clone(),
+        f"{prefix}experts.w1": fc1_w.t().expand(experts, -1, -1),
+        f"{prefix}experts.b1": fc1_b.expand(experts, -1),
+        f"{prefix}experts.w2": (fc2_w.t() * scale).expand(experts, -1, -1),
+        f"{prefix}experts.b2": (fc2_b * scale).expand(experts, -1),
     }
 
 

@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
+# pytest-xdist workers of `make test` (2 fits the 2 CPU cores of CI; 0 runs in one process).
+TEST_WORKERS ?= 2
 
 .PHONY: install train dense compare ablation analyze bench gpu-check test test-all lint format notebooks lab clean
 
@@ -39,10 +41,10 @@ gpu-check: $(STAMP)  ## on a GPU machine: MoE layer bf16 by GEMM path, LIMoE-B/3
 	$(BIN)/limoe-bench suite=gpu device=cuda $(ARGS)
 
 test: $(STAMP)  ## the test suite (skips tests marked slow)
-	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m "not slow" $(ARGS)
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check limoe tests conf setup.py

@@ -33,6 +33,13 @@ def limoe_train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
                           env=env)  # fmt: skip
 
 
+def logged_steps(metrics_csv: Path) -> set[int]:
+    """The steps of the rows the CSV logger wrote."""
+    header, *rows = [line.split(",") for line in metrics_csv.read_text().splitlines()]
+    column = header.index("step")
+    return {int(row[column]) for row in rows if row[column]}
+
+
 # Two gloo processes with the experts split between them: each rank's random stream, data
 # shard and block of expert optimiser state must come back.
 EXPERT_PARALLEL = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
@@ -50,6 +57,7 @@ def test_a_killed_run_resumed_from_last_ckpt_ends_as_an_uninterrupted_one(proces
     assert torch.load(last, weights_only=False)["global_step"] == 4
     resumed = limoe_train(tmp_path / "resumed", *processes, f"ckpt_path={last}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert min(logged_steps(tmp_path / "resumed/metrics.csv")) >= 4  # nothing re-trained from 0
     expected = json.loads((tmp_path / "whole/metrics.json").read_text())
     got = json.loads((tmp_path / "resumed/metrics.json").read_text())
     tested = [k for k in expected if k.startswith("test")]

@@ -105,19 +105,6 @@ def test_limoe_eval_into_the_run_directory_keeps_its_record(trained_run, tmp_pat
         assert after[key] == pytest.approx(before[key], abs=1e-6), key
 
 
-def test_resume_from_last_checkpoint_continues_the_run(trained_run, tmp_path):
-    ckpt = trained_run / "checkpoints" / "last.ckpt"
-    overrides = [o for o in TINY if not o.startswith("trainer.max_steps")]
-    result = run([str(BIN / "limoe-train"), *overrides, "trainer.max_steps=6", f"ckpt_path={ckpt}",
-                  f"hydra.run.dir={tmp_path}"], cwd=tmp_path)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((tmp_path / "metrics.json").read_text())["train/steps"] == 6
-    steps = [line.split(",") for line in (tmp_path / "metrics.csv").read_text().splitlines()[1:]]
-    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
-    logged = {int(row[header.index("step")]) for row in steps if row[header.index("step")]}
-    assert min(logged) >= 4  # nothing re-trained from step 0
-
-
 @pytest.mark.parametrize(
     ("override", "message"),
     [

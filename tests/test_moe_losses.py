@@ -124,6 +124,22 @@ def test_z_loss_by_hand():
     logits, _, _ = hand_probs()
     # logsumexp_i = shift_i -> mean(0, 1, 4, 1) = 1.5
     assert z_loss(logits).item() == pytest.approx(1.5, rel=1e-5)
+    probs = torch.softmax(logits, dim=-1)
+    assert z_loss(logits, probs).item() == pytest.approx(1.5, rel=1e-5)
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 30.0])
+def test_z_loss_from_the_largest_probability_equals_logsumexp(scale):
+    """The router's path (lse read off the top logit and its probability) against
+    torch.logsumexp: the value and the gradient, from nearly uniform to saturated rows."""
+    torch.manual_seed(0)
+    logits = (torch.randn(64, 8) * scale).requires_grad_()
+    reference = (torch.logsumexp(logits, dim=-1) ** 2).mean()
+    (want,) = torch.autograd.grad(reference, logits)
+    got_value = z_loss(logits, torch.softmax(logits, dim=-1))
+    (got,) = torch.autograd.grad(got_value, logits)
+    torch.testing.assert_close(got_value, reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
 
 
 def test_local_entropy_by_hand():

@@ -13,6 +13,7 @@ from limoe.moe import (
     route,
     sort_by_expert,
 )
+from limoe.moe.routing import top_choices
 
 
 @pytest.mark.parametrize(
@@ -48,6 +49,15 @@ def test_route_hand_values():
     assert idx.tolist() == [[0, 1], [2, 1]]
     _, gates_renorm, _ = route(logits, top_k=2, renormalize=True)
     torch.testing.assert_close(gates_renorm, torch.tensor([[0.625, 0.375], [0.7 / 0.9, 0.2 / 0.9]]))
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_top_choices_equal_torch_topk(k):
+    torch.manual_seed(0)
+    scores = torch.randn(300, 8)
+    values, index = top_choices(scores, k)
+    want = torch.topk(scores, k, dim=-1)
+    assert torch.equal(values, want.values) and torch.equal(index, want.indices)
 
 
 def test_route_is_float32_from_bf16_logits():

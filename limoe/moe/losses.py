@@ -19,6 +19,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .routing import top_choices
+
 LOSS_NAMES = ("importance", "load", "vmoe_load", "z_loss", "local_entropy", "global_entropy")
 CLASSIC_LOSSES = ("importance", "load", "vmoe_load", "z_loss")
 LOSS_SCOPES = ("all", "modality")
@@ -55,7 +57,7 @@ def vmoe_load_loss(
     """
     if clean_logits.shape[0] == 0 or noise_std == 0:
         return clean_logits.new_zeros(())
-    threshold = noisy_logits.topk(top_k, dim=-1).values[:, -1:]
+    threshold = top_choices(noisy_logits, top_k)[0][:, -1:]
     above = torch.special.ndtr((clean_logits - threshold) / noise_std)  # 1 - Phi(-x) = Phi(x)
     return cv_squared(above.mean(dim=0))
 
@@ -73,11 +75,19 @@ def load_loss(probs: Tensor, top1: Tensor) -> Tensor:
     return num_experts * (fraction * probs.mean(dim=0)).sum()
 
 
-def z_loss(logits: Tensor) -> Tensor:
-    """ST-MoE router z-loss: mean_i logsumexp(logits_i)^2, keeps router logits small."""
+def z_loss(logits: Tensor, probs: Tensor | None = None) -> Tensor:
+    """ST-MoE router z-loss: mean_i logsumexp(logits_i)^2, keeps router logits small.
+
+    Given ``probs = softmax(logits)``, logsumexp is read off the largest logit and its
+    probability (lse = l_max - log p_max, p_max >= 1/E), with no second pass of ``exp``."""
     if logits.shape[0] == 0:
         return logits.new_zeros(())
-    return (torch.logsumexp(logits, dim=-1) ** 2).mean()
+    if probs is None:
+        lse = torch.logsumexp(logits, dim=-1)
+    else:
+        p_max, index = probs.max(dim=-1, keepdim=True)
+        lse = (logits.gather(-1, index) - p_max.log()).squeeze(-1)
+    return (lse**2).mean()
 
 
 def local_entropy_loss(probs: Tensor) -> Tensor:
@@ -122,7 +132,7 @@ def classic_losses(scores: RouterScores) -> dict[str, Tensor]:
         "importance": importance_loss(clean_probs),
         "load": load_loss(scores.probs, scores.expert_index[:, 0]),
         "vmoe_load": vmoe_load_loss(scores.clean_logits, scores.logits, scores.noise_std, top_k),
-        "z_loss": z_loss(scores.logits),
+        "z_loss": z_loss(scores.logits, scores.probs),
     }
 
 
@@ -162,11 +172,12 @@ def compute_aux_losses(
     losses = classic_losses(scores) if scope == "all" else {}
     for m, name in enumerate(modality_names):
         mask = modality == m
-        group = scores.select(mask)
         s = min_experts[m] if len(min_experts) > 1 else min_experts[0]
-        own = entropy_losses(group.probs, s)
         if scope == "modality":
-            own = {**classic_losses(group), **own}
+            group = scores.select(mask)
+            own = {**classic_losses(group), **entropy_losses(group.probs, s)}
+        else:  # the entropy losses read the probabilities only: select nothing else
+            own = entropy_losses(probs[mask], s)
         losses.update({f"{key}/{name}": value for key, value in own.items()})
     return losses
 

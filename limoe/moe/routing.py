@@ -76,10 +76,18 @@ def route(logits: Tensor, top_k: int, renormalize: bool = False) -> tuple[Tensor
     is dropped still weighs its first choice by its renormalised gate.
     """
     probs = torch.softmax(logits.float(), dim=-1)
-    gates, expert_index = torch.topk(probs, top_k, dim=-1)
+    gates, expert_index = top_choices(probs, top_k)
     if renormalize:
         gates = gates / gates.sum(dim=-1, keepdim=True)
     return probs, gates, expert_index
+
+
+def top_choices(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``(values, indices)`` of the k largest scores of each row, largest first; k = 1 takes
+    ``max``, several times faster than ``topk`` on CPU for the few experts of a row."""
+    if k == 1:
+        return scores.max(dim=-1, keepdim=True)
+    return torch.topk(scores, k, dim=-1)
 
 
 def service_order(priority: Tensor | None, num_tokens: int, device: torch.device) -> Tensor:

@@ -14,6 +14,7 @@ import torch
 from limoe import cli
 from limoe.bench import check_targets, format_table, layer_cases, time_interleaved
 from limoe.bench.run import run_bench
+from limoe.bench.train import round_ratios
 from limoe.cli import flags_to_overrides
 from limoe.train import compose
 
@@ -86,6 +87,13 @@ def _bench_cfg(tmp_path: Path, overrides: list[str]):
     )
 
 
+def test_round_ratios_compare_the_calls_of_one_round():
+    # Round 2 is a slow spell for both (x2): the ratio of that round is still 0.5.
+    assert round_ratios([1.0, 2.0, 1.0], [2.0, 4.0, 1.25]) == [0.5, 0.5, 0.8]
+    with pytest.raises(ValueError):
+        round_ratios([1.0], [1.0, 2.0])
+
+
 def test_tiny_benchmark_writes_the_json_schema(tmp_path, capsys):
     results = run_bench(_bench_cfg(tmp_path, TINY_LAYER + TINY_TRAIN + TINY_DATA))
     assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(results))
@@ -113,6 +121,9 @@ def test_tiny_benchmark_writes_the_json_schema(tmp_path, capsys):
     train = {r["model"]: r for r in results["train"]}
     assert set(train) == {"limoe", "dense", "clip"}
     assert train["dense"]["pairs_per_s_vs_dense"] == 1.0
+    for r in train.values():  # the median over rounds of the dense time over the model's
+        ratios = sorted(d / t for d, t in zip(train["dense"]["times_s"], r["times_s"]))
+        assert r["pairs_per_s_vs_dense"] == pytest.approx((ratios[0] + ratios[1]) / 2)
     for r in train.values():
         assert r["batch_size"] == 8 and len(r["times_s"]) == 2
         assert r["pairs_per_s"] == pytest.approx(8 / r["median_s"])

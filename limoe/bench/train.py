@@ -56,7 +56,9 @@ def run_train_bench(
     progress: bool = True,
 ) -> list[dict]:
     """One row per model: median step seconds, every repeat, pairs/s, and pairs/s as a
-    fraction of the ``dense`` model's (when it is among the models)."""
+    fraction of the ``dense`` model's (when it is among the models): the median over rounds
+    of the dense step's time over the model's in the same round (``round_ratios``), so a
+    slow spell of the machine that spans a round cancels out of the ratio."""
     device = images.device
     for module in modules.values():
         module.to(device).train()
@@ -73,8 +75,16 @@ def run_train_bench(
             "median_s": median(times[name]),
             "times_s": times[name],
             "pairs_per_s": rate[name],
-            "pairs_per_s_vs_dense": rate[name] / rate["dense"] if "dense" in rate else None,
+            "pairs_per_s_vs_dense": (
+                median(round_ratios(times["dense"], times[name])) if "dense" in times else None
+            ),
             "params": sum(p.numel() for p in module.parameters()),
         }  # fmt: skip
         for name, module in modules.items()
     ]
+
+
+def round_ratios(reference_s: list[float], model_s: list[float]) -> list[float]:
+    """Per round, the model's throughput as a fraction of the reference's: the reference's
+    step time over the model's, both timed back to back in that round."""
+    return [ref / own for ref, own in zip(reference_s, model_s, strict=True)]

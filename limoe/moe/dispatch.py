@@ -44,7 +44,7 @@ def combine(
     Accumulates in at least float32 (gates are float32, and summing top-k
     contributions in bf16 loses precision); the caller casts to the input dtype.
     """
-    weights = gates.reshape(-1)[choice_index].unsqueeze(-1)
+    weights = gates.reshape(-1).index_select(0, choice_index).unsqueeze(-1)
     weighted = expert_out * weights
     out = weighted.new_zeros(num_tokens, expert_out.shape[-1])
     return out.index_add_(0, choice_index // top_k, weighted)

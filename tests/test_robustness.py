@@ -3,6 +3,7 @@ non-finite loss stops the run with one line naming the step and keeps the good c
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -35,9 +36,8 @@ def limoe_train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 def logged_steps(metrics_csv: Path) -> set[int]:
     """The steps of the rows the CSV logger wrote."""
-    header, *rows = [line.split(",") for line in metrics_csv.read_text().splitlines()]
-    column = header.index("step")
-    return {int(row[column]) for row in rows if row[column]}
+    with metrics_csv.open(newline="") as f:
+        return {int(row["step"]) for row in csv.DictReader(f) if row["step"]}
 
 
 # Two gloo processes with the experts split between them: each rank's random stream, data

@@ -110,10 +110,9 @@ def _cf(value: float | None) -> str:
 
 def _layer_table(rows: list[dict]) -> list[str]:
     modes = list(dict.fromkeys(r["mode"] for r in rows))
-    head = "| E | k | capacity | tokens | dim | pass | " + " | ".join(f"{m} ms" for m in modes)
-    lines = [head + " |", "|" + "---|" * (6 + len(modes))]
     keys = ("num_experts", "top_k", "capacity_factor", "tokens", "dim", "pass")
     groups = dict.fromkeys(tuple(r[k] for k in keys) for r in rows)
+    table = []
     for key in groups:
         cells = []
         for mode in modes:
@@ -125,8 +124,9 @@ def _layer_table(rows: list[dict]) -> list[str]:
             )
             cells.append("—" if r is None else f"{1e3 * r['median_s']:.1f}{ratio}")
         e, k, cf, n, d, p = key
-        lines.append(f"| {e} | {k} | {_cf(cf)} | {n} | {d} | {p} | " + " | ".join(cells) + " |")
-    return lines
+        table.append([str(e), str(k), _cf(cf), str(n), str(d), str(p), *cells])
+    header = ["E", "k", "capacity", "tokens", "dim", "pass", *(f"{m} ms" for m in modes)]
+    return _markdown(header, table)
 
 
 def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -135,7 +135,8 @@ def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(cells) + " |" for cells in rows]
 
 
-def _ratio(value: float | None, digits: int = 2) -> str:
+def _number(value: float | None, digits: int = 2) -> str:
+    """A table cell: the value to ``digits`` decimals, or a dash where there is none."""
     return "—" if value is None else f"{value:.{digits}f}"
 
 
@@ -143,7 +144,7 @@ def _train_table(rows: list[dict]) -> list[str]:
     return _markdown(
         ["model", "batch", "step ms", "pairs/s", "× dense"],
         [[r["model"], str(r["batch_size"]), f"{1e3 * r['median_s']:.1f}",
-          f"{r['pairs_per_s']:.0f}", _ratio(r["pairs_per_s_vs_dense"])] for r in rows],
+          f"{r['pairs_per_s']:.0f}", _number(r["pairs_per_s_vs_dense"])] for r in rows],
     )  # fmt: skip
 
 
@@ -181,7 +182,7 @@ def _gpu_train_table(rows: list[dict]) -> list[str]:
     return _markdown(
         ["model", "batch", "steps", "pairs/s", "× dense", "peak memory GiB", "last loss"],
         [[r["model"], str(r["batch_size"]), str(r["steps"]), f"{r['pairs_per_s']:.0f}",
-          _ratio(r["pairs_per_s_vs_dense"]), _ratio(r["peak_memory_gib"], 1),
+          _number(r["pairs_per_s_vs_dense"]), _number(r["peak_memory_gib"], 1),
           f"{r['final_loss']:.3f}"] for r in rows],
     )  # fmt: skip
 

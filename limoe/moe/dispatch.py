@@ -33,7 +33,7 @@ def gather_tokens(x: Tensor, choice_index: Tensor, top_k: int) -> Tensor:
 
     ``index_select``, not ``x[...]``: its backward is an ``index_add_``, where advanced
     indexing's is an accumulating ``index_put_``, several times slower on CPU."""
-    return x.index_select(0, choice_index // top_k if top_k > 1 else choice_index)
+    return x.index_select(0, choice_index // top_k)
 
 
 def combine(

@@ -38,7 +38,8 @@ def randomise(layer: MoELayer) -> MoELayer:
     with torch.no_grad():
         for p in layer.experts.parameters():
             p.normal_(std=0.3)
-        layer.router.weight.normal_(std=1.0)
+        if layer.router is not None:  # None: router="modality" learns nothing
+            layer.router.weight.normal_(std=1.0)
         if layer.router_type == "soft":  # unit-norm logits: sharpen them as training would
             layer.router.scale.fill_(4.0)
     return layer

@@ -193,3 +193,114 @@ def test_router_init_is_timms_or_vmoes_lecun_normal():
     assert lecun.router_init_std == 64**-0.5 and timm.router_init_std == 0.02
     assert abs(float(timm.router.weight.detach().std()) - 0.02) < 0.003
     assert abs(float(lecun.router.weight.detach().std()) - 64**-0.5) < 0.015
+
+
+def test_causal_attention_bias_by_hand():
+    """-inf on padding keys and, with ``causal``, on every later key; a row keeps its own
+    key, so no row is all -inf."""
+    from limoe.models.limoe import attention_bias
+
+    mask = torch.tensor([[True, True, False]])
+    inf = float("-inf")
+    plain = attention_bias(mask, torch.float32)
+    assert plain.shape == (1, 1, 1, 3) and plain[0, 0, 0].tolist() == [0.0, 0.0, inf]
+    causal = attention_bias(mask, torch.float32, causal=True)[0, 0]
+    assert causal.tolist() == [[0.0, inf, inf], [0.0, 0.0, inf], [0.0, 0.0, inf]]
+
+
+def copy_text_tower_into_open_clip(model: LIMoE):
+    """open_clip's ``TextTransformer`` (CLIP's text tower) holding the one tower's weights: the
+    modality embedding, the same at every position, folds into the position embedding."""
+    from open_clip.transformer import TextTransformer
+
+    width = model.token_embed.weight.shape[1]
+    ref = TextTransformer(context_length=model.context_length, vocab_size=model.token_embed.num_embeddings,
+                          width=width, heads=model.blocks[0].attn.num_heads, layers=len(model.blocks),
+                          output_dim=model.text_proj.out_features, pool_type="argmax")  # fmt: skip
+    with torch.no_grad():
+        ref.token_embedding.weight.copy_(model.token_embed.weight)
+        ref.positional_embedding.copy_(model.text_pos[0] + model.modality_embed[1])
+        for ours, theirs in zip(model.blocks, ref.transformer.resblocks):
+            pairs = [(ours.norm1, theirs.ln_1), (ours.norm2, theirs.ln_2),
+                     (ours.attn.proj, theirs.attn.out_proj), (ours.mlp.fc1, theirs.mlp.c_fc),
+                     (ours.mlp.fc2, theirs.mlp.c_proj)]  # fmt: skip
+            for a, b in pairs:
+                b.load_state_dict(a.state_dict())
+            theirs.attn.in_proj_weight.copy_(ours.attn.qkv.weight)
+            theirs.attn.in_proj_bias.copy_(ours.attn.qkv.bias)
+        ref.ln_final.load_state_dict(model.text_norm.state_dict())
+        ref.text_projection.copy_(model.text_proj.weight.T)
+    return ref.eval()
+
+
+def test_causal_text_equals_open_clips_text_tower_with_the_same_weights():
+    """The one tower's text path with ``text_causal_mask`` and end-of-text pooling computes
+    what CLIP's text tower computes (an independent implementation: nn.MultiheadAttention,
+    open_clip's mask and pooling); without the mask the features differ."""
+    model = tiny(moe_layers=[], text_causal_mask=True, text_pool="eot")
+    with torch.no_grad():
+        model.modality_embed.normal_(std=0.5)
+    ref = copy_text_tower_into_open_clip(model)
+    tokens = tokens_batch()
+    expected = ref(tokens)
+    torch.testing.assert_close(model.encode_text(tokens), expected, rtol=1e-5, atol=1e-5)
+    model.text_causal_mask = False
+    assert not torch.allclose(model.encode_text(tokens), expected, atol=1e-3)
+
+
+def test_modality_norms_give_text_its_own_layernorms():
+    """With ``modality_norms`` text goes through text_norm1/text_norm2 and images through
+    norm1/norm2: copying the shared norms into the text ones gives the shared model, and
+    changing the text ones changes text features only (dense and MoE blocks alike)."""
+    shared = tiny()
+    own = tiny(modality_norms=True)
+    images, tokens = torch.randn(3, 3, 16, 16), tokens_batch()
+    state = {
+        k: v for k, v in own.state_dict().items() if "text_norm1" not in k and "text_norm2" not in k
+    }
+    assert state.keys() == shared.state_dict().keys()
+    own.load_state_dict({**own.state_dict(), **shared.state_dict()})
+    with torch.no_grad():
+        for block in own.blocks:
+            block.text_norm1.load_state_dict(block.norm1.state_dict())
+            block.text_norm2.load_state_dict(block.norm2.state_dict())
+    before = own(images, tokens)
+    torch.testing.assert_close(before["text_features"], shared(images, tokens)["text_features"])
+    with torch.no_grad():
+        for block in own.blocks:
+            block.text_norm1.weight.mul_(1.5)
+            block.text_norm2.bias.add_(0.3)
+    after = own(images, tokens)
+    torch.testing.assert_close(after["image_features"], before["image_features"])
+    assert not torch.allclose(after["text_features"], before["text_features"], atol=1e-3)
+
+
+@pytest.mark.parametrize("moe_layers", [[1], [0, 1]])
+def test_multiway_tower_is_a_dense_mlp_per_modality(moe_layers):
+    """model=multiway: in its MoE blocks an image MLP and a text MLP. Copying the dense
+    tower's MLP into the image expert only leaves image features equal to the dense tower's
+    and text features different; copying it into both gives the dense tower exactly."""
+    dense = tiny(moe_layers=[])
+    multiway = tiny(moe_layers=moe_layers, moe=dict(router="modality", num_experts=2))
+    images, tokens = torch.randn(3, 3, 16, 16), tokens_batch()
+    weights = multiway.state_dict()
+    weights.update({k: v for k, v in dense.state_dict().items() if k in weights})
+    multiway.load_state_dict(weights)
+
+    def copy_mlp(experts: list[int]) -> None:
+        with torch.no_grad():
+            for i in moe_layers:
+                ex, mlp = multiway.blocks[i].mlp.experts, dense.blocks[i].mlp
+                for e in experts:
+                    ex.w1[e].copy_(mlp.fc1.weight.T), ex.b1[e].copy_(mlp.fc1.bias)
+                    ex.w2[e].copy_(mlp.fc2.weight.T), ex.b2[e].copy_(mlp.fc2.bias)
+
+    want = dense(images, tokens)
+    copy_mlp([0])
+    got = multiway(images, tokens)
+    torch.testing.assert_close(got["image_features"], want["image_features"], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got["text_features"], want["text_features"], atol=1e-3)
+    copy_mlp([1])
+    got = multiway(images, tokens)
+    torch.testing.assert_close(got["text_features"], want["text_features"], rtol=1e-5, atol=1e-5)
+    assert [r.router for r in got["routing"]] == ["modality"] * len(moe_layers)

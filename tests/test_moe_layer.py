@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-from moe_helpers import bare_layer, expert_mlp
+from moe_helpers import bare_layer, expert_mlp, randomise
 from timm.layers import Mlp
 
-from limoe.moe import Routing
+from limoe.moe import MoELayer, Routing
 
 DIM, HIDDEN = 8, 16
 
@@ -297,3 +297,61 @@ def test_input_errors(x_shape, modality, match):
     layer = bare_layer(DIM, HIDDEN, 4)
     with pytest.raises(ValueError, match=match):
         layer(torch.randn(*x_shape), modality)
+
+
+@pytest.mark.parametrize("dispatch", ["sorted", "onehot"])
+def test_modality_router_sends_each_token_to_its_modality_expert(dispatch):
+    """router='modality' (the multiway MLP): token of modality m -> expert m, gate 1, no
+    drops, no auxiliary loss; the output is that expert's MLP by hand."""
+    torch.manual_seed(0)
+    layer = randomise(
+        MoELayer(DIM, HIDDEN, 2, router="modality", capacity_factor=None, dispatch=dispatch)
+    )
+    x = torch.randn(11, DIM)
+    modality = torch.tensor([0, 1, 1, 0, 0, 0, 1, 0, 0, 1, 0])
+    y, routing = layer(x, modality)
+    expected = torch.where(modality[:, None] == 0, expert_mlp(layer, 0, x), expert_mlp(layer, 1, x))
+    assert torch.allclose(y, expected, atol=1e-5)
+    assert torch.equal(routing.expert_index[:, 0], modality)
+    assert torch.equal(routing.gates, torch.ones(11, 1))
+    assert not routing.dropped.any() and routing.aux_losses == {}
+    assert float(routing.aux_loss) == 0.0
+    assert sum(p.numel() for p in layer.parameters()) == sum(
+        p.numel() for p in layer.experts.parameters()
+    )  # no router weights
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_experts": 4}, "num_experts must be 2"),
+        ({"num_experts": 2, "top_k": 2}, "top_k 1"),
+        ({"num_experts": 2, "capacity_factor": 1.0}, "capacity_factor must be None"),
+    ],
+)
+def test_modality_router_bad_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MoELayer(DIM, HIDDEN, **{"capacity_factor": None, **kwargs}, router="modality")
+
+
+def test_modality_router_needs_modality():
+    layer = MoELayer(DIM, HIDDEN, 2, router="modality", capacity_factor=None)
+    with pytest.raises(ValueError, match="needs each token's modality"):
+        layer(torch.randn(3, DIM))
+
+
+def test_eval_capacity_factor_applies_in_eval_mode_only():
+    """V-MoE's eval capacity: training keeps capacity_factor, eval() takes
+    eval_capacity_factor (None: the training one; 'dropless': no capacity)."""
+    x = torch.randn(64, DIM)
+    for eval_factor, expected in ((None, 16), (2.0, 32), ("dropless", None)):
+        torch.manual_seed(0)
+        layer = bare_layer(DIM, HIDDEN, 4, capacity_factor=1.0, eval_capacity_factor=eval_factor)
+        assert layer.train()(x)[1].capacity == 16  # ceil(64 / 4), a multiple of 4
+        routing = layer.eval()(x)[1]
+        assert routing.capacity == expected
+        assert not routing.dropped.any() if expected is None else True
+    with pytest.raises(ValueError, match="eval_capacity_factor must be"):
+        bare_layer(DIM, HIDDEN, 4, eval_capacity_factor=0)
+    with pytest.raises(ValueError, match="not with router=expert_choice"):
+        bare_layer(DIM, HIDDEN, 4, router="expert_choice", eval_capacity_factor="dropless")

@@ -25,7 +25,7 @@ from limoe.runs import read_metrics
 
 # forward + backward of a training step costs about three forward passes
 TRAIN_FLOPS_PER_FORWARD = 3
-ARM_ORDER = ("limoe", "dense", "clip")
+ARM_ORDER = ("limoe", "dense", "multiway", "clip")
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Evaluation: zero-shot classification and image-text retrieval over the loaders of an
 evaluation plan, which each datamodule hands over."""
 
-from limoe.eval.evaluation import Evaluation, gather_split
+from limoe.eval.evaluation import Evaluation, encode_pairs, gather_split
 from limoe.eval.plan import EvalPlan, EvalSet, ZeroShotTask
 from limoe.eval.retrieval import retrieval_metrics
 from limoe.eval.zeroshot import topk_accuracy, zeroshot_accuracy, zeroshot_classifier
@@ -11,6 +11,7 @@ __all__ = [
     "EvalSet",
     "Evaluation",
     "ZeroShotTask",
+    "encode_pairs",
     "gather_split",
     "retrieval_metrics",
     "topk_accuracy",

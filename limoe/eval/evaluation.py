@@ -1,6 +1,10 @@
 """One stage's evaluation of a model over an ``EvalPlan``: encode every batch, gather the
 features of each loader from every process, then compute retrieval and zero-shot metrics over
 the whole split (open_clip's metrics, computed once per split rather than averaged per batch).
+
+A batch of image-text pairs is encoded by one forward pass over both modalities, as in
+training: a one-tower MoE routes image and text tokens together, so with a finite expert
+capacity the routing (and what is dropped) is the routing the model was trained with.
 """
 
 from __future__ import annotations
@@ -31,13 +35,13 @@ class Evaluation:
         self.features: dict[int, list[dict[str, Tensor]]] = defaultdict(list)
 
     def add(self, batch: dict[str, Tensor], loader: int = 0) -> None:
-        features = {
-            "index": batch["index"],
-            "valid": batch["valid"],
-            "image": self.model.encode_image(batch["image"], normalize=True),
-        }
+        features = {"index": batch["index"], "valid": batch["valid"]}
         if "text" in batch:
-            features["text"] = self.model.encode_text(batch["text"], normalize=True)
+            features["image"], features["text"] = encode_pairs(
+                self.model, batch["image"], batch["text"]
+            )
+        else:
+            features["image"] = self.model.encode_image(batch["image"], normalize=True)
         if "labels" in batch:
             features["labels"] = batch["labels"]
         self.features[loader].append(features)
@@ -51,7 +55,8 @@ class Evaluation:
             features = gather_split(batches, all_gather)
             found = {}
             if "text" in features:
-                found.update(retrieval_metrics(features["image"], features["text"]))
+                scale = self.model.logit_scale.detach().exp()
+                found.update(retrieval_metrics(features["image"], features["text"], scale))
             for column, task in enumerate(eval_set.tasks):
                 logits = features["image"].float() @ self.classifiers[task.name].float()
                 top = topk_accuracy(logits, features["labels"][:, column], ks=(1, 5))
@@ -59,6 +64,15 @@ class Evaluation:
                 found[f"{task.name}_zeroshot_top5"] = top[5]
             metrics.update({f"{eval_set.prefix}/{k}": v for k, v in found.items()})
         return metrics
+
+
+def encode_pairs(model: nn.Module, images: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """Normalised image and text features of paired batches from one ``forward`` (open_clip's
+    ``CLIP`` and ``LIMoE`` both return normalised features, as a dict or a tuple)."""
+    out = model(images, tokens)
+    if isinstance(out, dict):
+        return out["image_features"], out["text_features"]
+    return out[0], out[1]
 
 
 def gather_split(batches: list[dict[str, Tensor]], all_gather: Gather | None) -> dict[str, Tensor]:

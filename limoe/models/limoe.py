@@ -1,7 +1,7 @@
 """The one-tower LIMoE encoder: image patches and text tokens share every block.
 
 Attention runs per modality (each has its own sequence length and, for text, a padding
-mask); in MoE blocks the MLP sees the tokens of both modalities as one flat set, so image
+mask and by default CLIP's causal mask); in MoE blocks the MLP sees the tokens of both modalities as one flat set, so image
 and text tokens compete for the same experts, capacity and Batch Priority Routing.
 With ``moe_layers=[]`` the same class is the dense one-tower baseline.
 """
@@ -37,11 +37,18 @@ def real_token_index(text_mask: Tensor) -> Tensor:
     return text_mask.flatten().nonzero().squeeze(1)
 
 
-def attention_bias(text_mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """Additive key mask [B, 1, 1, L]: -inf on padding, so no query attends to it (works for
-    the fused and the plain attention paths of timm's ``Attention``)."""
+def attention_bias(text_mask: Tensor, dtype: torch.dtype, causal: bool = False) -> Tensor:
+    """Additive attention mask: -inf on padding keys, so no query attends to them ([B, 1, 1,
+    L]); with ``causal`` also -inf above the diagonal, so a token sees only itself and the
+    tokens before it, as CLIP's text tower ([B, 1, L, L]). Every row keeps at least one key.
+    Works for the fused and the plain attention paths of timm's ``Attention``."""
     bias = torch.zeros(text_mask.shape, dtype=dtype, device=text_mask.device)
-    return bias.masked_fill(~text_mask, float("-inf"))[:, None, None, :]
+    bias = bias.masked_fill(~text_mask, float("-inf"))[:, None, None, :]
+    if causal:
+        length = text_mask.shape[-1]
+        future = torch.full((length, length), float("-inf"), dtype=dtype, device=bias.device)
+        bias = bias + future.triu(1)
+    return bias
 
 
 class Block(nn.Module):
@@ -55,12 +62,17 @@ class Block(nn.Module):
         qkv_bias: bool = True,
         drop_path: float = 0.0,
         moe: dict | None = None,
+        modality_norms: bool = False,
     ) -> None:
         super().__init__()
         hidden_dim = int(dim * mlp_ratio)
+        # norm1/norm2 serve both modalities, or with modality_norms the image tokens only
+        # and text_norm1/text_norm2 the text tokens (as each of CLIP's towers has its own).
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
         self.norm2 = nn.LayerNorm(dim)
+        self.text_norm1 = nn.LayerNorm(dim) if modality_norms else None
+        self.text_norm2 = nn.LayerNorm(dim) if modality_norms else None
         if moe is None:
             self.mlp = Mlp(dim, hidden_dim)
         else:
@@ -70,6 +82,12 @@ class Block(nn.Module):
     @property
     def is_moe(self) -> bool:
         return isinstance(self.mlp, MoELayer)
+
+    def text_norms(self) -> tuple[nn.LayerNorm, nn.LayerNorm]:
+        """The two LayerNorms text tokens go through (the shared ones by default)."""
+        if self.text_norm1 is None:
+            return self.norm1, self.norm2
+        return self.text_norm1, self.text_norm2
 
     def forward(
         self,
@@ -82,15 +100,16 @@ class Block(nn.Module):
         """``text_bias`` is ``attention_bias(text_mask)`` and ``text_index`` the flat positions
         of the real text tokens (``real_token_index(text_mask)``); the tower builds both
         once for all blocks."""
+        text_norm1, text_norm2 = self.text_norms()
         if image is not None:
             image = image + self.drop_path(self.attn(self.norm1(image)))
         if text is not None:
             if text_bias is None:
                 text_bias = attention_bias(text_mask, text.dtype)
-            text = text + self.drop_path(self.attn(self.norm1(text), attn_mask=text_bias))
+            text = text + self.drop_path(self.attn(text_norm1(text), attn_mask=text_bias))
         if not self.is_moe:
             image = None if image is None else image + self.drop_path(self.mlp(self.norm2(image)))
-            text = None if text is None else text + self.drop_path(self.mlp(self.norm2(text)))
+            text = None if text is None else text + self.drop_path(self.mlp(text_norm2(text)))
             return image, text, None
         if text is not None and text_index is None:
             text_index = real_token_index(text_mask)
@@ -105,7 +124,7 @@ class Block(nn.Module):
             parts.append(self.norm2(image).flatten(0, 1))
             modality.append(torch.full((parts[-1].shape[0],), IMAGE, device=image.device))
         if text is not None:
-            parts.append(self.norm2(text.flatten(0, 1).index_select(0, text_index)))
+            parts.append(self.text_norms()[1](text.flatten(0, 1).index_select(0, text_index)))
             modality.append(torch.full((parts[-1].shape[0],), TEXT, device=text.device))
         group = None
         if self.mlp.router_type == "soft":
@@ -163,7 +182,9 @@ class LIMoE(nn.Module):
         moe: dict | None = None,
         image_pos_embed: str = "sincos",
         image_pool: str = "mean",
-        text_pool: str = "mean",
+        text_pool: str = "eot",
+        text_causal_mask: bool = True,
+        modality_norms: bool = False,
         drop_path_rate: float = 0.0,
         weight_init: str = "clip",
         init_logit_scale: float = math.log(1 / 0.07),
@@ -190,6 +211,7 @@ class LIMoE(nn.Module):
         self.image_size, self.context_length = image_size, context_length
         self.moe_layers, self.output_dict = moe_layers, output_dict
         self.image_pool, self.text_pool = image_pool, text_pool
+        self.text_causal_mask = bool(text_causal_mask)
 
         self.patch_embed = PatchEmbed(image_size, patch_size, in_chans, width)
         self.image_pos = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, width))
@@ -204,7 +226,7 @@ class LIMoE(nn.Module):
         drop_path = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             Block(width, num_heads, mlp_ratio, drop_path=drop_path[i],
-                  moe=dict(moe or {}) if i in moe_layers else None)
+                  moe=dict(moe or {}) if i in moe_layers else None, modality_norms=modality_norms)
             for i in range(depth)
         )  # fmt: skip
         self.image_norm = nn.LayerNorm(width)
@@ -279,7 +301,9 @@ class LIMoE(nn.Module):
         image = None if images is None else self.embed_images(images)
         text = None if tokens is None else self.embed_text(tokens)
         text_mask = None if tokens is None else text_padding_mask(tokens)
-        text_bias = None if text is None else attention_bias(text_mask, text.dtype)
+        text_bias = None
+        if text is not None:
+            text_bias = attention_bias(text_mask, text.dtype, self.text_causal_mask)
         text_index = None
         if text is not None and self.moe_layers:
             text_index = real_token_index(text_mask)

@@ -62,7 +62,13 @@ class MoELayer(nn.Module):
     ``capacity_factor``; its routing record has k = E choices per token, ``dropped`` where an
     expert did not pick it) or ``soft`` (Soft MoE, Puigcerver et al. 2023: ``slots_per_expert``
     slots per expert and per ``group`` of tokens, each a weighted average of the group; the
-    record's single choice is the expert that wrote most of the token's output).
+    record's single choice is the expert that wrote most of the token's output) or
+    ``modality`` (no learned routing: token of modality m goes to expert m with gate 1, as the
+    multiway MLPs of VLMo and BEiT-3; ``num_experts`` equals the number of modalities, it is
+    dropless and has no auxiliary losses).
+
+    ``eval_capacity_factor`` is the capacity factor in ``eval()`` mode, as V-MoE's: None keeps
+    the training one, a number replaces it, ``"dropless"`` serves every choice.
 
     ``expert_parallel=True`` lets ``shard`` spread the experts over the processes of
     a ``torch.distributed`` group once it exists (``parallel``: tokens travel by all-to-all);
@@ -77,7 +83,7 @@ class MoELayer(nn.Module):
     """
 
     DISPATCH_MODES = ("sorted", "onehot")
-    ROUTERS = ("topk", "expert_choice", "soft")
+    ROUTERS = ("topk", "expert_choice", "soft", "modality")
 
     def __init__(
         self,
@@ -86,6 +92,7 @@ class MoELayer(nn.Module):
         num_experts: int = 16,
         top_k: int = 1,
         capacity_factor: float | None = None,
+        eval_capacity_factor: float | str | None = None,
         batch_priority: bool = True,
         renormalize_gates: bool = False,
         noisy_gating: bool = True,
@@ -113,7 +120,9 @@ class MoELayer(nn.Module):
         if dispatch not in self.DISPATCH_MODES:
             raise ValueError(f"dispatch must be one of {self.DISPATCH_MODES}, got {dispatch!r}")
         _check_router(router, capacity_factor, slots_per_expert, self.ROUTERS)
-        if expert_parallel and (router == "soft" or dispatch != "sorted"):
+        _check_modality_router(router, num_experts, top_k, capacity_factor, modality_names)
+        self.eval_capacity_factor = _check_eval_capacity(eval_capacity_factor, router)
+        if expert_parallel and (router in ("soft", "modality") or dispatch != "sorted"):
             raise ValueError(
                 "expert_parallel needs dispatch='sorted' and router 'topk' or 'expert_choice', "
                 f"got dispatch={dispatch!r}, router={router!r}"
@@ -149,6 +158,8 @@ class MoELayer(nn.Module):
         self.router_init_std = dim**-0.5 if router_init_std is None else float(router_init_std)
         if router == "soft":
             self.router = SoftRouter(dim, num_experts * slots_per_expert)
+        elif router == "modality":
+            self.router = None  # nothing to learn: the modality id is the expert
         else:
             self.router = nn.Linear(dim, num_experts, bias=False)
             nn.init.trunc_normal_(self.router.weight, std=self.router_init_std)
@@ -162,6 +173,14 @@ class MoELayer(nn.Module):
             f"capacity_factor={self.capacity_factor}, batch_priority={self.batch_priority}"
         )
 
+    @property
+    def active_capacity_factor(self) -> float | None:
+        """The capacity factor of this call: the training one, or in ``eval()`` mode
+        ``eval_capacity_factor`` where set (``"dropless"``: None)."""
+        if self.training or self.eval_capacity_factor is None:
+            return self.capacity_factor
+        return None if self.eval_capacity_factor == "dropless" else self.eval_capacity_factor
+
     def forward(
         self, x: Tensor, modality: Tensor | None = None, group: Tensor | None = None
     ) -> tuple[Tensor, Routing]:
@@ -170,6 +189,8 @@ class MoELayer(nn.Module):
         ``group [N]`` (ids of the sequence each token belongs to) matters to Soft MoE only,
         which averages within a group; None: all tokens are one group."""
         self._check_inputs(x, modality, group)
+        if self.router_type == "modality":
+            return self.modality_forward(x, modality)
         clean_logits = logits = self.router_logits(x)
         noise_std = 0.0
         if self.router_type == "soft":
@@ -200,6 +221,27 @@ class MoELayer(nn.Module):
         )
         return y.to(x.dtype), routing
 
+    def modality_forward(self, x: Tensor, modality: Tensor | None) -> tuple[Tensor, Routing]:
+        """The multiway MLP: each token to its modality's expert with gate 1; nothing is
+        learned about routing, so there is no auxiliary loss."""
+        if modality is None:
+            raise ValueError("router='modality' needs each token's modality id")
+        expert_index = modality.long().unsqueeze(1)
+        gates = torch.ones(expert_index.shape, dtype=torch.float32, device=x.device)
+        probs = F.one_hot(modality.long(), self.num_experts).float()
+        dropped = torch.zeros_like(expert_index, dtype=torch.bool)
+        position = None
+        if self.dispatch_mode == "onehot":
+            position, dropped = assign_slots(expert_index, self.num_experts, None)
+        choices = Choices(probs, gates, expert_index, position, dropped, None)
+        y = self.run_experts(x, choices)
+        routing = Routing(
+            expert_index=expert_index, gates=gates, dropped=dropped, probs=probs,
+            modality=modality.long(), capacity=None, aux_losses={},
+            aux_loss=x.new_zeros((), dtype=torch.float32), router="modality",
+        )  # fmt: skip
+        return y.to(x.dtype), routing
+
     def router_logits(self, x: Tensor) -> Tensor:
         """Router logits [N, E] (Soft MoE: slot logits [N, E * slots]) in float32, outside
         autocast: routing decisions are brittle in bf16."""
@@ -212,8 +254,9 @@ class MoELayer(nn.Module):
         """Top-k or expert-choice routing of logits ``[N, E]``."""
         num_tokens = logits.shape[0]
         capacity = compute_capacity(
-            num_tokens, self.num_experts, self.top_k, self.capacity_factor, self.capacity_multiple
-        )
+            num_tokens, self.num_experts, self.top_k, self.active_capacity_factor,
+            self.capacity_multiple,
+        )  # fmt: skip
         if self.router_type == "expert_choice":
             probs = torch.softmax(logits.float(), dim=-1)
             expert_index, gates, position, dropped = expert_choice(probs, capacity)
@@ -343,6 +386,40 @@ def _check_router(
         )
     if not isinstance(slots_per_expert, int) or slots_per_expert < 1:
         raise ValueError(f"slots_per_expert must be an integer >= 1, got {slots_per_expert!r}")
+
+
+def _check_modality_router(
+    router: str, num_experts: int, top_k: int, capacity_factor: float | None,
+    modality_names: Sequence[str],
+) -> None:  # fmt: skip
+    if router != "modality":
+        return
+    if num_experts != len(modality_names) or top_k != 1:
+        raise ValueError(
+            f"router='modality' sends each token to its modality's expert: num_experts must be "
+            f"{len(modality_names)} (one per modality {tuple(modality_names)}) and top_k 1, "
+            f"got num_experts={num_experts}, top_k={top_k}"
+        )
+    if capacity_factor is not None:
+        raise ValueError(
+            f"router='modality' is dropless: capacity_factor must be None, got {capacity_factor}"
+        )
+
+
+def _check_eval_capacity(value: float | str | None, router: str) -> float | str | None:
+    """None (the training factor), a number > 0, or "dropless" (not for expert choice,
+    which needs a capacity)."""
+    if value is None or (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    ):
+        return value
+    if value == "dropless" and router != "expert_choice":
+        return value
+    raise ValueError(
+        f"eval_capacity_factor must be null (the training value), a number > 0 or 'dropless'"
+        f"{' (not with router=expert_choice)' if router == 'expert_choice' else ''}, "
+        f"got {value!r}"
+    )
 
 
 def _check_global_entropy(weight: float, min_experts: tuple[float, ...], num_experts: int) -> None:

@@ -184,6 +184,8 @@ def compute_aux_losses(
 
 def weighted_sum(aux_losses: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
     """sum of weights[loss name] * value over all keys ("<loss>" or "<loss>/<modality>")."""
+    if not aux_losses:
+        return torch.zeros(())
     device = next(iter(aux_losses.values())).device
     total = torch.zeros((), device=device)
     for key, value in aux_losses.items():

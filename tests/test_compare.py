@@ -281,19 +281,19 @@ def test_smoke_comparison_runs_every_arm_end_to_end(tmp_path):
     (sweep,) = (tmp_path / "limoe_vs_clip_smoke" / "multiruns").iterdir()
     runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert runs == [f"{arm}_seed{s}_job{j}" for arm, s, j in
-                    [("clip", 0, 4), ("clip", 1, 5), ("dense", 0, 2), ("dense", 1, 3),
-                     ("limoe", 0, 0), ("limoe", 1, 1)]]  # fmt: skip
+                    [("clip", 0, 6), ("clip", 1, 7), ("dense", 0, 2), ("dense", 1, 3),
+                     ("limoe", 0, 0), ("limoe", 1, 1), ("multiway", 0, 4), ("multiway", 1, 5)]]  # fmt: skip
     result = subprocess.run([str(BIN / "limoe-compare"), str(sweep), "--out", str(tmp_path / "cmp")],
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     table = (tmp_path / "cmp" / "comparison.md").read_text()
-    assert "| metric | limoe (n=2) | dense (n=2) | clip (n=2) |" in table
+    assert "| metric | limoe (n=2) | dense (n=2) | multiway (n=2) | clip (n=2) |" in table
     assert "`model/flops_per_pair`" in table and "`test/shape_zeroshot_top1`" in table
     csv_arms = {
         line.split(",")[0]
         for line in (tmp_path / "cmp" / "comparison.csv").read_text().splitlines()[1:]
     }
-    assert csv_arms == {"limoe", "dense", "clip"}
+    assert csv_arms == {"limoe", "dense", "multiway", "clip"}
     for png in ("curves_step.png", "curves_flops.png"):
         assert (tmp_path / "cmp" / png).stat().st_size > 10_000
     for png in ("expert_shares.png", "collapse.png"):  # the limoe runs recorded their routing

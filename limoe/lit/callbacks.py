@@ -18,9 +18,9 @@ class RoutingHistory(L.Callback):
     the tower and append each MoE layer's ``layer_summary`` to ``dirpath/history.jsonl`` (one JSON object per line:
     ``{"step": ..., "layers": {"2": summary, ...}}``).
 
-    Validation encodes images and captions in separate calls; this callback routes both
-    modalities of a pair set in one call, as in training, so capacity and Batch Priority
-    Routing act on the same mixed token set. Models without MoE layers are skipped. Every
+    Both modalities of the pair set are routed in one call, as in training and evaluation, so
+    capacity and Batch Priority Routing act on the same mixed token set. Models without MoE
+    layers are skipped. Every
     rank routes the first ``num_pairs`` pairs of ``split`` (expert-parallel layers need all
     ranks); global rank 0 writes.
     """

@@ -15,6 +15,24 @@ from limoe.train import compose
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption(
+        "--device", default="cpu",
+        help="where the tests that take the `device` fixture run: cpu (CI), or cuda on a GPU "
+        "machine (scripts/gpu_check.sh), which takes the CUDA branches (bf16 grouped GEMM, "
+        "fused AdamW, uint8 batches normalised on the GPU)",
+    )  # fmt: skip
+
+
+@pytest.fixture
+def device(request) -> torch.device:
+    """The ``--device`` the suite was started with; the test is skipped if it has none."""
+    device = torch.device(request.config.getoption("--device"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda, but torch sees no CUDA GPU")
+    return device
+
+
 # One training step and one validation batch, without the configured callbacks and loggers.
 FAST_DEV_RUN = ["+trainer.fast_dev_run=true", "~callbacks", "~logger",
                 "trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"]  # fmt: skip

@@ -265,7 +265,7 @@ def test_captions_and_images_are_decoded_once_per_process(csv_dir, monkeypatch, 
         assert torch.equal(first["image"], second["image"])  # eval transform: deterministic
 
 
-def test_csv_datamodule_trains_on_shuffled_full_batches(csv_dir):
+def test_csv_datamodule_trains_on_shuffled_full_batches(csv_dir, device):
     dm = ImageTextDataModule(train_data=str(csv_dir / "pairs.csv"), batch_size=2, seed=3,
                              image_size=SIZE)  # fmt: skip
     dm.setup("fit")
@@ -273,12 +273,15 @@ def test_csv_datamodule_trains_on_shuffled_full_batches(csv_dir):
     first, second = ([b[1].tolist() for b in loader] for _ in range(2))
     assert len(first) == 3 and all(len(b) == 2 for b in first)  # 6 readable rows, drop_last
     assert first != second  # a new order each epoch
-    # Workers send uint8 images; the hook the Trainer calls on the device normalises them to
-    # what the split's own (float) dataset gives.
+    # Workers send uint8 images; the hook the Trainer calls on the device (``--device``)
+    # normalises them to what the split's own (float) dataset gives.
     images, tokens = next(iter(loader))
     assert images.dtype == torch.uint8
+    images, tokens = images.to(device), tokens.to(device)
     normalised, same_tokens = dm.on_after_batch_transfer((images, tokens), 0)
     assert normalised.dtype == torch.float32 and same_tokens is tokens
+    assert normalised.device == device
+    normalised, tokens = normalised.cpu(), tokens.cpu()
     by_caption = {tuple(t.tolist()): image for image, t in zip(normalised, tokens)}
     matched = 0
     for image, text in (dm.dataset("train")[i] for i in range(6)):

@@ -63,6 +63,36 @@ def test_a_continued_run_joins_the_longer_schedule_with_fused_adamw():
     assert not any(group["fused"] for group in unfused.param_groups)
 
 
+def test_fused_adamw_steps_as_the_unfused_one(device):
+    """``optim.fused`` (torch's one-kernel AdamW, on CPU or, with ``--device cuda``, on the
+    GPU) moves every weight as the unfused loop does, decoupled weight decay included."""
+    model = {"_target_": "limoe.models.LIMoE", "width": 16, "embed_dim": 16, "depth": 2,
+             "num_heads": 2, "moe_layers": [1], "moe": {"num_experts": 4}}  # fmt: skip
+    # eps 1e-3: where a gradient is ~0 (the key bias, which the softmax ignores) Adam divides
+    # rounding noise by rounding noise, and the two kernels round differently.
+    optim = {"lr": 1e-2, "weight_decay": 0.05, "betas": [0.9, 0.98], "eps": 1e-3}
+    images = torch.randn(4, 3, 56, 56, device=device)
+    tokens = torch.zeros(4, 16, dtype=torch.long, device=device)
+    tokens[:, :4] = torch.tensor([49406, 320, 1929, 49407], device=device)
+    weights = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        module = ContrastiveModule(model, {**optim, "fused": fused}).to(device)
+        optimizer = module.build_optimizer()
+        assert all(group["fused"] == (fused or None) for group in optimizer.param_groups)
+        for _ in range(3):
+            optimizer.zero_grad()
+            module.compute_loss(images, tokens)[0].backward()
+            optimizer.step()
+        weights[fused] = {n: p.detach().cpu() for n, p in module.named_parameters()}
+    torch.manual_seed(0)
+    start = ContrastiveModule(model, optim)  # the weights both runs started from
+    for name, param in start.named_parameters():
+        value = weights[True][name]
+        torch.testing.assert_close(value, weights[False][name], rtol=1e-5, atol=1e-6, msg=name)
+        assert torch.equal(value, param.detach()) != param.requires_grad, name  # trained: moved
+
+
 def draws() -> tuple:
     return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import os
+import sys
 import types
 import typing
 from collections.abc import Iterator, Mapping, Sequence
 from importlib.resources import files
-from pathlib import PurePath
+from pathlib import Path, PurePath
 
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
@@ -25,6 +27,27 @@ from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_MODULE = "limoe.conf"
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"  # for hydra.main
+
+
+def _checkout_configs() -> None:
+    """A checkout run from ``PYTHONPATH`` (no install, as on a machine with its own torch)
+    has nothing that maps ``conf/`` into the package: register the ``conf/`` beside the
+    package as ``limoe.conf`` so Hydra and ``importlib.resources`` find it as installed."""
+    if importlib.util.find_spec(CONFIG_MODULE) is not None:
+        return
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    if not (conf / "__init__.py").is_file():
+        return
+    spec = importlib.util.spec_from_file_location(
+        CONFIG_MODULE, conf / "__init__.py", submodule_search_locations=[str(conf)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[CONFIG_MODULE] = module
+    spec.loader.exec_module(module)
+    sys.modules["limoe"].conf = module
+
+
+_checkout_configs()
 # Nodes without a _target_ that are the keyword arguments of a constructor: their values are
 # checked against its annotations.
 KEYWORDS_OF = {

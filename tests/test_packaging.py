@@ -79,3 +79,19 @@ def test_limoe_train_from_another_directory(installed, tmp_path):
     run([str(site / "bin" / "limoe-train"), *overrides], cwd=tmp_path, env=env)
     assert (tmp_path / "run" / "metrics.json").is_file()
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_checkout_on_pythonpath_finds_its_configs(tmp_path):
+    """Without an install (a machine with its own torch runs the checkout from PYTHONPATH),
+    ``conf/`` still composes as ``limoe.conf``. The editable install's finder is taken off
+    the import path first, so only the checkout can provide the package."""
+    code = (
+        "import sys\n"
+        "sys.meta_path = [f for f in sys.meta_path if 'editable' not in f.__module__]\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from limoe.train import compose\n"
+        "import limoe.conf\n"
+        "print(limoe.conf.__file__, compose(['model=dense']).model.moe_layers)\n"
+    )
+    out = run([sys.executable, "-c", code], cwd=tmp_path).stdout.split()
+    assert out == [str(REPO / "conf" / "__init__.py"), "[]"]

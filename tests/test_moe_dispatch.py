@@ -76,8 +76,9 @@ def test_grouped_and_padded_gemms_equal_the_loop(
     """``F.grouped_mm`` also runs on CPU in float32, so CI checks it and the padded batched
     GEMM against the per-expert loop: outputs and every gradient, with empty experts. With
     ``--device cuda`` the same comparison runs in bf16 on the GPU, where ``grouped`` is
-    CUDA's grouped-GEMM kernel, to bf16's precision (a few parts in a thousand of each
-    tensor's largest value)."""
+    CUDA's grouped-GEMM kernel, to bf16's precision: 2% of each tensor's largest value (the
+    bias gradients, sums over tokens rounded to bf16 in a different order, differ by about
+    1.1% on an H200)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(num_tokens)
     layer = bare_layer(DIM, HIDDEN, num_experts, top_k=2, capacity_factor=capacity_factor,
@@ -91,7 +92,7 @@ def test_grouped_and_padded_gemms_equal_the_loop(
         assert layer.experts.use_grouped(x) == (mode == "grouped")
         results[mode] = outputs_and_grads(layer, x, "sorted", probe)
     (y, x_grad, grads, _), (y_g, x_grad_g, grads_g, _) = results["loop"], results[gemm]
-    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     pairs = {"y": (y_g, y), "x.grad": (x_grad_g, x_grad)}
     pairs.update({name: (grads_g[name], grad) for name, grad in grads.items()})
     for name, (got, want) in pairs.items():

@@ -304,3 +304,25 @@ def test_multiway_tower_is_a_dense_mlp_per_modality(moe_layers):
     got = multiway(images, tokens)
     torch.testing.assert_close(got["text_features"], want["text_features"], rtol=1e-5, atol=1e-5)
     assert [r.router for r in got["routing"]] == ["modality"] * len(moe_layers)
+
+
+def test_modality_attention_gives_text_its_own_attention():
+    """With ``modality_attention`` text goes through ``text_attn``: copying the shared
+    attention into it gives the shared model, and changing it changes text features only."""
+    shared = tiny()
+    own = tiny(modality_attention=True)
+    images, tokens = torch.randn(3, 3, 16, 16), tokens_batch()
+    extra = {k for k in own.state_dict() if ".text_attn." in k}
+    assert own.state_dict().keys() - extra == shared.state_dict().keys()
+    own.load_state_dict({**own.state_dict(), **shared.state_dict()})
+    with torch.no_grad():
+        for block in own.blocks:
+            block.text_attn.load_state_dict(block.attn.state_dict())
+    before = own(images, tokens)
+    torch.testing.assert_close(before["text_features"], shared(images, tokens)["text_features"])
+    with torch.no_grad():
+        for block in own.blocks:
+            block.text_attn.qkv.weight.mul_(1.5)
+    after = own(images, tokens)
+    torch.testing.assert_close(after["image_features"], before["image_features"])
+    assert not torch.allclose(after["text_features"], before["text_features"], atol=1e-3)

@@ -63,16 +63,21 @@ class Block(nn.Module):
         drop_path: float = 0.0,
         moe: dict | None = None,
         modality_norms: bool = False,
+        modality_attention: bool = False,
     ) -> None:
         super().__init__()
         hidden_dim = int(dim * mlp_ratio)
-        # norm1/norm2 serve both modalities, or with modality_norms the image tokens only
-        # and text_norm1/text_norm2 the text tokens (as each of CLIP's towers has its own).
+        # norm1/norm2 and attn serve both modalities, or with modality_norms /
+        # modality_attention the image tokens only and text_norm1/text_norm2 / text_attn the
+        # text tokens (as each of CLIP's towers has its own).
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
         self.norm2 = nn.LayerNorm(dim)
         self.text_norm1 = nn.LayerNorm(dim) if modality_norms else None
         self.text_norm2 = nn.LayerNorm(dim) if modality_norms else None
+        self.text_attn = None
+        if modality_attention:
+            self.text_attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
         if moe is None:
             self.mlp = Mlp(dim, hidden_dim)
         else:
@@ -101,12 +106,13 @@ class Block(nn.Module):
         of the real text tokens (``real_token_index(text_mask)``); the tower builds both
         once for all blocks."""
         text_norm1, text_norm2 = self.text_norms()
+        text_attn = self.attn if self.text_attn is None else self.text_attn
         if image is not None:
             image = image + self.drop_path(self.attn(self.norm1(image)))
         if text is not None:
             if text_bias is None:
                 text_bias = attention_bias(text_mask, text.dtype)
-            text = text + self.drop_path(self.attn(text_norm1(text), attn_mask=text_bias))
+            text = text + self.drop_path(text_attn(text_norm1(text), attn_mask=text_bias))
         if not self.is_moe:
             image = None if image is None else image + self.drop_path(self.mlp(self.norm2(image)))
             text = None if text is None else text + self.drop_path(self.mlp(text_norm2(text)))
@@ -185,6 +191,7 @@ class LIMoE(nn.Module):
         text_pool: str = "eot",
         text_causal_mask: bool = True,
         modality_norms: bool = False,
+        modality_attention: bool = False,
         drop_path_rate: float = 0.0,
         weight_init: str = "clip",
         init_logit_scale: float = math.log(1 / 0.07),
@@ -226,7 +233,8 @@ class LIMoE(nn.Module):
         drop_path = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             Block(width, num_heads, mlp_ratio, drop_path=drop_path[i],
-                  moe=dict(moe or {}) if i in moe_layers else None, modality_norms=modality_norms)
+                  moe=dict(moe or {}) if i in moe_layers else None,
+                  modality_norms=modality_norms, modality_attention=modality_attention)
             for i in range(depth)
         )  # fmt: skip
         self.image_norm = nn.LayerNorm(width)
@@ -262,8 +270,9 @@ class LIMoE(nn.Module):
         proj_std = width**-0.5 * (2 * depth) ** -0.5
         fc_std = (2 * width) ** -0.5
         for block in self.blocks:
-            nn.init.normal_(block.attn.qkv.weight, std=attn_std)
-            nn.init.normal_(block.attn.proj.weight, std=proj_std)
+            for attn in filter(None, (block.attn, block.text_attn)):
+                nn.init.normal_(attn.qkv.weight, std=attn_std)
+                nn.init.normal_(attn.proj.weight, std=proj_std)
             fc1, fc2 = (
                 (block.mlp.experts.w1, block.mlp.experts.w2)
                 if block.is_moe

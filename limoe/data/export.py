@@ -1,11 +1,13 @@
 """``limoe-data``: write data as files that the ``csv`` and ``webdataset`` data configs (and
 open_clip itself) read: ``export`` the shapes data or any open_clip CSV, or prepare ``tabler``
-(Tabler Icons, from its two unpacked npm packages; see ``limoe.data.tabler``).
+(Tabler Icons, from its two unpacked npm packages; see ``limoe.data.tabler``) or
+``openclipart`` (from Debian's two unpacked packages; see ``limoe.data.openclipart``).
 
     limoe-data export shapes --split train --size 10000 --format webdataset --out data/shards
     limoe-data export shapes --split test --size 500 --format imagefolder --task shape --out data/zs
     limoe-data export data/train.csv --format webdataset --out data/shards
     limoe-data tabler --icons tabler/icons --png tabler/png --out data/tabler
+    limoe-data openclipart --src openclipart --out data/openclipart
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from limoe.data.csv import read_csv
+from limoe.data.openclipart import prepare_openclipart
 from limoe.data.pairs import IMAGE_EXTENSIONS
 from limoe.data.shapes import ATTRIBUTE_VALUES, SPLITS, export_csv, rendered_samples
 from limoe.data.tabler import prepare_tabler
@@ -101,6 +104,20 @@ def tabler(args: argparse.Namespace) -> str:
     )
 
 
+def openclipart(args: argparse.Namespace) -> str:
+    counts = prepare_openclipart(
+        args.src, args.out, args.image_size, args.holdout, args.test_share, args.max_tags,
+        args.seed,
+    )  # fmt: skip
+    left_out = ", ".join(f"{n} {k.removeprefix('skipped_').replace('_', ' ')}"
+                         for k, n in sorted(counts.items()) if k.startswith("skipped_"))  # fmt: skip
+    return (
+        f"wrote {counts['train']} train, {counts['test']} test and {counts['novel']} novel "
+        f"pairs in {counts['categories']} categories under {args.out} (left out: "
+        f"{left_out or 'none'})"
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="limoe-data", description=__doc__.split("\n\n")[0])
     commands = main.add_subparsers(dest="command", required=True)
@@ -126,6 +143,14 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--holdout", type=float, default=0.2, help="share of concepts held out")
     t.add_argument("--max-tags", type=int, default=4, help="tags per caption")
     t.add_argument("--seed", type=int, default=0, help="seed of the held-out draw")
+    o = commands.add_parser("openclipart", help="OpenClipart as train/test/novel CSVs + zero-shot")
+    o.add_argument("--src", required=True, help="openclipart-svg and -png unpacked (dpkg-deb -x)")
+    o.add_argument("--out", required=True, help="output folder")
+    o.add_argument("--image-size", type=int, default=64, help="pixels per side; 0: keep")
+    o.add_argument("--holdout", type=float, default=0.15, help="share of names held out")
+    o.add_argument("--test-share", type=float, default=0.1, help="share of the rest tested")
+    o.add_argument("--max-tags", type=int, default=4, help="keywords per caption")
+    o.add_argument("--seed", type=int, default=0, help="seed of the held-out and test draws")
     return main
 
 
@@ -133,8 +158,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="limoe: %(message)s")
     args = parser().parse_args(argv)
     try:
-        if args.command == "tabler":
-            print(tabler(args))
+        if args.command in ("tabler", "openclipart"):
+            print(tabler(args) if args.command == "tabler" else openclipart(args))
             return
         if args.size < 1 or args.samples_per_shard < 1:
             raise ValueError("--size and --samples-per-shard must be >= 1")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from limoe.data.pairs import keep_readable
@@ -74,3 +74,12 @@ def _problem(row: dict) -> str | None:
 def _not_utf8(text: str) -> bool:
     """Decoded with surrogateescape, each byte that is not UTF-8 became a lone surrogate."""
     return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def write_csv(path: Path, rows: Sequence[tuple[str, str]]) -> None:
+    """``(image path, caption)`` rows as the CSV ``read_csv`` reads with the default keys
+    (``filepath``, ``title``, tab-separated), as open_clip's ``--csv-*`` defaults expect."""
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter="\t")
+        writer.writerow(["filepath", "title"])
+        writer.writerows(rows)

@@ -39,10 +39,10 @@ is both trained on and tested.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import random
 import re
+import shutil
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Sequence
@@ -52,7 +52,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
-from limoe.data.pairs import to_rgb
+from limoe.data.csv import write_csv
+from limoe.data.pairs import write_image
 
 DC = "{http://purl.org/dc/elements/1.1/}"
 RDF = "{http://www.w3.org/1999/02/22-rdf-syntax-ns#}"
@@ -249,26 +250,6 @@ def split_drawings(
     }
 
 
-def write_image(source: Path, target: Path, image_size: int) -> None:
-    """The PNG composited on white, padded to a square (drawings are not square) and resized."""
-    with Image.open(source) as image:
-        image = to_rgb(image)
-    side = max(image.size)
-    square = Image.new("RGB", (side, side), (255, 255, 255))
-    square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-    if image_size:
-        square = square.resize((image_size, image_size), Image.Resampling.LANCZOS)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    square.save(target)
-
-
-def _write_csv(path: Path, rows: Sequence[tuple[str, str]]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, delimiter="\t")
-        writer.writerow(["filepath", "title"])
-        writer.writerows(rows)
-
-
 def prepare_openclipart(
     src: str | Path,
     out: str | Path,
@@ -291,22 +272,17 @@ def prepare_openclipart(
     jobs = []
     for split, members in splits.items():
         rows = [(f"images/{d.path}.png", d.caption(max_tags)) for d in members]
-        _write_csv(out / f"{split}.csv", rows)
+        write_csv(out / f"{split}.csv", rows)
         counts[split] = len(rows)
         task = {"test": "category", "novel": "category_novel"}.get(split)
         for d, (rel, _) in zip(members, rows, strict=True):
+            zeroshot = task and d.category != NO_CATEGORY
             copy = f"zeroshot/{task}/{d.category}/{d.path.replace('/', '__')}.png"
-            jobs.append(
-                (
-                    png_dir / f"{d.path}.png",
-                    rel,
-                    copy if task and d.category != NO_CATEGORY else None,
-                )
-            )
+            jobs.append((png_dir / f"{d.path}.png", rel, copy if zeroshot else None))
     for source, rel, copy in tqdm(jobs, desc="openclipart images", unit="image"):
         write_image(source, out / rel, image_size)
         if copy:
             (out / copy).parent.mkdir(parents=True, exist_ok=True)
-            (out / copy).write_bytes((out / rel).read_bytes())
+            shutil.copyfile(out / rel, out / copy)
     counts["categories"] = len({d.category for d in drawings} - {NO_CATEGORY})
     return dict(counts)

@@ -77,6 +77,21 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Imag
     return image.convert("RGB")
 
 
+def write_image(source: Path, target: Path, image_size: int) -> None:
+    """The image at ``source`` composited on white, padded to a centred square (drawings are
+    not all square; a square image is unchanged) and resized to ``image_size`` (0 keeps its
+    size), saved at ``target``: what ``limoe-data`` writes once so loaders decode small files."""
+    with Image.open(source) as image:
+        image = to_rgb(image)
+    side = max(image.size)
+    square = Image.new("RGB", (side, side), WHITE)
+    square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+    if image_size:
+        square = square.resize((image_size, image_size), Image.Resampling.LANCZOS)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    square.save(target)
+
+
 def open_image(source: ImageSource | bytes, background: tuple[int, int, int] = WHITE):
     """Decode an image file, tar member or bytes to an RGB PIL image (fully loaded, so a
     truncated file fails here rather than inside a transform)."""

@@ -19,18 +19,17 @@ composited on white and resized once here, so the training loader decodes small 
 
 from __future__ import annotations
 
-import csv
 import json
 import random
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
 from tqdm.auto import tqdm
 
-from limoe.data.pairs import to_rgb
+from limoe.data.csv import write_csv
+from limoe.data.pairs import write_image
 
 STYLES = ("outline", "filled")
 # Pairs written per output file: (csv name, style, held-out concepts?).
@@ -101,22 +100,6 @@ def held_out_concepts(names: Iterable[str], share: float, seed: int = 0) -> set[
     return set(random.Random(seed).sample(names, round(share * len(names))))
 
 
-def _write_image(source: Path, target: Path, image_size: int) -> None:
-    with Image.open(source) as image:
-        image = to_rgb(image)
-    if image_size:
-        image = image.resize((image_size, image_size), Image.Resampling.LANCZOS)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    image.save(target)
-
-
-def _write_csv(path: Path, rows: Sequence[tuple[str, str]]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, delimiter="\t")
-        writer.writerow(["filepath", "title"])
-        writer.writerows(rows)
-
-
 def prepare_tabler(
     icons_dir: str | Path,
     png_dir: str | Path,
@@ -153,10 +136,10 @@ def prepare_tabler(
             folder = icons[name].category.replace(" ", "_")
             copies = [f"zeroshot/{task}/{folder}/{name}.png"] if style == "filled" else []
             jobs.append((pngs[style][name], rel, copies))
-        _write_csv(out / f"{split}.csv", rows)
+        write_csv(out / f"{split}.csv", rows)
         counts[split] = len(rows)
     for source, rel, copies in tqdm(jobs, desc="tabler icons", unit="icon"):
-        _write_image(source, out / rel, image_size)
+        write_image(source, out / rel, image_size)
         for copy in copies:
             (out / copy).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(out / rel, out / copy)

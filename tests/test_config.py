@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from limoe.data import ImageTextDataModule, ScenesDataModule, ShapesDataModule
 from limoe.lit import RoutingHistory
 from limoe.models import LIMoE, build_clip, create_model
+from limoe.models.limoe import BLOCK_MOE_KEYS, Block
 from limoe.moe import MoELayer
 from limoe.train import compose
 
@@ -20,6 +21,21 @@ from limoe.train import compose
 BUILT = [
     (LIMoE, "model", [], {"moe"}),  # moe: MoELayer's own defaults, checked below
     (MoELayer, "model.moe", [], {"dim", "hidden_dim", "modality_names", "act_layer"}),
+    (
+        Block,
+        "model.moe",
+        [],
+        {
+            "dim",
+            "num_heads",
+            "mlp_ratio",
+            "qkv_bias",
+            "drop_path",
+            "moe",
+            "modality_norms",
+            "modality_attention",
+        },
+    ),  # fmt: skip
     (build_clip, "model", ["model=clip"], set()),
     (ShapesDataModule, "data", ["data=shapes"], set()),
     (ScenesDataModule, "data", ["data=scenes"], set()),
@@ -46,6 +62,8 @@ def test_constructor_defaults_are_the_yaml(built, node, overrides, elsewhere, tm
     cfg = compose(overrides, output_dir=tmp_path)
     values = OmegaConf.to_container(OmegaConf.select(cfg, node), resolve=True)
     params = inspect.signature(built).parameters
+    if node == "model.moe":  # MoELayer's arguments and the ones the Block reads
+        values = {k: v for k, v in values.items() if (k in BLOCK_MOE_KEYS) == (built is Block)}
     assert set(values) - NOT_ARGUMENTS <= set(params), "a YAML key the constructor does not take"
     for name, param in params.items():
         if name in elsewhere or param.default is inspect.Parameter.empty:

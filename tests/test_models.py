@@ -326,3 +326,49 @@ def test_modality_attention_gives_text_its_own_attention():
     after = own(images, tokens)
     torch.testing.assert_close(after["image_features"], before["image_features"])
     assert not torch.allclose(after["text_features"], before["text_features"], atol=1e-3)
+
+
+def test_shared_expert_runs_beside_the_routed_experts():
+    """``shared_expert_ratio``: a dense MLP every token of the MoE block runs. With the routed
+    experts' outputs zeroed, the block is the dense tower whose MLP is the shared one; with
+    copies of it as experts and renormalised gates, it adds the dense MLP twice."""
+    dense = tiny(moe_layers=[])
+    shared = tiny(moe=dict(num_experts=4, renormalize_gates=True, shared_expert_ratio=4.0))
+    assert shared.blocks[1].shared_mlp.fc1.weight.shape == (128, 32)
+    images, tokens = torch.randn(3, 3, 16, 16), tokens_batch()
+    weights = shared.state_dict()
+    weights.update({k: v for k, v in dense.state_dict().items() if k in weights})
+    weights.update({k.replace(".mlp.", ".shared_mlp."): v for k, v in dense.state_dict().items()
+                    if k.startswith("blocks.1.mlp.")})  # fmt: skip
+    shared.load_state_dict(weights)
+    experts = shared.blocks[1].mlp.experts
+    with torch.no_grad():
+        experts.w2.zero_(), experts.b2.zero_()
+    want, got = dense(images, tokens), shared(images, tokens)
+    for key in ("image_features", "text_features"):
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5)
+    # Every expert a copy of the dense MLP (top-1, renormalised gate 1): the MLP update doubles,
+    # the same as a dense tower whose second MLP has its output layer doubled.
+    mlp = dense.blocks[1].mlp
+    with torch.no_grad():
+        for e in range(4):
+            experts.w1[e].copy_(mlp.fc1.weight.T), experts.b1[e].copy_(mlp.fc1.bias)
+            experts.w2[e].copy_(mlp.fc2.weight.T), experts.b2[e].copy_(mlp.fc2.bias)
+        mlp.fc2.weight.mul_(2), mlp.fc2.bias.mul_(2)
+    want, got = dense(images, tokens), shared(images, tokens)
+    for key in ("image_features", "text_features"):
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5)
+
+
+def test_fine_grained_experts_keep_the_dense_flops():
+    """``expert_mlp_ratio``: experts of hidden width ratio * width; 4 experts of half the
+    dense MLP's width, top-2, cost what full-width experts cost at top-1 (same router)."""
+    from limoe.models.cost import flops_per_pair
+
+    fine = tiny(moe=dict(num_experts=8, top_k=2, expert_mlp_ratio=2.0))
+    assert fine.blocks[1].mlp.experts.w1.shape == (8, 32, 64)
+    images, tokens = torch.randn(3, 3, 16, 16), tokens_batch()
+    base = flops_per_pair(tiny(moe=dict(num_experts=8)), images, tokens)
+    assert flops_per_pair(fine, images, tokens) == pytest.approx(base, rel=1e-6)
+    with pytest.raises(ValueError, match=r"model\.moe\.expert_mlp_ratio=0\.0 gives an MLP"):
+        tiny(moe=dict(num_experts=8, expert_mlp_ratio=0.0))

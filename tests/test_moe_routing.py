@@ -51,6 +51,18 @@ def test_route_hand_values():
     torch.testing.assert_close(gates_renorm, torch.tensor([[0.625, 0.375], [0.7 / 0.9, 0.2 / 0.9]]))
 
 
+def test_renormalised_top1_gate_is_one_and_passes_the_plain_gates_gradient_over_p():
+    # Token probabilities [0.5, 0.3, 0.2] and [0.1, 0.2, 0.7]: each gate's value is 1, and
+    # d gate / d logits is that of p / p_chosen (held fixed): (onehot - p) for softmax.
+    probs_in = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7]])
+    logits = probs_in.log().requires_grad_()
+    _, gates, idx = route(logits, top_k=1, renormalize=True)
+    assert gates.tolist() == [[1.0], [1.0]] and idx.tolist() == [[0], [2]]
+    gates.sum().backward()
+    want = torch.tensor([[1 - 0.5, -0.3, -0.2], [-0.1, -0.2, 1 - 0.7]])
+    torch.testing.assert_close(logits.grad, want)
+
+
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_top_choices_equal_torch_topk(k):
     torch.manual_seed(0)

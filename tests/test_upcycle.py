@@ -12,7 +12,6 @@ from limoe import create_model
 from limoe.data.loading import first_pairs
 from limoe.lit import ContrastiveModule
 from limoe.lit.checkpoint import CheckpointError
-from limoe.models.upcycle import expert_scale
 from limoe.train import build_datamodule, build_module, compose, train
 
 RUN = ["experiment=smoke", "data.train_size=256", "data.batch_size=32", "trainer.max_steps=8",
@@ -31,8 +30,12 @@ def dense_ckpt(tmp_path_factory) -> Path:
     return _run(tmp_path_factory, "dense", ["model=dense"])
 
 
+# Upcycling needs gates that sum to 1 (renormalised over the top-k).
+UPCYCLE = ["model=limoe", "model.moe.renormalize_gates=true"]
+
+
 def _upcycled(ckpt: Path, *overrides: str) -> ContrastiveModule:
-    cfg = compose([*RUN, "model=limoe", f"model.upcycle_from={ckpt}", *overrides])
+    cfg = compose([*RUN, *UPCYCLE, f"model.upcycle_from={ckpt}", *overrides])
     torch.manual_seed(0)
     return build_module(cfg)
 
@@ -49,8 +52,8 @@ def _features(model, images, tokens):
 
 @pytest.mark.parametrize(
     "overrides",
-    [[], ["model.moe.top_k=2"], ["model.moe.top_k=2", "model.moe.renormalize_gates=true"]],
-    ids=["top1", "top2", "top2_renormalised"],
+    [[], ["model.moe.top_k=2"], ["size.num_experts=32", "model.moe.top_k=2"]],
+    ids=["top1", "top2", "e32_top2"],
 )
 def test_upcycled_features_equal_the_dense_checkpoints(dense_ckpt, overrides):
     dense = ContrastiveModule.load_from_checkpoint(dense_ckpt, map_location="cpu").model
@@ -58,23 +61,41 @@ def test_upcycled_features_equal_the_dense_checkpoints(dense_ckpt, overrides):
     images, tokens = _val_batch()
     for ours, theirs in zip(_features(model, images, tokens), _features(dense, images, tokens)):
         assert (ours - theirs).abs().max().item() < 1e-5
-    # Every expert is its block's dense MLP, its output layer scaled by E / k (1 when the
-    # top-k gates are renormalised): checked against the checkpoint's own tensors.
+    # Every expert is its block's dense MLP, unscaled: checked against the checkpoint's tensors.
     for i in model.moe_layers:
         layer, mlp = model.blocks[i].mlp, dense.blocks[i].mlp
-        scale = expert_scale(layer)
-        assert scale == (1.0 if "model.moe.renormalize_gates=true" in overrides
-                         else layer.num_experts / layer.top_k)  # fmt: skip
         for e in range(layer.num_experts):
             assert torch.equal(layer.experts.w1[e], mlp.fc1.weight.t())
             assert torch.equal(layer.experts.b1[e], mlp.fc1.bias)
-            torch.testing.assert_close(layer.experts.w2[e], mlp.fc2.weight.t() * scale)
-            torch.testing.assert_close(layer.experts.b2[e], mlp.fc2.bias * scale)
+            assert torch.equal(layer.experts.w2[e], mlp.fc2.weight.t())
+            assert torch.equal(layer.experts.b2[e], mlp.fc2.bias)
     # Everything else is copied.
     moe = tuple(f"blocks.{i}.mlp." for i in model.moe_layers)
     for name, tensor in dense.state_dict().items():
         if not name.startswith(moe):
             assert torch.equal(model.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_upcycled_features_stay_the_dense_ones_under_a_sharp_router_at_32_experts(
+    dense_ckpt, top_k
+):
+    # Routers as confident as trained ones (top-1 probability near 1): the copied experts'
+    # update is still the dense MLP's, where gates that do not sum to 1 would scale it.
+    dense = ContrastiveModule.load_from_checkpoint(dense_ckpt, map_location="cpu").model
+    model = _upcycled(dense_ckpt, "size.num_experts=32", f"model.moe.top_k={top_k}").model
+    torch.manual_seed(1)
+    for i in model.moe_layers:
+        torch.nn.init.normal_(model.blocks[i].mlp.router.weight, std=10.0)
+    images, tokens = _val_batch()
+    model.eval()
+    with torch.no_grad():
+        routing = model(images, tokens)["routing"]
+    for record in routing:
+        assert record.probs.amax(dim=-1).median() > 0.99  # sharp
+        assert record.expert_index[:, 0].unique().numel() > 2  # on several experts
+    for ours, theirs in zip(_features(model, images, tokens), _features(dense, images, tokens)):
+        assert (ours - theirs).abs().max().item() < 1e-5
 
 
 def test_upcycled_routers_spread_tokens_and_learn_from_the_contrastive_loss(dense_ckpt):
@@ -87,9 +108,11 @@ def test_upcycled_routers_spread_tokens_and_learn_from_the_contrastive_loss(dens
     with torch.no_grad():
         routing = module.model(images, tokens)["routing"]
     for record in routing:
-        # Gates of 1/E, yet the tiny logits differ between tokens: no tie onto one expert.
-        torch.testing.assert_close(record.gates, torch.full_like(record.gates, 1 / 4), atol=1e-5,
+        # Probabilities of 1/E, yet the tiny logits differ between tokens: no tie onto one
+        # expert; the renormalised top-1 gate is 1.
+        torch.testing.assert_close(record.probs, torch.full_like(record.probs, 1 / 4), atol=1e-5,
                                    rtol=0)  # fmt: skip
+        assert torch.equal(record.gates, torch.ones_like(record.gates))
         assert record.expert_index.unique().numel() > 1
     module.model.train()
     loss, contrastive, aux, _ = module.compute_loss(images, tokens)
@@ -103,7 +126,7 @@ def test_upcycled_routers_spread_tokens_and_learn_from_the_contrastive_loss(dens
 def test_an_upcycled_run_trains_and_reloads_without_the_dense_checkpoint(
     dense_ckpt, tmp_path_factory
 ):
-    ckpt = _run(tmp_path_factory, "upcycled", ["model=limoe", f"model.upcycle_from={dense_ckpt}"])
+    ckpt = _run(tmp_path_factory, "upcycled", [*UPCYCLE, f"model.upcycle_from={dense_ckpt}"])
     module = ContrastiveModule.load_from_checkpoint(ckpt, map_location="cpu")
     assert "upcycle_from" not in module.hparams["model"]
     assert module.model.moe_layers == [2, 3]
@@ -126,5 +149,7 @@ def test_checkpoints_that_do_not_fit_fail_with_one_line(dense_ckpt, tmp_path_fac
         _upcycled(tmp_path / "nope.ckpt")
     with pytest.raises(ValueError, match="router=topk"):
         _upcycled(dense_ckpt, "model.moe.router=soft")
+    with pytest.raises(ValueError, match=r"needs model\.moe\.renormalize_gates=true"):
+        _upcycled(dense_ckpt, "model.moe.renormalize_gates=false")
     with pytest.raises(ValueError, match="model.upcycle_from is read where checkpoints are"):
         create_model("limoe", [f"model.upcycle_from={dense_ckpt}"])

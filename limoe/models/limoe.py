@@ -51,8 +51,21 @@ def attention_bias(text_mask: Tensor, dtype: torch.dtype, causal: bool = False) 
     return bias
 
 
+# Keys of the model's ``moe`` config that ``Block`` reads, not ``MoELayer``.
+BLOCK_MOE_KEYS = ("expert_mlp_ratio", "shared_expert_ratio")
+
+
 class Block(nn.Module):
-    """Pre-LN transformer block; the MLP is a dense timm ``Mlp`` or a sparse ``MoELayer``."""
+    """Pre-LN transformer block; the MLP is a dense timm ``Mlp`` or a sparse ``MoELayer``
+    (``moe``: its arguments).
+
+    Two arguments shape the sparse MLP beyond ``MoELayer``'s own (the config keeps them in
+    ``model.moe`` beside those): ``expert_mlp_ratio``, each expert's hidden width over ``dim``
+    (``None``: ``mlp_ratio``), for fine-grained experts (DeepSeekMoE: more, narrower experts,
+    several per token, at the same FLOPs), and ``shared_expert_ratio``, the hidden width over
+    ``dim`` of a dense timm ``Mlp`` every token runs beside its routed experts (DeepSeekMoE's
+    shared expert; 0: none).
+    """
 
     def __init__(
         self,
@@ -64,6 +77,8 @@ class Block(nn.Module):
         moe: dict | None = None,
         modality_norms: bool = False,
         modality_attention: bool = False,
+        expert_mlp_ratio: float | None = None,
+        shared_expert_ratio: float = 0.0,
     ) -> None:
         super().__init__()
         hidden_dim = int(dim * mlp_ratio)
@@ -78,9 +93,15 @@ class Block(nn.Module):
         self.text_attn = None
         if modality_attention:
             self.text_attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
+        self.shared_mlp = None
         if moe is None:
             self.mlp = Mlp(dim, hidden_dim)
         else:
+            if expert_mlp_ratio is not None:
+                hidden_dim = _hidden_width(dim, expert_mlp_ratio, "model.moe.expert_mlp_ratio")
+            if shared_expert_ratio:
+                shared = _hidden_width(dim, shared_expert_ratio, "model.moe.shared_expert_ratio")
+                self.shared_mlp = Mlp(dim, shared)
             self.mlp = MoELayer(dim, hidden_dim, modality_names=MODALITY_NAMES, **moe)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -135,7 +156,10 @@ class Block(nn.Module):
         group = None
         if self.mlp.router_type == "soft":
             group = _sequence_ids(image, None if text is None else text_mask)
-        y, routing = self.mlp(torch.cat(parts), torch.cat(modality), group)
+        tokens = torch.cat(parts)
+        y, routing = self.mlp(tokens, torch.cat(modality), group)
+        if self.shared_mlp is not None:
+            y = y + self.shared_mlp(tokens).to(y.dtype)
         y_image, y_text = y.split([p.shape[0] for p in parts]) if len(parts) == 2 else (y, y)
         if image is not None:
             image = image + self.drop_path(y_image.view_as(image))
@@ -147,6 +171,13 @@ class Block(nn.Module):
             else:
                 text = text.flatten(0, 1).index_add(0, text_index, y_text).view_as(text)
         return image, text, routing
+
+
+def _hidden_width(dim: int, ratio: float, key: str) -> int:
+    hidden = int(dim * ratio)
+    if ratio <= 0 or hidden < 1:
+        raise ValueError(f"{key}={ratio} gives an MLP of hidden width {hidden}; it needs > 0")
+    return hidden
 
 
 def _sequence_ids(image: Tensor | None, text_mask: Tensor | None) -> Tensor:
@@ -231,10 +262,12 @@ class LIMoE(nn.Module):
         self.modality_embed = nn.Parameter(torch.zeros(2, width))
 
         drop_path = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        moe = dict(moe or {})
+        shape = {k: moe.pop(k) for k in BLOCK_MOE_KEYS if k in moe}
         self.blocks = nn.ModuleList(
             Block(width, num_heads, mlp_ratio, drop_path=drop_path[i],
-                  moe=dict(moe or {}) if i in moe_layers else None,
-                  modality_norms=modality_norms, modality_attention=modality_attention)
+                  moe=dict(moe) if i in moe_layers else None,
+                  modality_norms=modality_norms, modality_attention=modality_attention, **shape)
             for i in range(depth)
         )  # fmt: skip
         self.image_norm = nn.LayerNorm(width)
@@ -280,6 +313,9 @@ class LIMoE(nn.Module):
             )
             nn.init.normal_(fc1, std=fc_std)
             nn.init.normal_(fc2, std=proj_std)
+            if block.shared_mlp is not None:
+                nn.init.normal_(block.shared_mlp.fc1.weight, std=fc_std)
+                nn.init.normal_(block.shared_mlp.fc2.weight, std=proj_std)
         for proj in (self.image_proj, self.text_proj):
             nn.init.normal_(proj.weight, std=width**-0.5)
 

@@ -2,23 +2,21 @@
 one-tower model of the same size. Every weight outside the MoE layers is copied; every expert
 of a MoE layer starts as a copy of that block's dense MLP; the routers start fresh.
 
-With top-k routing on plain softmax gates a token's update is ``sum_k gate_k * expert(x)``,
-so copied experts alone would scale every MLP output by the gates. The start chosen here
-undoes that exactly enough to keep the dense model's features: the router's weights are drawn
-so small (logits of about ``ROUTER_LOGIT_STD``) that every gate is 1/E to within 1e-6, and
-each expert's output layer is multiplied by ``E / k`` (by 1 when the gates are renormalised
-over the top-k, which already sum to 1). In eval mode the upcycled model then computes the
-dense model's features, while the router, whose softmax is not saturated, receives the full
-gradient of the loss from the first step. The tiny logits still differ between tokens, so
-tokens spread over the experts rather than all tying onto the first. Where a capacity factor
-is set, tokens over an expert's capacity are dropped (their MLP update is skipped), so there
-the start equals the dense model only when nothing is dropped; dropless layers (the default
-``model=limoe``) always match.
+A token's update is ``sum_k gate_k * expert_k(x)``. Upcycling needs gates that sum to 1
+(``model.moe.renormalize_gates=true``): with copied experts the update is then the dense
+MLP's whatever the gates are, at the start and at any router sharpness, so nothing can scale
+an expert's output past its dense MLP's. (Plain softmax gates sum to between 1/E and 1, so a
+start equal to the dense model would need experts scaled by E / k, and any gate that grew
+above 1/E would then multiply the dense MLP's output, up to E / k times; at E=32 that is 32.)
+A renormalised top-1 gate is exactly 1 and still passes the router its gradient
+(``limoe.moe.routing.route``); top-k > 1 gates pass it once the experts differ.
 
-The scale stays in the experts' weights: as routing sharpens during training, gates above
-1/E scale an expert's output up (at most ``E / k`` times its dense MLP's), which training
-absorbs as it does any other weight; no extra parameter or special forward is needed, so an
-upcycled checkpoint is an ordinary LIMoE checkpoint.
+The routers start from weights so small (logits of about ``ROUTER_LOGIT_STD``) that every
+token's probabilities are near uniform, so routing starts unbiased, while the tiny logits
+still differ between tokens, so tokens spread over the experts rather than all tying onto the
+first. Where a capacity factor is set, tokens over an expert's capacity are dropped (their MLP
+update is skipped), so there the start equals the dense model only when nothing is dropped;
+dropless layers (the default ``model=limoe``) always match.
 """
 
 from __future__ import annotations
@@ -41,12 +39,6 @@ def pop_upcycle(model_cfg: Mapping) -> tuple[dict, str | None]:
     """``(model config without upcycle_from, its value)``: the models take no such argument."""
     cfg = dict(model_cfg)
     return cfg, cfg.pop(UPCYCLE_KEY, None)
-
-
-def expert_scale(layer) -> float:
-    """What multiplies each copied expert's output so that ``sum_k gate_k * scale = 1`` at
-    gates of 1/E."""
-    return 1.0 if layer.renormalize_gates else layer.num_experts / layer.top_k
 
 
 def upcycle(model: LIMoE, dense: Mapping[str, Tensor], generator: torch.Generator | None = None):
@@ -74,13 +66,16 @@ def _upcycled_layer(layer, dense: Mapping[str, Tensor], prefix: str, generator) 
     if layer.router_type != "topk":
         raise ValueError(f"model.upcycle_from needs model.moe.router=topk (its gates are known "
                          f"at the start), got {layer.router_type!r}")  # fmt: skip
+    if not layer.renormalize_gates:
+        raise ValueError("model.upcycle_from needs model.moe.renormalize_gates=true: gates that "
+                         "sum to 1 keep the copied experts at the dense MLP's output")  # fmt: skip
     names = [f"{prefix}{n}" for n in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")]
     missing = [n for n in names if n not in dense]
     if missing:
         raise ValueError(f"model.upcycle_from is not a dense one-tower checkpoint of this size: "
                          f"it has no {missing[0]} (upcycle from model=dense or dense_*)")  # fmt: skip
     fc1_w, fc1_b, fc2_w, fc2_b = (dense[n].float() for n in names)
-    experts, scale = layer.num_experts, expert_scale(layer)
+    experts = layer.num_experts
     router = layer.router.weight
     logit_std = ROUTER_LOGIT_STD * router.shape[1] ** -0.5  # LayerNorm output: |x| ~ sqrt(dim)
     noise = torch.randn(router.shape, generator=generator) * logit_std
@@ -89,8 +84,8 @@ def _upcycled_layer(layer, dense: Mapping[str, Tensor], prefix: str, generator) 
         f"{prefix}router.weight": noise,
         f"{prefix}experts.w1": fc1_w.t().expand(experts, -1, -1),
         f"{prefix}experts.b1": fc1_b.expand(experts, -1),
-        f"{prefix}experts.w2": (fc2_w.t() * scale).expand(experts, -1, -1),
-        f"{prefix}experts.b2": (fc2_b * scale).expand(experts, -1),
+        f"{prefix}experts.w2": fc2_w.t().expand(experts, -1, -1),
+        f"{prefix}experts.b2": fc2_b.expand(experts, -1),
     }
 
 

@@ -74,11 +74,17 @@ def route(logits: Tensor, top_k: int, renormalize: bool = False) -> tuple[Tensor
     with ``renormalize`` the k gates of each token are rescaled to sum to 1, as in
     Mixtral/ST-MoE top-2. Renormalisation ignores drops: a token whose second choice
     is dropped still weighs its first choice by its renormalised gate.
+
+    A renormalised top-1 gate is p / p = 1 whatever the router says, which would leave the
+    router no gradient from the task loss. It is computed as p / stop_gradient(p) instead:
+    its value is exactly 1, and the router gets the gradient of the plain gate p scaled by
+    1 / p, bounded at any sharpness (Switch's straight-through view of the gate).
     """
     probs = torch.softmax(logits.float(), dim=-1)
     gates, expert_index = top_choices(probs, top_k)
     if renormalize:
-        gates = gates / gates.sum(dim=-1, keepdim=True)
+        total = gates.sum(dim=-1, keepdim=True)
+        gates = gates / (total.detach() if top_k == 1 else total)
     return probs, gates, expert_index
 
 

@@ -229,3 +229,15 @@ def test_read_history_keeps_the_last_record_of_a_step(tmp_path):
     path = tmp_path / "history.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     assert read_history(path) == [lines[1], lines[2]]
+
+
+def test_switched_share_by_hand():
+    from limoe.moe.statistics import switched_share
+
+    previous, current = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 2, 2, 1])
+    shares = switched_share(previous, current, torch.tensor([0, 0, 0, 1]))
+    assert shares == pytest.approx({"image": 1 / 3, "text": 1.0})
+    assert switched_share(previous, previous, torch.tensor([0, 0, 0, 0])) == {
+        "image": 0.0,
+        "text": 0.0,
+    }

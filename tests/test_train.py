@@ -156,3 +156,21 @@ def test_limoe_analyze_of_a_missing_checkpoint_fails_with_one_line(tmp_path, con
     code, _, err = console(cli.analyze, [f"ckpt={tmp_path}/nope.ckpt"], tmp_path)
     assert code == 2
     assert err.strip() == f"limoe: error: ckpt={tmp_path}/nope.ckpt does not exist"
+
+
+def test_routing_history_records_switching_norms_and_router_gradients(trained_run):
+    history = read_history(trained_run / "routing" / "history.jsonl")
+    first, last = history[0]["layers"]["2"], history[-1]["layers"]["2"]
+    assert first["switched"] is None  # nothing to compare with at the start
+    for share in last["switched"].values():
+        assert 0.0 <= share <= 1.0
+    # The norms are the checkpoint's own experts' and router's (the last record is the final
+    # validation, and last.ckpt the final weights).
+    state = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu",
+                       weights_only=False)["state_dict"]  # fmt: skip
+    w2 = state["model.blocks.2.mlp.experts.w2"]
+    assert last["expert_norm"]["w2"] == pytest.approx(w2.flatten(1).norm(dim=1).tolist(), rel=1e-5)
+    router = state["model.blocks.2.mlp.router.weight"]
+    assert last["expert_norm"]["router"] == pytest.approx(float(router.norm()), rel=1e-5)
+    header = (trained_run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"router/layer2_grad_norm", "router/layer3_grad_norm"} <= set(header)

@@ -82,12 +82,14 @@ def history_table(history: list[dict], out: Path) -> Path:
     for record in history:
         for layer, s in record["layers"].items():
             for m in MODALITY_NAMES:
+                switched = s.get("switched")  # null at the first record and in older runs
                 rows.append([record["step"], layer, m] + [
                     _fmt(s[key][m]) for key in
                     ("dropped", "entropy_local", "entropy_global", "top1_prob")
-                ] + [s["specialised"][k] for k in KINDS])  # fmt: skip
+                ] + ["" if not switched else _fmt(switched[m])]
+                  + [s["specialised"][k] for k in KINDS])  # fmt: skip
     header = ["step", "layer", "modality", "dropped", "entropy_local", "entropy_global",
-              "top1_prob"] + [f"{k}_experts" for k in KINDS]  # fmt: skip
+              "top1_prob", "switched"] + [f"{k}_experts" for k in KINDS]  # fmt: skip
     return _write_csv(out / "history.csv", header, rows)
 
 

@@ -10,13 +10,20 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from limoe.data.loading import first_pairs
-from limoe.moe.statistics import MODALITY_NAMES, layer_summary
+from limoe.moe.statistics import MODALITY_NAMES, layer_summary, switched_share
 
 
 class RoutingHistory(L.Callback):
     """At the start of training and at every validation, route the same held-out pairs through
     the tower and append each MoE layer's ``layer_summary`` to ``dirpath/history.jsonl`` (one JSON object per line:
     ``{"step": ..., "layers": {"2": summary, ...}}``).
+
+    Each layer's summary also holds what says whether routing has settled and how the experts
+    grow: ``switched`` (per modality, the share of the pairs' tokens whose first-choice expert
+    changed since the previous record; null in the first) and ``expert_norm`` (``w1``/``w2``:
+    each expert's Frobenius norms, beside ``router`` the router's). Every
+    ``trainer.log_every_n_steps`` steps the router weights' gradient norm of each layer is
+    logged as ``router/layer{l}_grad_norm`` (before clipping).
 
     Both modalities of the pair set are routed in one call, as in training and evaluation, so
     capacity and Batch Priority Routing act on the same mixed token set. Models without MoE
@@ -42,6 +49,7 @@ class RoutingHistory(L.Callback):
         self.min_share = min_share
         self._pairs: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last: dict[str, dict] | None = None  # the latest record's layers
+        self._first_choice: dict[str, torch.Tensor] = {}  # per layer, at the latest record
 
     def _load_pairs(self, datamodule) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The first ``num_pairs`` pairs of ``split``; None (with a warning, once) when the
@@ -80,14 +88,44 @@ class RoutingHistory(L.Callback):
             _, _, routings = model.tower(images.to(pl_module.device), tokens.to(pl_module.device))
         if not trainer.is_global_zero:
             return
-        layers = {
-            str(layer): layer_summary(routing, MODALITY_NAMES, self.threshold, self.min_share)
-            for layer, routing in zip(model.moe_layers, routings)
-        }
+        layers = {}
+        for layer, routing in zip(model.moe_layers, routings):
+            summary = layer_summary(routing, MODALITY_NAMES, self.threshold, self.min_share)
+            summary.update(self._switched(str(layer), routing), **_norms(model.blocks[layer].mlp))
+            layers[str(layer)] = summary
         self.last = layers
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps({"step": trainer.global_step, "layers": layers}) + "\n")
+
+    def _switched(self, layer: str, routing) -> dict:
+        first = routing.expert_index[:, 0].cpu()
+        previous = self._first_choice.get(layer)
+        self._first_choice[layer] = first
+        if previous is None or previous.shape != first.shape or routing.modality is None:
+            return {"switched": None}
+        return {"switched": switched_share(previous, first, routing.modality.cpu())}
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module, optimizer) -> None:
+        model = pl_module.model
+        every = max(int(trainer.log_every_n_steps), 1)
+        if not getattr(model, "moe_layers", None) or trainer.global_step % every:
+            return
+        for layer in model.moe_layers:
+            weight = getattr(model.blocks[layer].mlp.router, "weight", None)  # None: no router
+            grad = None if weight is None else weight.grad
+            if grad is not None:
+                pl_module.log(f"router/layer{layer}_grad_norm", grad.norm().float(), on_step=True)
+
+
+def _norms(mlp) -> dict:
+    """Each expert's weight norms and the router's (this process's experts)."""
+    experts, router = mlp.experts, getattr(mlp, "router", None)
+    with torch.no_grad():
+        norms = {w: getattr(experts, w).flatten(1).norm(dim=1).tolist() for w in ("w1", "w2")}
+        if isinstance(getattr(router, "weight", None), torch.Tensor):
+            norms["router"] = float(router.weight.norm())
+    return {"expert_norm": norms}
 
 
 def routing_metrics(layers: dict[str, dict], names: tuple[str, ...] = MODALITY_NAMES) -> dict:

@@ -156,6 +156,19 @@ def expert_kinds(
     return kinds
 
 
+def switched_share(
+    previous: Tensor, current: Tensor, modality: Tensor, names: Sequence[str] = MODALITY_NAMES
+) -> dict[str, float]:
+    """Per modality, the share of tokens whose first-choice expert differs between two routings
+    of the same tokens (``previous`` and ``current``: ``expert_index[:, 0]``): how much routing
+    still moves between two points of training (0 = settled)."""
+    changed = (previous != current).float()
+    return {
+        name: float(changed[modality == i].mean()) if bool((modality == i).any()) else 0.0
+        for i, name in enumerate(names)
+    }
+
+
 def layer_summary(
     routing: Routing,
     names: Sequence[str] = MODALITY_NAMES,

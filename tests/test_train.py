@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -146,6 +147,13 @@ def test_limoe_analyze_writes_every_figure_and_table(trained_run, tmp_path):
     for layer in summary["layers"].values():
         assert layer["tokens"]["image"] == 20 * 16  # 32 x 32 images in 8 x 8 patches
         assert sum(layer["specialised"].values()) == layer["num_experts"] == 4
+    # history.csv: the last record's diagnostics for layer 2's image tokens, from history.jsonl.
+    rows = list(csv.DictReader((tmp_path / "history.csv").open()))
+    row = [r for r in rows if r["layer"] == "2" and r["modality"] == "image"][-1]
+    last = read_history(trained_run / "routing" / "history.jsonl")[-1]["layers"]["2"]
+    assert float(row["switched"]) == pytest.approx(last["switched"]["image"], abs=1e-6)
+    w2 = last["expert_norm"]["w2"]
+    assert float(row["expert_w2_norm"]) == pytest.approx(sum(w2) / len(w2), rel=1e-5)
     printed = dict(line.split(": ") for line in result.stdout.splitlines() if ": " in line)
     assert (
         float(printed["layer2/shared_experts"]) == summary["layers"]["2"]["specialised"]["shared"]

@@ -76,20 +76,30 @@ def summary_tables(summaries: dict[int, dict], out: Path) -> list[Path]:
     ]
 
 
+def _diagnostics(summary: dict, modality: str) -> list[str]:
+    """``switched`` (empty at the first record) and the mean expert weight norms and the
+    router's; empty for runs recorded before RoutingHistory kept them."""
+    switched, norms = summary.get("switched"), summary.get("expert_norm") or {}
+    return [
+        "" if not switched else _fmt(switched[modality]),
+        *("" if w not in norms else _fmt(sum(norms[w]) / len(norms[w])) for w in ("w1", "w2")),
+        "" if "router" not in norms else _fmt(norms["router"]),
+    ]
+
+
 def history_table(history: list[dict], out: Path) -> Path:
     """``history.csv``: per validation step, layer and modality, the routing statistics."""
     rows = []
     for record in history:
         for layer, s in record["layers"].items():
             for m in MODALITY_NAMES:
-                switched = s.get("switched")  # null at the first record and in older runs
                 rows.append([record["step"], layer, m] + [
                     _fmt(s[key][m]) for key in
                     ("dropped", "entropy_local", "entropy_global", "top1_prob")
-                ] + ["" if not switched else _fmt(switched[m])]
-                  + [s["specialised"][k] for k in KINDS])  # fmt: skip
+                ] + _diagnostics(s, m) + [s["specialised"][k] for k in KINDS])  # fmt: skip
     header = ["step", "layer", "modality", "dropped", "entropy_local", "entropy_global",
-              "top1_prob", "switched"] + [f"{k}_experts" for k in KINDS]  # fmt: skip
+              "top1_prob", "switched", "expert_w1_norm", "expert_w2_norm", "router_norm"
+              ] + [f"{k}_experts" for k in KINDS]  # fmt: skip
     return _write_csv(out / "history.csv", header, rows)
 
 

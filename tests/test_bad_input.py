@@ -236,7 +236,7 @@ def test_a_checkpoint_of_another_model_names_the_keys_that_differ(
         f"hydra.run.dir={run_dir}",
     ]
     message = (f"ckpt_path={ckpt} holds another model than this run's (checkpoint vs run: "
-               "model.moe_layers: [] vs [2, 3])")  # fmt: skip
+               "model.moe_layers: [] vs [0, 1, 2, 3])")  # fmt: skip
     assert_fails("train", args, message, monkeypatch, capsys)
     assert_no_run(run_dir)
 

@@ -302,13 +302,13 @@ def test_smoke_comparison_runs_every_arm_end_to_end(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     last = read_history(run_dir / "routing" / "history.jsonl")[-1]
     assert last["step"] == metrics["train/steps"]
-    for layer in ("2", "3"):
+    for layer in ("0", "1", "2", "3"):
         share = last["layers"][layer]["share"]["text"]
         assert metrics[f"routing/layer{layer}/text_busiest_share"] == max(share)
         kinds = [metrics[f"routing/layer{layer}/{k}_experts"] for k in ("image", "text",
                  "shared", "unused")]  # fmt: skip
         assert sum(kinds) == 4  # experts in the smoke size
-    assert metrics["arm"] == "limoe" and metrics["config"]["model"]["moe_layers"] == [2, 3]
+    assert metrics["arm"] == "limoe" and metrics["config"]["model"]["moe_layers"] == [0, 1, 2, 3]
     assert metrics["config"]["seed"] == 0 and metrics["config"]["arm"] == "limoe"
     assert metrics["model/params_active_per_token"] < metrics["model/params_total"]
     assert metrics["model/flops_per_pair"] > 0 and metrics["train/samples_per_second"] > 0

@@ -265,8 +265,8 @@ def test_expert_choice_and_soft_train_without_a_balancing_loss_unless_asked():
         assert [layer.loss_weights[name] for name in classic] == [0.0, 0.0, 0.0]
         asked = MoELayer(DIM, HIDDEN, 4, router=router, capacity_factor=1.0, load_weight=0.02)
         assert asked.loss_weights["load"] == 0.02
-    # top-k routing balances as V-MoE: importance and its load loss at 0.005, no Switch load
+    # top-k routing balances with V-MoE's importance and load losses (at 0.02), no Switch load
     topk = MoELayer(DIM, HIDDEN, 4).loss_weights
-    assert [topk[name] for name in classic] == [0.005, 0.0, 0.005]
-    assert default_loss_weights("topk") == {"importance": 0.005, "load": 0.0, "vmoe_load": 0.005}
+    assert [topk[name] for name in classic] == [0.02, 0.0, 0.02]
+    assert default_loss_weights("topk") == {"importance": 0.02, "load": 0.0, "vmoe_load": 0.02}
     assert MoELayer(DIM, HIDDEN, 4, importance_weight=0.0).loss_weights["importance"] == 0.0

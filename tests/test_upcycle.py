@@ -129,7 +129,7 @@ def test_an_upcycled_run_trains_and_reloads_without_the_dense_checkpoint(
     ckpt = _run(tmp_path_factory, "upcycled", [*UPCYCLE, f"model.upcycle_from={dense_ckpt}"])
     module = ContrastiveModule.load_from_checkpoint(ckpt, map_location="cpu")
     assert "upcycle_from" not in module.hparams["model"]
-    assert module.model.moe_layers == [2, 3]
+    assert module.model.moe_layers == [0, 1, 2, 3]
     # The dense tower continued the same way: a warm start that copies every weight.
     warm = _upcycled(dense_ckpt, "model=dense").model
     dense = ContrastiveModule.load_from_checkpoint(dense_ckpt, map_location="cpu").model
@@ -140,7 +140,7 @@ def test_an_upcycled_run_trains_and_reloads_without_the_dense_checkpoint(
 def test_checkpoints_that_do_not_fit_fail_with_one_line(dense_ckpt, tmp_path_factory, tmp_path):
     limoe_ckpt = _run(tmp_path_factory, "limoe", ["model=limoe", "trainer.max_steps=1"])
     with pytest.raises(ValueError, match=r"not a dense one-tower checkpoint of this size: it has "
-                       r"no blocks\.2\.mlp\.fc1\.weight \(upcycle from model=dense"):  # fmt: skip
+                       r"no blocks\.0\.mlp\.fc1\.weight \(upcycle from model=dense"):  # fmt: skip
         _upcycled(limoe_ckpt)
     with pytest.raises(ValueError, match=r"does not fit this model: the checkpoint holds "
                        r"image_pos as \[1, 16, 32\], this model as \[1, 16, 16\]"):  # fmt: skip

@@ -215,7 +215,7 @@ class LIMoE(nn.Module):
         mlp_ratio: float = 4.0,
         context_length: int = 16,
         vocab_size: int = 49408,
-        moe_layers: Sequence[int] = (2, 3),
+        moe_layers: Sequence[int] = (0, 1, 2, 3),
         moe: dict | None = None,
         image_pos_embed: str = "sincos",
         image_pool: str = "mean",

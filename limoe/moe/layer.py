@@ -76,7 +76,7 @@ class MoELayer(nn.Module):
 
     The defaults are those of ``conf/model/limoe.yaml``'s ``moe`` node, LIMoE's recipe
     (dropless top-1 with gating noise and a LeCun-normal router; V-MoE's importance and load
-    losses at 0.005 over all tokens, 0 for the expert-choice and soft routers; both entropy
+    losses at 0.02 over all tokens, 0 for the expert-choice and soft routers; both entropy
     losses at 0.01, S = 2 per modality), so
     ``MoELayer(dim, hidden, E)`` is the layer the default LIMoE builds; a test keeps the two
     equal.
@@ -340,13 +340,19 @@ class MoELayer(nn.Module):
             )
 
 
+# The weight of V-MoE's importance and load losses for top-k routing where none is given: 4x
+# vmoe's 0.005, with which experts of the first blocks go unused when every block has experts
+# (docs/results.md, "Experts that earn their keep"); recipe=vmoe and recipe=limoe keep 0.005.
+TOPK_BALANCE_WEIGHT = 0.02
+
+
 def default_loss_weights(router: str) -> dict[str, float]:
-    """The classic balancing losses' weights where none is given (None): V-MoE's for top-k
-    routing (importance and V-MoE load, 0.005 each, over all tokens with the default
-    ``loss_scope``; no Switch/GShard load loss), none for expert choice (balanced by
-    construction) and Soft MoE (nothing to balance: every slot takes a full weighted
-    average), which vmoe also trains without any auxiliary loss."""
-    vmoe = 0.005 if router == "topk" else 0.0
+    """The classic balancing losses' weights where none is given (None): for top-k routing
+    V-MoE's importance and load losses at ``TOPK_BALANCE_WEIGHT`` each, over all tokens with
+    the default ``loss_scope``, and no Switch/GShard load loss; none for expert choice
+    (balanced by construction), Soft MoE (nothing to balance: every slot takes a full weighted
+    average), which vmoe also trains without any auxiliary loss, or the modality router."""
+    vmoe = TOPK_BALANCE_WEIGHT if router == "topk" else 0.0
     return {"importance": vmoe, "load": 0.0, "vmoe_load": vmoe}
 
 

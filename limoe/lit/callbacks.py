@@ -21,9 +21,8 @@ class RoutingHistory(L.Callback):
     Each layer's summary also holds what says whether routing has settled and how the experts
     grow: ``switched`` (per modality, the share of the pairs' tokens whose first-choice expert
     changed since the previous record; null in the first) and ``expert_norm`` (``w1``/``w2``:
-    each expert's Frobenius norms, beside ``router`` the router's). Every
-    ``trainer.log_every_n_steps`` steps the router weights' gradient norm of each layer is
-    logged as ``router/layer{l}_grad_norm`` (before clipping).
+    each expert's Frobenius norms, beside ``router`` the router's). The router weights'
+    gradient norm of each layer, before clipping, is logged as ``router/layer{l}_grad_norm``.
 
     Both modalities of the pair set are routed in one call, as in training and evaluation, so
     capacity and Batch Priority Routing act on the same mixed token set. Models without MoE
@@ -107,9 +106,10 @@ class RoutingHistory(L.Callback):
         return {"switched": switched_share(previous, first, routing.modality.cpu())}
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module, optimizer) -> None:
+        """Logged every step; the logger writes it every ``log_every_n_steps`` as any
+        step metric."""
         model = pl_module.model
-        every = max(int(trainer.log_every_n_steps), 1)
-        if not getattr(model, "moe_layers", None) or trainer.global_step % every:
+        if not getattr(model, "moe_layers", None):
             return
         for layer in model.moe_layers:
             weight = getattr(model.blocks[layer].mlp.router, "weight", None)  # None: no router

@@ -241,3 +241,21 @@ def test_switched_share_by_hand():
         "image": 0.0,
         "text": 0.0,
     }
+
+
+def test_arm_expert_shares_plot_arms_with_experts_in_different_blocks():
+    """One arm with experts in blocks 0 and 2, another in block 2 only: one column per block
+    any arm has, and an empty, titled panel where an arm has none."""
+
+    def summary(counts):
+        return {"counts": {"image": counts, "text": [0] * len(counts)},
+                "specialised": {"image": 2, "text": 0, "shared": 0, "unused": 0}}  # fmt: skip
+
+    fig = plots.plot_arm_expert_shares({
+        "all": {"0": summary([3, 1]), "2": summary([2, 2])},
+        "late": {"2": summary([1, 3])},
+    })  # fmt: skip
+    axes = fig.axes
+    assert len(axes) == 4
+    assert axes[2].get_title() == "late: no MoE layer 0" and not axes[2].axison
+    assert axes[3].get_title().startswith("late, layer 2:")

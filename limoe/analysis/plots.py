@@ -307,11 +307,16 @@ def plot_arm_expert_shares(arms: Mapping[str, Mapping[str, dict]]) -> Figure:
     tokens, image patches solid and text tokens hatched, experts sorted by their total share
     (``arms``: arm -> layer -> ``layer_summary``, e.g. a run's last ``RoutingHistory``)."""
     names = list(arms)
-    layers = list(next(iter(arms.values())))
+    # Every arm's MoE layers (arms may put their experts in different blocks).
+    layers = sorted({layer for summaries in arms.values() for layer in summaries}, key=int)
     fig = Figure(figsize=(4.2 * len(layers) + 0.5, 1.9 * len(names) + 0.8), layout="constrained")
     axes = fig.subplots(len(names), len(layers), squeeze=False, sharey=True)
     for row, arm in zip(axes, names):
         for ax, layer in zip(row, layers):
+            if layer not in arms[arm]:
+                ax.set_title(f"{arm}: no MoE layer {layer}", fontsize=8)
+                ax.set_axis_off()
+                continue
             s = arms[arm][layer]
             image = np.array(s["counts"]["image"], dtype=float)
             text = np.array(s["counts"]["text"], dtype=float)

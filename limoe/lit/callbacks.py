@@ -106,10 +106,11 @@ class RoutingHistory(L.Callback):
         return {"switched": switched_share(previous, first, routing.modality.cpu())}
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module, optimizer) -> None:
-        """Logged every step; the logger writes it every ``log_every_n_steps`` as any
-        step metric."""
+        """Only on the steps the logger writes (Lightning's rule: every
+        ``log_every_n_steps``-th step, counted from 1), so other steps pay nothing."""
         model = pl_module.model
-        if not getattr(model, "moe_layers", None):
+        every = max(int(trainer.log_every_n_steps), 1)
+        if not getattr(model, "moe_layers", None) or (trainer.global_step + 1) % every:
             return
         for layer in model.moe_layers:
             weight = getattr(model.blocks[layer].mlp.router, "weight", None)  # None: no router

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import hydra
 from hydra.errors import InstantiationException
@@ -20,6 +21,7 @@ from limoe import train as runs
 from limoe.analysis.analyze import analyze as analyze_run
 from limoe.bench.run import run_bench
 from limoe.config import CONFIG_PATH, compose_config
+from limoe.console import log, log_metrics, metrics_table, quiet_libraries, train_summary
 from limoe.factory import export_model
 from limoe.lit import NonFiniteLossError
 
@@ -99,12 +101,20 @@ def _run_and_print(run: Callable, cfg: DictConfig) -> None:
 
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
 def _train(cfg: DictConfig) -> None:
-    _run_and_print(runs.train, cfg)
+    quiet_libraries()
+    metrics = _run_or_fail(runs.train, cfg)
+    if metrics:  # global rank 0 of a run that tested
+        log_metrics(metrics)
+        log.info(train_summary(metrics, cfg.paths.output_dir))
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="eval", version_base="1.3")
 def _evaluate(cfg: DictConfig) -> None:
-    _run_and_print(runs.evaluate, cfg)
+    quiet_libraries()
+    metrics = _run_or_fail(runs.evaluate, cfg)
+    print("\n".join(metrics_table(metrics)))
+    out = cfg.get("out") or Path(cfg.ckpt).resolve().parent.parent
+    print(f"every metric in {Path(out) / 'metrics.json'}")
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="analyze", version_base="1.3")

@@ -20,14 +20,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from open_clip.tokenizer import SimpleTokenizer
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 from torch import nn
 from torchvision.transforms import Compose
 
+from limoe.checkpoint import model_weights, read_checkpoint
 from limoe.config import compose_config, config_options
 from limoe.data.pairs import build_transform, to_rgb
-from limoe.lit.checkpoint import model_weights, read_checkpoint
-from limoe.models.upcycle import pop_upcycle, upcycle
+from limoe.models.build import build_model
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -96,15 +96,7 @@ def resolve(name_or_path: str | Path, overrides: list[str] | None = None):
 
 
 def _build(model_cfg: Mapping, weights, device: str | torch.device | None) -> nn.Module:
-    model_cfg, upcycle_from = pop_upcycle(model_cfg)
-    model = instantiate(model_cfg, _convert_="all")
-    if upcycle_from and weights is None:
-        upcycle(model, model_weights(read_checkpoint(upcycle_from, "model.upcycle_from")))
-    if isinstance(weights, Path):
-        load_model(model, weights, strict=True)
-    elif weights is not None:
-        model.load_state_dict(weights, strict=True)
-    return model.to(device or "cpu").eval()
+    return build_model(model_cfg, weights).to(device or "cpu").eval()
 
 
 def transforms(preprocess: Mapping) -> tuple[Callable, Callable]:

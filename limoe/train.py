@@ -20,11 +20,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from limoe.checkpoint import check_fits, read_checkpoint
 from limoe.config import compose_config
+from limoe.console import log, quiet_fresh_log_dir
 from limoe.data.loading import first_pairs
 from limoe.lit import ContrastiveModule, NonFiniteLossError
 from limoe.lit.callbacks import RoutingHistory, routing_metrics
-from limoe.lit.checkpoint import check_fits, read_checkpoint
 from limoe.models import model_cost, parameter_counts
 from limoe.runs import read_metrics, write_metrics
 
@@ -77,6 +78,8 @@ def build_trainer(cfg: DictConfig, callbacks: Sequence[L.Callback] = (), **kwarg
     """The Trainer of ``cfg.trainer`` with the callbacks of ``cfg.callbacks`` (then
     ``callbacks``) and the loggers of ``cfg.logger``; ``kwargs`` override Trainer arguments."""
     kwargs.setdefault("logger", _instantiate_all(cfg.get("logger")) or False)
+    for logger in kwargs["logger"] or ():
+        quiet_fresh_log_dir(logger.log_dir)
     configured = _instantiate_all(cfg.get("callbacks"))
     return instantiate(cfg.trainer, callbacks=[*configured, *callbacks], **kwargs)
 
@@ -96,7 +99,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.check(("fit", "test") if cfg.get("test", True) else ("fit",))
     trainer = build_trainer(cfg)
     params = parameter_counts(module.model)
-    print(f"limoe: model {cfg.model._target_} with {params['params_total']:,} parameters "
+    log.info(f"limoe: model {cfg.model._target_} with {params['params_total']:,} parameters "
           f"({params['params_active_per_token']:,} active per token); run dir {output_dir}")  # fmt: skip
     start = time.perf_counter()
     try:
@@ -105,14 +108,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise NonFiniteLossError(f"{error}; {_last_good_checkpoint(output_dir)}") from None
     train_seconds = time.perf_counter() - start
     # ModelCheckpoint writes last.ckpt at validation time; make it hold the final weights.
-    trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
+    trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt", weights_only=False)
     if not cfg.get("test", True):
         return {}
     metrics = _test(trainer, module, datamodule)
     metrics.update(_data_counts(trainer, datamodule))
     # FLOPs after training: the experts only run the tokens the trained router keeps.
     cost = _cost(module, datamodule, cfg.data.batch_size)
-    print(f"limoe: {cost['model/flops_per_pair'] / 1e6:.2f} MFLOPs forward per image-text pair")
     samples = trainer.global_step * cfg.data.batch_size * trainer.world_size
     metrics.update(cost)
     metrics.update(_final_routing(trainer))
@@ -133,7 +135,7 @@ def _final_routing(trainer: L.Trainer) -> dict[str, float]:
 
 
 def _test(trainer: L.Trainer, module: L.LightningModule, datamodule) -> dict[str, float]:
-    trainer.test(module, datamodule=datamodule)
+    trainer.test(module, datamodule=datamodule, verbose=False)  # the summary has the table
     return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test")}
 
 
@@ -150,7 +152,7 @@ def _data_counts(trainer: L.Trainer, datamodule) -> dict[str, float]:
     for split, totals in datamodule.skip_totals(summed).items():
         if trainer.is_global_zero:
             counts = datamodule.counts[split]
-            print(
+            log.info(
                 f"limoe: {counts.where}: {totals['rows']} rows, skipped: {counts.summary(totals)}"
             )
         metrics.update({f"data/{split}_{key}": value for key, value in totals.items()})

@@ -296,3 +296,26 @@ def test_the_console_script_exits_2_with_one_line(tmp_path):
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert one_error_line(result.stderr).endswith("holds no samples (0 rows read)")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("size.width=33", "model.width=33 (size.width) must be a multiple of model.num_heads=2 "
+                          "(size.num_heads)"),
+        ("size.num_heads=5", "model.width=32 (size.width) must be a multiple of "
+                             "model.num_heads=5 (size.num_heads)"),
+        ("size.width=30", "model.width=30 (size.width) must be a multiple of 4 for the 2-D "
+                          "sin-cos position embedding"),
+        ("size.depth=0", "model.depth=0 (size.depth) must be at least 1"),
+        ("size.patch_size=5", "model.image_size=32 (data.image_size) must be a multiple of "
+                              "model.patch_size=5 (size.patch_size)"),
+        ("size.width=0", "model.width=0 (size.width) must be at least 1"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("arm", ["limoe", "clip"])
+def test_a_tower_no_model_can_take_is_one_line_naming_the_key(
+    override, message, arm, tmp_path, monkeypatch, capsys
+):
+    args = ["experiment=smoke", f"model={arm}", override, f"hydra.run.dir={tmp_path}"]
+    assert_fails("train", args, message, monkeypatch, capsys)

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from limoe import create_model
+from limoe import create_model, create_model_and_transforms
+from limoe.checkpoint import CheckpointError
 from limoe.data.loading import first_pairs
 from limoe.lit import ContrastiveModule
-from limoe.lit.checkpoint import CheckpointError
 from limoe.train import build_datamodule, build_module, compose, train
 
 RUN = ["experiment=smoke", "data.train_size=256", "data.batch_size=32", "trainer.max_steps=8",
@@ -151,5 +151,17 @@ def test_checkpoints_that_do_not_fit_fail_with_one_line(dense_ckpt, tmp_path_fac
         _upcycled(dense_ckpt, "model.moe.router=soft")
     with pytest.raises(ValueError, match=r"needs model\.moe\.renormalize_gates=true"):
         _upcycled(dense_ckpt, "model.moe.renormalize_gates=false")
-    with pytest.raises(ValueError, match="model.upcycle_from is read where checkpoints are"):
-        create_model("limoe", [f"model.upcycle_from={dense_ckpt}"])
+
+
+def test_every_builder_upcycles_alike(dense_ckpt):
+    """The LightningModule, create_model and create_model_and_transforms share build_model:
+    from the same seed, the same upcycled weights."""
+    overrides = ["experiment=smoke", *UPCYCLE[1:], f"model.upcycle_from={dense_ckpt}"]
+    trained = _upcycled(dense_ckpt).model.state_dict()
+    torch.manual_seed(0)
+    created = create_model("limoe", overrides).state_dict()
+    torch.manual_seed(0)
+    loaded = create_model_and_transforms("limoe", overrides=overrides)[0].state_dict()
+    assert trained.keys() == created.keys() == loaded.keys()
+    for name, tensor in trained.items():
+        assert torch.equal(created[name], tensor) and torch.equal(loaded[name], tensor), name

@@ -15,15 +15,14 @@ from collections.abc import Mapping
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from open_clip.loss import ClipLoss
 from timm.optim import param_groups_weight_decay
 from torch import Tensor
 
 from limoe.eval import Evaluation
-from limoe.lit.checkpoint import model_weights, read_checkpoint
 from limoe.lit.parallel import ExpertParallel, grad_norm
-from limoe.models.upcycle import pop_upcycle, upcycle
+from limoe.models.build import build_model
+from limoe.models.upcycle import pop_upcycle
 from limoe.moe.statistics import routing_stats
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learned temperature at 1/100
@@ -52,18 +51,17 @@ class ContrastiveModule(L.LightningModule):
         super().__init__()
         # upcycle_from names where the first weights come from: used once, here, and kept out
         # of the hyperparameters, so the checkpoint reloads without the dense one.
-        model, upcycle_from = pop_upcycle(model)
-        self.save_hyperparameters({"model": model, "optim": optim, "data": data})
-        self.model = instantiate(model, _convert_="all")
-        if upcycle_from:
-            dense = model_weights(read_checkpoint(upcycle_from, "model.upcycle_from"))
-            upcycle(self.model, dense)
+        self.save_hyperparameters({"model": pop_upcycle(model)[0], "optim": optim, "data": data})
+        self.model = build_model(model)
         self.optim = dict(optim)
         self.clip_loss = ClipLoss()
         self._evaluation: Evaluation | None = None
         self._grad_norm: Tensor | None = None  # this step's, for clipping
 
     def configure_callbacks(self) -> list[L.Callback]:
+        """``ExpertParallel`` once: a Trainer that ran ``fit`` already holds it at ``test``."""
+        if any(isinstance(c, ExpertParallel) for c in self.trainer.callbacks):
+            return []
         return [ExpertParallel()]
 
     def setup(self, stage: str) -> None:

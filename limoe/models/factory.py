@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from limoe.config import compose_config, config_options
-from limoe.models.upcycle import pop_upcycle
+from limoe.models.build import build_model
 
 
 def model_config(name: str, overrides: list[str] | None = None) -> DictConfig:
@@ -26,14 +25,7 @@ def create_model(
     name_or_cfg: str | Mapping, overrides: list[str] | None = None, **kwargs
 ) -> nn.Module:
     """Build a model from a config name, with Hydra-style ``overrides`` (``["model.depth=2"]``),
-    or from a mapping that has a ``_target_``; ``kwargs`` override the config's arguments."""
+    or from a mapping that has a ``_target_``; ``kwargs`` override the config's arguments.
+    Random weights, or a dense checkpoint's upcycled where the config has ``upcycle_from``."""
     cfg = model_config(name_or_cfg, overrides) if isinstance(name_or_cfg, str) else name_or_cfg
-    if "_target_" not in cfg:
-        raise ValueError(f"a model config needs a _target_, got keys {sorted(cfg)}")
-    cfg, upcycle_from = pop_upcycle(cfg)
-    if upcycle_from:
-        raise ValueError(
-            "model.upcycle_from is read where checkpoints are: limoe-train or "
-            "limoe.create_model_and_transforms (or call limoe.models.upcycle on a built model)"
-        )
-    return instantiate(cfg, **kwargs, _convert_="all")
+    return build_model(cfg, **kwargs)

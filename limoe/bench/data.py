@@ -23,7 +23,7 @@ from limoe.data.export import csv_pairs
 from limoe.data.shapes import export_csv
 from limoe.data.webdataset import write_shards
 
-from .train import make_step
+from .step import make_step
 
 SHARDS = 4  # shards per fixture, so up to four workers each read their own
 

@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from limoe.runs import read_metrics
 
 from .layer import run_layer_bench
+from .step import training_step
 from .timing import synchronize
-from .train import training_step
 
 
 def synthetic_pairs(

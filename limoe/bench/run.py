@@ -18,16 +18,15 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from limoe.data.loading import first_pairs
 from limoe.models import create_model
-from limoe.train import build_datamodule, build_module, compose, plain
+from limoe.train import build_datamodule, build_module, build_trainer, compose, plain
 
 from .cost import run_cost_bench
 from .data import run_feed_bench, run_loader_bench, write_fixture
 from .gpu import run_ddp_check, run_gemm_layer_bench, run_model_steps
 from .layer import layer_cases, run_layer_bench
 from .report import check_targets, format_table, machine_info
-from .train import run_train_bench
+from .train import StepTimes, in_memory, repeat_batch, run_train_bench
 
 # all: layer, train and data; cost (minutes: it builds the 3.5B-parameter LIMoE-L/16) and gpu
 # (made for a GPU) run only when named.
@@ -56,20 +55,42 @@ def bench_layer(cfg: DictConfig, dtype: torch.dtype) -> list[dict]:
 
 
 def bench_train(cfg: DictConfig, dtype: torch.dtype) -> list[dict]:
-    """Each model of ``train.models``, stepped on the same batch: the first pairs of the
-    first model's val split."""
-    modules, batch = {}, None
-    for name in cfg.train.models:
-        run_cfg = compose([f"model={name}", *cfg.train.overrides])
-        L.seed_everything(cfg.seed, verbose=False)
-        modules[name] = build_module(run_cfg)
-        if batch is None:
-            size = cfg.train.batch_size or run_cfg.data.batch_size
-            batch = first_pairs(build_datamodule(run_cfg).dataset("val"), size)
-    images, tokens = (t.to(cfg.device) for t in batch)
-    return run_train_bench(
-        modules, images, tokens, cfg.train.warmup, cfg.train.repeats, dtype, cfg.progress
-    )
+    """Each model of ``train.models`` trained as ``limoe-train model=NAME`` trains it (its
+    callbacks, logger and Trainer settings, output in a temporary folder; no validation), on
+    the first training batch of the first model's data, held in memory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fits, params, batch = {}, {}, None
+        for name in cfg.train.models:
+            overrides = [f"model={name}", *cfg.train.overrides]
+            if cfg.train.batch_size:
+                overrides.append(f"data.batch_size={cfg.train.batch_size}")
+            run_cfg = compose(overrides, output_dir=Path(tmp) / name)
+            L.seed_everything(cfg.seed, verbose=False)
+            module = build_module(run_cfg)
+            params[name] = sum(p.numel() for p in module.parameters())
+            datamodule = build_datamodule(run_cfg)
+            if batch is None:
+                batch = repeat_batch(datamodule.train_dataloader())
+            fits[name] = partial(_fit, run_cfg, module, datamodule, batch, cfg.device, dtype)
+        return run_train_bench(
+            fits, len(batch[0]), params, cfg.train.warmup, cfg.train.repeats,
+            cfg.train.rounds, cfg.progress,
+        )  # fmt: skip
+
+
+def _fit(run_cfg, module, datamodule, batch, device: str, dtype: torch.dtype, steps: int):
+    """``steps`` training steps of ``module`` in the run's Trainer; the seconds of each."""
+    timer = StepTimes()
+    datamodule.train_dataloader = in_memory(batch, steps)
+    gpu = torch.device(device).type == "cuda"
+    trainer = build_trainer(
+        run_cfg, callbacks=[timer], max_steps=steps, limit_val_batches=0,
+        num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="gpu" if gpu else "cpu", devices=1,
+        precision="bf16-mixed" if dtype == torch.bfloat16 else "32-true",
+    )  # fmt: skip
+    trainer.fit(module, datamodule=datamodule)
+    return timer.times
 
 
 def bench_data(cfg: DictConfig, dtype: torch.dtype) -> dict:

@@ -1,90 +1,101 @@
-"""Training-step throughput: pairs/s of forward, loss, backward and an AdamW step, for each
-model on the same batch, timed interleaved so the ratios to the dense tower are fair."""
+"""Training-step throughput as ``limoe-train`` runs it: each model's steps go through
+Lightning's loop with the run's callbacks, logger, gradient clipping, finite-loss check,
+routing statistics, temperature clamp and schedule, on one batch held in memory (so the data
+loader is not what is timed). Models are timed in rounds, one after another, so the ratios to
+the dense tower compare steps taken in the same spell of the machine."""
 
 from __future__ import annotations
 
+import itertools
+import time
 from collections.abc import Callable, Mapping
-from contextlib import nullcontext
 from statistics import median
 
+import lightning as L
 import torch
-from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .timing import time_interleaved
+from .timing import synchronize
 
 
-def make_step(
-    module: nn.Module, dtype: torch.dtype, lr: float = 1e-3
-) -> Callable[[Tensor, Tensor], Tensor]:
-    """``step(images, tokens) -> loss``: one optimisation step of ``module`` (anything with
-    ``compute_loss(images, tokens)``, such as ``ContrastiveModule``), under autocast when
-    ``dtype`` is not float32; the loss comes back detached, on the device (no sync). The
-    optimiser is the one training builds (``build_optimizer``) where the module has one."""
-    if hasattr(module, "build_optimizer"):
-        optimizer = module.build_optimizer()
-    else:
-        optimizer = torch.optim.AdamW(module.parameters(), lr=lr)
+class StepTimes(L.Callback):
+    """Seconds between the ends of consecutive training batches: everything the loop does
+    for one step (fetch, forward, loss, backward, clipping, optimiser and schedule step,
+    callbacks, logging)."""
 
-    def step(images: Tensor, tokens: Tensor) -> Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        amp = torch.autocast(images.device.type, dtype) if dtype != torch.float32 else nullcontext()
-        with amp:
-            loss = module.compute_loss(images, tokens)[0]
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
+    def __init__(self) -> None:
+        self.ends: list[float] = []
 
-    return step
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        synchronize(trainer.strategy.root_device)
+        self.ends.append(time.perf_counter())
+
+    @property
+    def times(self) -> list[float]:
+        return [b - a for a, b in itertools.pairwise(self.ends)]
 
 
-def training_step(
-    module: nn.Module, images: Tensor, tokens: Tensor, dtype: torch.dtype, lr: float = 1e-3
-) -> Callable[[], Tensor]:
-    """``make_step`` on one fixed batch."""
-    step = make_step(module, dtype, lr)
-    return lambda: step(images, tokens)
+# fit(module, steps) -> the seconds of each step after the first: one model's steps in the
+# Lightning loop (limoe.bench.run builds it from the run's config).
+Fit = Callable[[int], list[float]]
 
 
 def run_train_bench(
-    modules: Mapping[str, nn.Module],
-    images: Tensor,
-    tokens: Tensor,
+    fits: Mapping[str, Fit],
+    batch_size: int,
+    params: Mapping[str, int],
     warmup: int = 3,
     repeats: int = 10,
-    dtype: torch.dtype = torch.float32,
+    rounds: int = 3,
     progress: bool = True,
 ) -> list[dict]:
-    """One row per model: median step seconds, every repeat, pairs/s, and pairs/s as a
-    fraction of the ``dense`` model's (when it is among the models): the median over rounds
-    of the dense step's time over the model's in the same round (``round_ratios``), so a
-    slow spell of the machine that spans a round cancels out of the ratio."""
-    device = images.device
-    for module in modules.values():
-        module.to(device).train()
-    calls = {name: training_step(m, images, tokens, dtype) for name, m in modules.items()}
-    rounds = warmup + repeats
-    with tqdm(total=rounds, desc="limoe-bench train", unit="round", disable=not progress) as bar:
-        times = time_interleaved(calls, warmup, repeats, device, on_round=bar.update)
-    batch = images.shape[0]
-    rate = {name: batch / median(t) for name, t in times.items()}
+    """One row per model: median step seconds over every timed step, pairs/s, and pairs/s as
+    a fraction of the ``dense`` model's (when it is among the models): the median over rounds
+    of the dense model's median step time over the model's in the same round
+    (``round_ratios``), so a slow spell of the machine that spans a round cancels out."""
+    if repeats < 1 or warmup < 0 or rounds < 1:
+        raise ValueError(f"repeats and rounds must be >= 1 and warmup >= 0, "
+                         f"got {repeats}, {rounds} and {warmup}")  # fmt: skip
+    per_round: dict[str, list[float]] = {name: [] for name in fits}
+    times: dict[str, list[float]] = {name: [] for name in fits}
+    total = rounds * len(fits)
+    with tqdm(total=total, desc="limoe-bench train", unit="fit", disable=not progress) as bar:
+        for _ in range(rounds):
+            for name, fit in fits.items():
+                steps = fit(warmup + repeats + 1)[warmup:]  # +1: the first end starts the clock
+                times[name] += steps
+                per_round[name].append(median(steps))
+                bar.update()
     return [
         {
             "model": name,
-            "batch_size": batch,
+            "batch_size": batch_size,
             "median_s": median(times[name]),
             "times_s": times[name],
-            "pairs_per_s": rate[name],
+            "round_median_s": per_round[name],
+            "pairs_per_s": batch_size / median(times[name]),
             "pairs_per_s_vs_dense": (
-                median(round_ratios(times["dense"], times[name])) if "dense" in times else None
+                median(round_ratios(per_round["dense"], per_round[name]))
+                if "dense" in per_round
+                else None
             ),
-            "params": sum(p.numel() for p in module.parameters()),
-        }  # fmt: skip
-        for name, module in modules.items()
+            "params": params[name],
+        }
+        for name in fits
     ]
 
 
 def round_ratios(reference_s: list[float], model_s: list[float]) -> list[float]:
     """Per round, the model's throughput as a fraction of the reference's: the reference's
-    step time over the model's, both timed back to back in that round."""
+    step time over the model's, both timed in that round."""
     return [ref / own for ref, own in zip(reference_s, model_s, strict=True)]
+
+
+def in_memory(batch: object, steps: int) -> Callable[[], list]:
+    """A ``train_dataloader`` that yields the same batch ``steps`` times."""
+    return lambda: [batch] * steps
+
+
+def repeat_batch(loader: torch.utils.data.DataLoader) -> object:
+    """The first batch of a training loader, as the loop would receive it."""
+    return next(iter(loader))

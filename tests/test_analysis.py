@@ -13,12 +13,14 @@ from matplotlib.colors import to_rgba
 
 from limoe import create_model
 from limoe.analysis import plots
+from limoe.analysis.explorer import RoutingExplorer
 from limoe.analysis.routing import (
     RoutingRecord,
     _token_origins,
     collect_routing,
     content_table,
     image_group,
+    pair_routing,
     patch_coverage,
     patch_experts,
     word_experts,
@@ -137,6 +139,25 @@ def test_patch_and_word_experts_by_hand():
     assert word_experts(record, 3, 1) == ([7], [2])
 
 
+def test_pair_routing_by_hand():
+    record = hand_record()
+    record.routings[0].gates = torch.tensor([[0.9], [0.8], [0.7], [0.6], [0.5], [0.4], [0.3]])
+    share = [1.0, 0.5, 0.0, None]
+    routed = pair_routing(record, 3, 1, share)
+    # pair 1: patch 0 is token 2 (expert 1, gate 0.7); patch 1 is token 3, dropped (gate 0)
+    assert routed.patch_expert.tolist() == [[1, -1]]
+    assert routed.patch_gate == pytest.approx(np.array([[0.7, 0.0]]))
+    assert (routed.token_ids, routed.word_expert) == ([7], [2])
+    assert routed.word_gate == pytest.approx([0.3])
+    assert routed.image_share == share
+    # pair 0's caption: positions 0, 1 are tokens 4, 5
+    assert pair_routing(record, 3, 0, share).word_gate == pytest.approx([0.5, 0.4])
+    with pytest.raises(ValueError, match=r"pair 5 was not routed"):
+        pair_routing(record, 3, 5, share)
+    with pytest.raises(ValueError, match=r"layer 1 is not a MoE layer \(MoE layers: \[3\]\)"):
+        pair_routing(record, 1, 0, share)
+
+
 def test_content_table_by_hand():
     groups = ["image/shape", "image/background", "image/shape", "image/shape",
               "text/colour", "text/colour", "text/other"]  # fmt: skip
@@ -202,6 +223,42 @@ def test_collect_routing_matches_routing_each_pair_alone():
             ids, experts = word_experts(record, layer, pair)
             assert experts == routing.expert_index[16:, 0].tolist()
             assert ids == tokens[: len(ids)].tolist() and ids[-1] == int(tokens.max())
+
+
+def test_routing_explorer_draws_what_the_record_holds():
+    """Driven as a person would (the drop-downs' values), headless: each redraw shows the
+    chosen pair's first choices, gates and the experts' image shares from collect_routing."""
+    model = tiny_limoe().eval()
+    dataset = ShapesDataset("test", 5, context_length=24)
+    record = collect_routing(model, dataset, num_pairs=5, batch_size=5, progress=False)
+    explorer = RoutingExplorer(record, dataset)
+    assert explorer.shown.pair == 0 and explorer.shown.layer == 0  # drawn on creation
+    explorer.pair.value = 3
+    explorer.layer.value = 1
+    shown, figure = explorer.shown, explorer.figure
+    assert (shown.pair, shown.layer) == (3, 1)
+    routing = record.routing(1)
+    is_pair = record.pair == 3
+    image = is_pair & (record.modality == IMAGE)
+    order = record.position[image].argsort()
+    assert shown.patch_expert.reshape(-1).tolist() == routing.expert_index[image, 0][order].tolist()
+    gates = routing.gates[image, 0][order].numpy()
+    assert shown.patch_gate.reshape(-1) == pytest.approx(gates)
+    text = is_pair & (record.modality == TEXT)
+    order = record.position[text].argsort()
+    assert shown.word_expert == routing.expert_index[text, 0][order].tolist()
+    assert shown.word_gate == pytest.approx(routing.gates[text, 0][order].tolist())
+    fraction = layer_summary(routing)["modality_fraction"]["image"]
+    assert shown.image_share == fraction
+    # The figure: the patch overlay holds expert + 1 per patch, the gate map the gates, and
+    # the bars each expert's image share.
+    experts_ax, gates_ax, share_ax = figure.axes[:3]
+    overlay = np.asarray(experts_ax.get_images()[1].get_array())
+    assert overlay.tolist() == (shown.patch_expert + 1).tolist()
+    assert np.asarray(gates_ax.get_images()[0].get_array()) == pytest.approx(shown.patch_gate)
+    heights = [b.get_height() for b in share_ax.patches]
+    assert heights == pytest.approx([math.nan if f is None else f for f in fraction], nan_ok=True)
+    assert figure.get_suptitle().startswith("pair 3, MoE layer 1")
 
 
 def test_collect_routing_refuses_a_model_without_experts():

@@ -173,6 +173,21 @@ def _expert_cmap(num_experts: int) -> ListedColormap:
     return ListedColormap([DROPPED_COLOUR, *expert_colours(num_experts)])
 
 
+def draw_patch_experts(ax, image: np.ndarray, grid: np.ndarray, num_experts: int) -> None:
+    """An image (uint8 [H, W, 3]) with each patch tinted and labelled by its expert
+    (``grid`` [rows, cols], -1 = dropped, drawn ×)."""
+    size = image.shape[0]
+    ax.imshow(image)
+    ax.imshow(grid + 1, cmap=_expert_cmap(num_experts), vmin=0, vmax=num_experts, alpha=0.6,
+              extent=(-0.5, size - 0.5, size - 0.5, -0.5), interpolation="nearest")  # fmt: skip
+    step = size / grid.shape[1]
+    for (r, c), e in np.ndenumerate(grid):
+        ax.text((c + 0.5) * step - 0.5, (r + 0.5) * step - 0.5, "×" if e < 0 else str(e),
+                ha="center", va="center", fontsize=7, color="black")  # fmt: skip
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 def plot_patch_routing(
     images: np.ndarray, experts: Mapping[int, np.ndarray], num_experts: int
 ) -> Figure:
@@ -182,20 +197,10 @@ def plot_patch_routing(
     num = images.shape[0]
     fig = Figure(figsize=(1.9 * (1 + len(layers)), 1.9 * num + 0.8), layout="constrained")
     axes = fig.subplots(num, 1 + len(layers), squeeze=False)
-    size = images.shape[1]
-    cmap = _expert_cmap(num_experts)
     for i in range(num):
         axes[i, 0].imshow(images[i])
         for j, layer in enumerate(layers, start=1):
-            grid = experts[layer][i]
-            ax = axes[i, j]
-            ax.imshow(images[i])
-            ax.imshow(grid + 1, cmap=cmap, vmin=0, vmax=num_experts, alpha=0.6,
-                      extent=(-0.5, size - 0.5, size - 0.5, -0.5), interpolation="nearest")  # fmt: skip
-            step = size / grid.shape[1]
-            for (r, c), e in np.ndenumerate(grid):
-                ax.text((c + 0.5) * step - 0.5, (r + 0.5) * step - 0.5, "×" if e < 0 else str(e),
-                        ha="center", va="center", fontsize=7, color="black")  # fmt: skip
+            draw_patch_experts(axes[i, j], images[i], experts[layer][i], num_experts)
     for j, title in enumerate(["image"] + [f"layer {layer}" for layer in layers]):
         axes[0, j].set_title(title)
     for ax in axes.flat:
@@ -214,6 +219,24 @@ def _expert_legend(fig: Figure, num_experts: int) -> None:
     fig.legend(handles=handles, loc="outside lower center", ncol=min(9, len(handles)), fontsize=7)
 
 
+def draw_word_experts(
+    ax, words: Sequence[str], experts: Sequence[int], num_experts: int, y: float, x: float,
+    notes: Sequence[Sequence[str]] = (),
+) -> float:  # fmt: skip
+    """Caption tokens from ``x`` on line ``y``, each boxed in its expert's colour (-1 =
+    dropped), with ``notes[i]`` (lines of small text) under token i; returns where the
+    line ends."""
+    colours = [DROPPED_COLOUR, *expert_colours(num_experts)]
+    for i, (word, e) in enumerate(zip(words, experts)):
+        ax.text(x, y, word, family="monospace", fontsize=8, va="center",
+                bbox={"facecolor": colours[e + 1], "edgecolor": "none", "pad": 1.5})  # fmt: skip
+        lines = notes[i] if i < len(notes) else ()
+        for k, line in enumerate(lines, start=1):
+            ax.text(x, y + 0.55 * k, line, family="monospace", fontsize=6, va="center")
+        x += max([len(word), *(len(line) for line in lines)]) + 1.5
+    return x
+
+
 def plot_word_routing(
     captions: Sequence[Sequence[str]], experts: Mapping[int, Sequence[Sequence[int]]],
     num_experts: int,
@@ -221,7 +244,6 @@ def plot_word_routing(
     """Sample captions (token strings) with, per layer, each token boxed in its expert's colour
     (``experts[layer][i]`` holds caption i's experts, -1 = dropped)."""
     layers = list(experts)
-    colours = [DROPPED_COLOUR, *expert_colours(num_experts)]
     chars = max(sum(len(w) + 1.5 for w in words) for words in captions) + 10
     rows = len(captions) * (len(layers) + 0.6)
     fig = Figure(figsize=(max(6, 0.075 * chars), 0.32 * rows + 1.0), layout="constrained")
@@ -232,17 +254,55 @@ def plot_word_routing(
         y += 0.6
         for layer in layers:
             ax.text(0, y, f"layer {layer}", fontsize=8, va="center", color="dimgrey")
-            x = 10.0
-            for word, e in zip(words, experts[layer][i]):
-                ax.text(x, y, word, family="monospace", fontsize=8, va="center",
-                        bbox={"facecolor": colours[e + 1], "edgecolor": "none", "pad": 1.5})  # fmt: skip
-                x += len(word) + 1.5
+            draw_word_experts(ax, words, experts[layer][i], num_experts, y, 10.0)
             y += 1
     ax.set_xlim(-0.5, chars)
     ax.set_ylim(y, -0.8)
     ax.axis("off")
     _expert_legend(fig, num_experts)
     fig.suptitle("Expert of each caption token (first choice)")
+    return fig
+
+
+def plot_pair_routing(image: np.ndarray, words: Sequence[str], routed, num_experts: int) -> Figure:
+    """One pair at one MoE layer (``routed``: a ``PairRouting``): each patch by its expert,
+    each patch's gate, each caption token by its expert with its gate and that expert's image
+    share, and every expert's image share (the pair's experts outlined)."""
+    fig = Figure(figsize=(11, 5.2), layout="constrained")
+    grid = fig.add_gridspec(2, 3, height_ratios=[3, 1.2])
+    experts_ax, gates_ax, share_ax = (fig.add_subplot(grid[0, i]) for i in range(3))
+    draw_patch_experts(experts_ax, image, routed.patch_expert, num_experts)
+    experts_ax.set_title("expert of each patch")
+    shown = gates_ax.imshow(routed.patch_gate, cmap="Greys", vmin=0, vmax=1)
+    for (r, c), g in np.ndenumerate(routed.patch_gate):
+        gates_ax.text(c, r, f"{g:.2f}", ha="center", va="center", fontsize=5,
+                      color="white" if g > 0.6 else "black")  # fmt: skip
+    gates_ax.set_xticks([])
+    gates_ax.set_yticks([])
+    gates_ax.set_title("gate of each patch")
+    fig.colorbar(shown, ax=gates_ax, shrink=0.8)
+    share = [np.nan if s is None else s for s in routed.image_share]
+    used = set(routed.patch_expert.ravel().tolist()) | set(routed.word_expert)
+    colours = expert_colours(num_experts)
+    bars = share_ax.bar(range(num_experts), share, color=colours)
+    for e, bar in enumerate(bars):
+        bar.set_edgecolor("black" if e in used else "none")
+        bar.set_linewidth(1.5)
+    share_ax.set_ylim(0, 1)
+    share_ax.set_xticks(range(num_experts))
+    share_ax.set_xlabel("expert (outlined: used by this pair)")
+    share_ax.set_title("image share of each expert's tokens")
+    words_ax = fig.add_subplot(grid[1, :])
+    notes = [
+        (f"g{g:.2f}", "img -" if e < 0 or share[e] != share[e] else f"img{share[e]:.0%}")
+        for e, g in zip(routed.word_expert, routed.word_gate)
+    ]
+    end = draw_word_experts(words_ax, words, routed.word_expert, num_experts, 0.0, 0.0, notes)
+    words_ax.set_xlim(-0.5, max(end, 20))
+    words_ax.set_ylim(1.6, -0.8)
+    words_ax.axis("off")
+    words_ax.set_title("expert of each caption token (gate, expert's image share)", fontsize=9)
+    fig.suptitle(f"pair {routed.pair}, MoE layer {routed.layer} (first choices; × = dropped)")
     return fig
 
 

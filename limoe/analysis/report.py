@@ -16,9 +16,11 @@ from matplotlib.figure import Figure
 from limoe.analysis import plots
 from limoe.analysis.routing import (
     CONTENT_GROUPS,
+    PairRouting,
     RoutingRecord,
     content_groups,
     content_table,
+    pair_routing,
     patch_experts,
     word_experts,
 )
@@ -149,6 +151,16 @@ def word_routing_figure(record: RoutingRecord, dataset, pairs: Sequence[int]) ->
             words[layer].append(experts)
         captions.append([token_text(dataset.tokenizer, t) for t in token_ids])
     return plots.plot_word_routing(captions, words, record.num_experts)
+
+
+def pair_routing_figure(
+    record: RoutingRecord, dataset, layer: int, pair: int, image_share: Sequence[float | None]
+) -> tuple[Figure, PairRouting]:
+    """``plot_pair_routing`` of one pair at one layer, and the routing it draws."""
+    routed = pair_routing(record, layer, pair, image_share)
+    words = [token_text(dataset.tokenizer, t) for t in routed.token_ids]
+    figure = plots.plot_pair_routing(dataset.image_uint8(pair), words, routed, record.num_experts)
+    return figure, routed
 
 
 def example_figures(record: RoutingRecord, dataset, out: Path, num_examples: int) -> list[Path]:

@@ -71,6 +71,11 @@ class RoutingRecord:
         routing = self.routing(layer)
         return routing.expert_index[:, 0].masked_fill(routing.dropped[:, 0], -1)
 
+    def first_gate(self, layer: int) -> Tensor:
+        """[N] the gate of each token's first choice (0 where it was dropped)."""
+        routing = self.routing(layer)
+        return routing.gates[:, 0].masked_fill(routing.dropped[:, 0], 0.0)
+
 
 def _token_origins(tokens: Tensor, num_patches: int, offset: int) -> tuple[Tensor, ...]:
     """(modality, pair, position, token_id) of one batch's tokens, in the tower's order."""
@@ -211,3 +216,46 @@ def word_experts(record: RoutingRecord, layer: int, pair: int) -> tuple[list[int
     take = (record.modality == TEXT) & (record.pair == pair)
     order = record.position[take].argsort()
     return record.token_id[take][order].tolist(), record.first_choice(layer)[take][order].tolist()
+
+
+@dataclass
+class PairRouting:
+    """What one MoE layer did with one pair's tokens (first choices), for the explorer."""
+
+    pair: int
+    layer: int
+    patch_expert: np.ndarray  # [rows, cols] expert of each patch, -1 = dropped
+    patch_gate: np.ndarray  # [rows, cols] its gate (0 = dropped)
+    token_ids: list[int]  # the caption's tokens, in position order
+    word_expert: list[int]  # the expert of each, -1 = dropped
+    word_gate: list[float]  # its gate
+    image_share: list[float | None]  # per expert: share of its tokens that are image patches
+
+
+def pair_routing(
+    record: RoutingRecord, layer: int, pair: int, image_share: Sequence[float | None]
+) -> PairRouting:
+    """One pair at one layer; ``image_share`` is the layer's ``modality_fraction["image"]``
+    over every routed pair (``RoutingRecord.summaries``)."""
+    if pair not in record.pairs:
+        raise ValueError(f"pair {pair} was not routed (the record holds pairs {record.pairs})")
+    if layer not in record.layers:
+        raise ValueError(f"layer {layer} is not a MoE layer (MoE layers: {record.layers})")
+    rows, cols = record.grid_size
+    gate = record.first_gate(layer)
+    is_image = (record.modality == IMAGE) & (record.pair == pair)
+    patch_gate = np.zeros(rows * cols, dtype=np.float32)
+    patch_gate[record.position[is_image].numpy()] = gate[is_image].numpy()
+    token_ids, word_expert = word_experts(record, layer, pair)
+    is_text = (record.modality == TEXT) & (record.pair == pair)
+    word_gate = gate[is_text][record.position[is_text].argsort()].tolist()
+    return PairRouting(
+        pair=pair,
+        layer=layer,
+        patch_expert=patch_experts(record, layer, [pair])[0],
+        patch_gate=patch_gate.reshape(rows, cols),
+        token_ids=token_ids,
+        word_expert=word_expert,
+        word_gate=word_gate,
+        image_share=list(image_share),
+    )

@@ -248,6 +248,37 @@ def test_causal_text_equals_open_clips_text_tower_with_the_same_weights():
     assert not torch.allclose(model.encode_text(tokens), expected, atol=1e-3)
 
 
+def test_image_path_equals_timms_vision_transformer_with_the_same_weights():
+    """The one tower's image path (no MoE layer: each block a pre-norm attention and MLP,
+    mean pooling after the final norm) computes what timm's ``VisionTransformer`` computes
+    with the same weights: an independent implementation of the blocks, position embedding
+    and pooling. The modality embedding, the same for every patch, folds into timm's
+    position embedding."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = tiny(moe_layers=[], image_pos_embed="learned")
+    with torch.no_grad():
+        for p in (model.image_pos, model.modality_embed):
+            p.normal_(std=0.5)
+    width = model.image_proj.in_features
+    ref = VisionTransformer(
+        img_size=model.image_size, patch_size=model.patch_embed.patch_size[0], num_classes=0,
+        embed_dim=width, depth=len(model.blocks), num_heads=model.blocks[0].attn.num_heads,
+        mlp_ratio=model.blocks[0].mlp.fc1.out_features / width, qkv_bias=True,
+        class_token=False, global_pool="avg", fc_norm=False,
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        ref.patch_embed.load_state_dict(model.patch_embed.state_dict())
+        ref.pos_embed.copy_(model.image_pos + model.modality_embed[0])
+        for ours, theirs in zip(model.blocks, ref.blocks):
+            for name in ("norm1", "attn", "norm2", "mlp"):
+                getattr(theirs, name).load_state_dict(getattr(ours, name).state_dict())
+        ref.norm.load_state_dict(model.image_norm.state_dict())
+    images = torch.randn(3, 3, model.image_size, model.image_size)
+    expected = model.image_proj(ref(images))
+    torch.testing.assert_close(model.encode_image(images), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_modality_norms_give_text_its_own_layernorms():
     """With ``modality_norms`` text goes through text_norm1/text_norm2 and images through
     norm1/norm2: copying the shared norms into the text ones gives the shared model, and

@@ -164,11 +164,20 @@ def test_limoe_with_router_keeps_pairs_and_modalities_apart(router):
     model = LIMoE(embed_dim=16, image_size=16, patch_size=8, width=16, depth=2, num_heads=2,
                   context_length=8, vocab_size=100, moe_layers=[1], moe=moe,
                   output_dict=True).eval()  # fmt: skip
-    images, tokens = torch.randn(3, 3, 16, 16), torch.randint(1, 100, (3, 8))
-    tokens[:, 5:] = 0
+    images, tokens = torch.randn(3, 3, 16, 16), torch.randint(1, 99, (3, 8))
+    tokens[:, 4], tokens[:, 5:] = 99, 0  # end of text (the largest id) at position 4
     out = model(images, tokens)
-    assert out["routing"][0].expert_index.shape[1] == (4 if router == "expert_choice" else 1)
-    assert torch.isfinite(out["aux_loss"])
+    routing = out["routing"][0]
+    if router == "expert_choice":
+        # 3 x 4 patches and 3 x 5 real caption tokens: 27 tokens, C = ceil(27 / 4) = 7,
+        # rounded up to a multiple of 4: every expert takes exactly 8 of them.
+        assert routing.expert_index.shape == (27, 4) and routing.capacity == 8
+        kept = routing.expert_index[~routing.dropped]
+        assert torch.bincount(kept, minlength=4).tolist() == [8, 8, 8, 8]
+        # ... its 8 most probable tokens (no token outside them beats the last one taken).
+        for e in range(4):
+            taken = ((routing.expert_index == e) & ~routing.dropped).any(1)
+            assert routing.probs[taken, e].min() >= routing.probs[~taken, e].max()
     if router == "soft":
         alone = model(images[:1], tokens[[2]])
         torch.testing.assert_close(alone["image_features"][0], out["image_features"][0])

@@ -16,7 +16,7 @@ from conftest import FAST_DEV_RUN
 
 from limoe import cli
 from limoe.lit import read_history
-from limoe.train import build_datamodule, build_module, build_trainer, compose
+from limoe.train import build_datamodule, build_module, build_trainer, compose, train
 
 BIN = Path(sys.executable).parent
 TINY = [
@@ -182,3 +182,20 @@ def test_routing_history_records_switching_norms_and_router_gradients(trained_ru
     assert last["expert_norm"]["router"] == pytest.approx(float(router.norm()), rel=1e-5)
     header = (trained_run / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {f"router/layer{i}_grad_norm" for i in range(4)} <= set(header)
+
+
+def test_a_seeded_short_run_beats_chance_by_a_margin(tmp_path):
+    """60 steps of the smoke LIMoE on 256 test pairs: learning, not just running. Chance is a
+    mean rank of 128.5, R@10 of 10 / 256 and, for the 4 backgrounds, top-1 of 0.25; on this
+    seed the run reaches mean ranks near 30, R@10 near 0.2 and every background right."""
+    cfg = compose(["experiment=smoke", "seed=0", "trainer.max_steps=60", "data.train_size=8192",
+                   "data.batch_size=64", "data.test_size=256", "data.novel_size=64",
+                   "trainer.val_check_interval=1000", "optim.warmup_steps=10",
+                   "callbacks.progress_bar=null", "trainer.enable_progress_bar=false",
+                   "callbacks.routing_history=null", "callbacks.last_checkpoint=null",
+                   "callbacks.model_checkpoint=null"], tmp_path)  # fmt: skip
+    metrics = train(cfg)
+    for direction in ("image_to_text", "text_to_image"):
+        assert metrics[f"test/{direction}_mean_rank"] < 128.5 / 2
+        assert metrics[f"test/{direction}_R@10"] > 3 * 10 / 256
+    assert metrics["test/background_zeroshot_top1"] > 0.9

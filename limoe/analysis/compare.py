@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from limoe.analysis import plots
 from limoe.lit.callbacks import read_history
@@ -169,17 +170,14 @@ def curve_keys(groups: dict[str, list[Run]]) -> list[str]:
     return sorted(wanted, key=lambda k: (not k.endswith("_R@1"), k))
 
 
-def plot_curves(groups: dict[str, list[Run]], x_axis: str, path: Path) -> None:
-    """One panel per validation metric, one line per arm, a band of ± 1 std over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def curves_figure(groups: dict[str, list[Run]], x_axis: str) -> Figure:
+    """One panel per validation metric, one line per arm, a band of ± 1 std over seeds;
+    ``x_axis`` is ``step`` or ``flops`` (training FLOPs)."""
     keys = curve_keys(groups)
     cols = min(3, max(1, len(keys)))
     rows = max(1, math.ceil(len(keys) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows), layout="tight")
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, key in zip(axes.flat, keys):
         for arm, runs in groups.items():
             steps, mean, std = curve_band(runs, key)
@@ -192,9 +190,7 @@ def plot_curves(groups: dict[str, list[Run]], x_axis: str, path: Path) -> None:
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def routing_figures(groups: dict[str, list[Run]], out: Path) -> dict[str, Path]:
@@ -222,8 +218,8 @@ def compare(paths: list[Path], out: Path) -> dict[str, Path]:
              ("comparison.md", "comparison.csv", "curves_step.png", "curves_flops.png")}  # fmt: skip
     files["comparison.md"].write_text(markdown_table(rows, list(groups)))
     write_csv(rows, files["comparison.csv"])
-    plot_curves(groups, "step", files["curves_step.png"])
-    plot_curves(groups, "flops", files["curves_flops.png"])
+    plots.save(curves_figure(groups, "step"), files["curves_step.png"])
+    plots.save(curves_figure(groups, "flops"), files["curves_flops.png"])
     files.update(routing_figures(groups, out))
     return files
 

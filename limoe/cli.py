@@ -119,6 +119,7 @@ def _evaluate(cfg: DictConfig) -> None:
 
 @hydra.main(config_path=CONFIG_PATH, config_name="analyze", version_base="1.3")
 def _analyze(cfg: DictConfig) -> None:
+    quiet_libraries()
     _run_and_print(analyze_run, cfg)
 
 
@@ -134,6 +135,7 @@ def _export(cfg: DictConfig) -> None:
 
 @hydra.main(config_path=CONFIG_PATH, config_name="bench", version_base="1.3")
 def _bench(cfg: DictConfig) -> None:
+    quiet_libraries()
     _run_or_fail(run_bench, cfg)
 
 

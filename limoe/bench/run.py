@@ -10,7 +10,9 @@ builds it, fed by that loader and by one batch in memory.
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -61,7 +63,8 @@ def bench_train(cfg: DictConfig, dtype: torch.dtype) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         fits, params, batch = {}, {}, None
         for name in cfg.train.models:
-            overrides = [f"model={name}", *cfg.train.overrides]
+            # The run's callbacks but its progress bar (the bench shows its own).
+            overrides = [f"model={name}", *cfg.train.overrides, "callbacks.progress_bar=null"]
             if cfg.train.batch_size:
                 overrides.append(f"data.batch_size={cfg.train.batch_size}")
             run_cfg = compose(overrides, output_dir=Path(tmp) / name)
@@ -79,17 +82,28 @@ def bench_train(cfg: DictConfig, dtype: torch.dtype) -> list[dict]:
 
 
 def _fit(run_cfg, module, datamodule, batch, device: str, dtype: torch.dtype, steps: int):
-    """``steps`` training steps of ``module`` in the run's Trainer; the seconds of each."""
+    """``steps`` training steps of ``module`` in the run's Trainer; the seconds of each.
+    Lightning's notes on each fit (devices, model summary, a logging interval longer than the
+    fit, the checkpoint folder an earlier fit wrote) are kept off the console."""
     timer = StepTimes()
     datamodule.train_dataloader = in_memory(batch, steps)
     gpu = torch.device(device).type == "cuda"
-    trainer = build_trainer(
-        run_cfg, callbacks=[timer], max_steps=steps, limit_val_batches=0,
-        num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False,
-        accelerator="gpu" if gpu else "cpu", devices=1,
-        precision="bf16-mixed" if dtype == torch.bfloat16 else "32-true",
-    )  # fmt: skip
-    trainer.fit(module, datamodule=datamodule)
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level = lightning_log.level
+    lightning_log.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*smaller than the logging interval")
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* is not empty")
+            trainer = build_trainer(
+                run_cfg, callbacks=[timer], max_steps=steps, limit_val_batches=0,
+                num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False,
+                accelerator="gpu" if gpu else "cpu", devices=1,
+                precision="bf16-mixed" if dtype == torch.bfloat16 else "32-true",
+            )  # fmt: skip
+            trainer.fit(module, datamodule=datamodule)
+    finally:
+        lightning_log.setLevel(level)
     return timer.times
 
 

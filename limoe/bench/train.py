@@ -91,9 +91,23 @@ def round_ratios(reference_s: list[float], model_s: list[float]) -> list[float]:
     return [ref / own for ref, own in zip(reference_s, model_s, strict=True)]
 
 
-def in_memory(batch: object, steps: int) -> Callable[[], list]:
+class Repeat:
+    """An iterable of the same batch ``steps`` times: a loader with nothing to load. (A list
+    of batches would not do: Lightning reads a list as several loaders.)"""
+
+    def __init__(self, batch: object, steps: int) -> None:
+        self.batch, self.steps = batch, steps
+
+    def __iter__(self):
+        return itertools.repeat(self.batch, self.steps)
+
+    def __len__(self) -> int:
+        return self.steps
+
+
+def in_memory(batch: object, steps: int) -> Callable[[], Repeat]:
     """A ``train_dataloader`` that yields the same batch ``steps`` times."""
-    return lambda: [batch] * steps
+    return lambda: Repeat(batch, steps)
 
 
 def repeat_batch(loader: torch.utils.data.DataLoader) -> object:

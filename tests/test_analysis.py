@@ -189,7 +189,7 @@ def test_caption_roles_find_multi_token_values_and_leave_template_words():
     attrs = Attributes(colour=COLOURS.index("cyan"), shape=0, size=1, position=0,
                        background=0, template=template)  # fmt: skip
     tokens = dataset.tokens(attrs.caption())
-    roles = caption_roles(attrs, tokens, dataset.tokenizer)
+    roles = caption_roles(attrs.names, attrs.mention, tokens, dataset.tokenizer)
     words = [dataset.tokenizer.decoder[int(t)].replace("</w>", "") for t in tokens if t]
     said = dict(zip(words, roles))
     # "an image ...": a template word, though "cy" + "an" spells cyan later on

@@ -123,7 +123,7 @@ def run_ddp_check(
     """``limoe-train`` with ``trainer=ddp`` on ``processes`` devices for ``steps`` steps (NCCL
     on GPUs, gloo on CPU); its training pairs/s over all processes and final loss."""
     with tempfile.TemporaryDirectory(prefix="limoe-bench-ddp-") as out:
-        cmd = [sys.executable, "-m", "limoe.bench.train_ddp", "trainer=ddp",
+        cmd = [sys.executable, "-m", "limoe", "trainer=ddp",
                f"trainer.accelerator={accelerator}", f"trainer.devices={processes}",
                f"model={model}", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
                "callbacks.progress_bar=null", "trainer.enable_progress_bar=false",

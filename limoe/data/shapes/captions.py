@@ -3,13 +3,9 @@ attributes, and the role of each token of a tokenised caption."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
 
 from open_clip.tokenizer import SimpleTokenizer
-
-if TYPE_CHECKING:
-    from limoe.data.shapes.attributes import Attributes
 
 CAPTION_TEMPLATES: tuple[str, ...] = (
     "a {size} {colour} {shape} in the {position} on a {background} background",
@@ -39,9 +35,10 @@ def partial_caption(names: dict[str, str], mention: int, template: int = 0) -> s
 
 
 def caption_roles(
-    attrs: Attributes, token_ids: Sequence[int], tokenizer: SimpleTokenizer
+    names: Mapping[str, str], mention: int, token_ids: Sequence[int], tokenizer: SimpleTokenizer
 ) -> list[str]:
-    """The role of each token of a tokenised caption of ``attrs``: the attribute whose value it
+    """The role of each token of a tokenised caption that names the attributes ``names``
+    (``Attributes.names``) whose bit is set in ``mention``: the attribute whose value it
     spells (``"colour"``, ``"shape"``, ``"size"``, ``"position"``, ``"background"``),
     ``"start/end"`` for the start and end tokens, ``"other"`` for template words and padding.
 
@@ -53,9 +50,8 @@ def caption_roles(
     for i, token in enumerate(ids):
         if token in (tokenizer.sot_token_id, tokenizer.eot_token_id):
             roles[i] = "start/end"
-    names = attrs.names
     for bit, attribute in enumerate(MENTION_ORDER):
-        if not attrs.mention >> bit & 1:
+        if not mention >> bit & 1:
             continue
         run = tokenizer.encode(names[attribute])
         for i in range(len(ids) - len(run) + 1):

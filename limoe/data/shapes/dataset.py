@@ -62,7 +62,8 @@ class ShapesDataset(ProceduralPairs):
     def caption_roles(self, i: int) -> list[str]:
         """The role of each token of sample ``i``'s tokenised caption (``caption_roles``)."""
         attrs = self.attributes(i)
-        return caption_roles(attrs, self.tokens(attrs.caption()), self.tokenizer)
+        tokens = self.tokens(attrs.caption())
+        return caption_roles(attrs.names, attrs.mention, tokens, self.tokenizer)
 
 
 # --------------------------------------------------------------------------- export

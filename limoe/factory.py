@@ -11,45 +11,30 @@ transforms and tokenizer rebuilt from it are those the model was trained with.
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from open_clip.tokenizer import SimpleTokenizer
 from safetensors.torch import save_model
 from torch import nn
-from torchvision.transforms import Compose
 
 from limoe.checkpoint import model_weights, read_checkpoint
 from limoe.config import compose_config, config_options
-from limoe.data.pairs import build_transform, to_rgb
+from limoe.data.preprocess import Preprocess
 from limoe.models.build import build_model
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 FORMAT = "limoe-export/1"
-# The keys of the preprocessing an export records, read from the datamodule that trained it.
-PREPROCESS_KEYS = ("image_size", "mean", "std", "augment", "background", "context_length")
-
-
-def preprocess_config(data: Mapping) -> dict:
-    """The preprocessing of a data config, as its datamodule applies it (building the
-    datamodule reads no file)."""
-    datamodule = instantiate(data, _convert_="all")
-    found = {key: getattr(datamodule, key, None) for key in PREPROCESS_KEYS}
-    found["augment"] = found["augment"] or {}  # the embedded data have no augmentation keys
-    # Plain lists for config.json (the datamodule holds tuples).
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in found.items()}
 
 
 def _from_name(name: str, overrides: list[str]) -> tuple[dict, dict, None]:
     cfg = compose_config("train", [f"model={name}", *overrides])
     model, data = (OmegaConf.to_container(cfg[key], resolve=True) for key in ("model", "data"))
-    return model, preprocess_config(data), None
+    return model, Preprocess.of_data(data), None
 
 
 def _from_checkpoint(path: Path) -> tuple[dict, dict, dict]:
@@ -57,7 +42,7 @@ def _from_checkpoint(path: Path) -> tuple[dict, dict, dict]:
     hparams = ckpt["hyper_parameters"]
     if not hparams.get("data"):
         raise ValueError(f"{path}: the checkpoint holds no data config to take preprocessing from")
-    return dict(hparams["model"]), preprocess_config(hparams["data"]), model_weights(ckpt)
+    return dict(hparams["model"]), Preprocess.of_data(hparams["data"]), model_weights(ckpt)
 
 
 def _read_export(folder: Path) -> dict:
@@ -86,7 +71,7 @@ def resolve(name_or_path: str | Path, overrides: list[str] | None = None):
         return _from_name(str(name_or_path), list(overrides or []))
     if path.is_dir():
         config = _read_export(path)
-        return config["model"], config["preprocess"], path / WEIGHTS
+        return config["model"], Preprocess.from_dict(config["preprocess"]), path / WEIGHTS
     if path.is_file():
         return _from_checkpoint(path)
     raise ValueError(
@@ -99,16 +84,6 @@ def _build(model_cfg: Mapping, weights, device: str | torch.device | None) -> nn
     return build_model(model_cfg, weights).to(device or "cpu").eval()
 
 
-def transforms(preprocess: Mapping) -> tuple[Callable, Callable]:
-    """``(preprocess_train, preprocess_val)``: PIL image -> tensor, as the datamodule did it
-    (transparent pixels composited on the background first)."""
-    rgb = functools.partial(to_rgb, background=tuple(preprocess["background"]))
-    size, mean, std = preprocess["image_size"], preprocess["mean"], preprocess["std"]
-    train = build_transform(size, True, mean, std, preprocess["augment"])
-    val = build_transform(size, False, mean, std)
-    return Compose([rgb, train]), Compose([rgb, val])
-
-
 def create_model_and_transforms(
     name_or_path: str | Path,
     device: str | torch.device | None = None,
@@ -119,13 +94,13 @@ def create_model_and_transforms(
     such as ``["data=tabler"]`` apply), a ``.ckpt`` from ``limoe-train`` or a ``limoe-export``
     folder."""
     model_cfg, preprocess, weights = resolve(name_or_path, overrides)
-    return _build(model_cfg, weights, device), *transforms(preprocess)
+    return _build(model_cfg, weights, device), *preprocess.transforms()
 
 
 def get_tokenizer(name_or_path: str | Path, overrides: list[str] | None = None) -> SimpleTokenizer:
     """open_clip's tokenizer with the context length the model reads."""
     _, preprocess, _ = resolve(name_or_path, overrides)
-    return SimpleTokenizer(context_length=preprocess["context_length"])
+    return preprocess.tokenizer()
 
 
 def export_model(ckpt: str | Path, out: str | Path) -> Path:
@@ -136,6 +111,6 @@ def export_model(ckpt: str | Path, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, str(out / WEIGHTS))
-    config = {"format": FORMAT, "model": model_cfg, "preprocess": preprocess}
+    config = {"format": FORMAT, "model": model_cfg, "preprocess": preprocess.as_dict()}
     (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return out

@@ -11,11 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
 
 import limoe
 from limoe import cli
+from limoe.data.preprocess import Preprocess
 from limoe.factory import export_model
 from limoe.lit import ContrastiveModule
 from limoe.train import build_datamodule, compose, train
@@ -111,3 +114,25 @@ def test_bad_sources_fail_with_one_line_naming_them(tmp_path, console):
     assert (
         code == 2 and err.strip() == f"limoe: error: ckpt={tmp_path / 'nope.ckpt'} does not exist"
     )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["data=shapes"], ["data=csv"],
+     ["data=csv", "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]",
+      "+data.augment.scale=[0.5,1.0]", "data.background=[0,0,0]"]],
+    ids=["scenes", "shapes", "csv", "csv_own"],
+)  # fmt: skip
+def test_preprocess_of_a_data_config_is_what_its_datamodule_applies(overrides, tmp_path):
+    """Read off the config and the datamodule's class, without building the datamodule: the
+    same size, normalisation, augmentation, background and context length as the built one."""
+    cfg = compose(overrides, tmp_path)
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    preprocess = Preprocess.of_data(data)
+    datamodule = instantiate(cfg.data)
+    assert preprocess.image_size == datamodule.image_size
+    assert preprocess.context_length == datamodule.context_length
+    assert preprocess.mean == tuple(datamodule.mean) and preprocess.std == tuple(datamodule.std)
+    assert preprocess.background == tuple(datamodule.background)
+    assert preprocess.augment == getattr(datamodule, "augment", {})
+    assert Preprocess.from_dict(preprocess.as_dict()) == preprocess

@@ -11,6 +11,7 @@ samples and zero-shot tasks, and the tokenizer (``limoe.eval.EvalPlan``).
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Mapping, Sequence
 
@@ -33,6 +34,7 @@ from limoe.data.pairs import (
     normalize_images,
     split_normalize,
 )
+from limoe.data.preprocess import Preprocess
 from limoe.data.procedural import MEAN, STD, ProceduralPairs
 from limoe.data.shapes import SPLITS, ShapesDataset
 from limoe.data.skips import SkipCounts
@@ -105,7 +107,21 @@ class PairDataModule(L.LightningDataModule):
         self.zeroshot = {name: dict(spec) for name, spec in (zeroshot or {}).items()}
         self._folder_sets: list[EvalSet] | None = None
 
+    @classmethod
+    def preprocess_of(cls, data: Mapping) -> Preprocess:
+        """The preprocessing this class applies with the arguments of ``data`` (a data config;
+        what it leaves out takes the constructor's default), without building it."""
+        names = inspect.signature(cls).parameters
+        bound = inspect.signature(cls).bind_partial(**{k: v for k, v in data.items() if k in names})
+        bound.apply_defaults()
+        return cls._preprocess(bound.arguments)
+
     # --- to be given by each datamodule ----------------------------------------------------
+
+    @staticmethod
+    def _preprocess(arguments: Mapping) -> Preprocess:
+        """The preprocessing of the constructor's ``arguments``."""
+        raise NotImplementedError
 
     def _own_eval_sets(self, stage: str) -> list[EvalSet]:
         raise NotImplementedError
@@ -244,9 +260,10 @@ class ShapesDataModule(PairDataModule):
         max_skipped_fraction: float = 0.5,
         check_images: bool = True,
     ) -> None:
+        pre = self._preprocess({"image_size": image_size, "context_length": context_length})
         super().__init__(
             image_size, eval_batch_size, num_workers, pin_memory, persistent_workers, zeroshot,
-            MEAN, STD, WHITE, max_skipped_fraction, check_images,
+            pre.mean, pre.std, pre.background, max_skipped_fraction, check_images,
         )  # fmt: skip
         _check_positive(
             image_size=image_size,
@@ -285,6 +302,12 @@ class ShapesDataModule(PairDataModule):
         self.hard_negative_attributes = hard_negative_attributes
         self.tokenizer = SimpleTokenizer(context_length=context_length)
         self._datasets: dict[str, ProceduralPairs] = {}
+
+    @staticmethod
+    def _preprocess(arguments: Mapping) -> Preprocess:
+        """The procedural images are drawn at ``image_size``, normalised with their own
+        statistics, never augmented."""
+        return Preprocess(arguments["image_size"], arguments["context_length"], MEAN, STD)
 
     def dataset(self, split: str) -> ProceduralPairs:
         """The dataset of one split, built on first use (cheap: attributes are hashed)."""
@@ -442,10 +465,12 @@ class ImageTextDataModule(PairDataModule):
         max_skipped_fraction: float = 0.5,
         check_images: bool = True,
     ) -> None:
+        pre = self._preprocess({"image_size": image_size, "context_length": context_length,
+                                "mean": mean, "std": std, "background": background,
+                                "augment": augment})  # fmt: skip
         super().__init__(
             image_size, eval_batch_size, num_workers, pin_memory, persistent_workers, zeroshot,
-            mean or OPENAI_DATASET_MEAN, std or OPENAI_DATASET_STD, background,
-            max_skipped_fraction, check_images,
+            pre.mean, pre.std, pre.background, max_skipped_fraction, check_images,
         )  # fmt: skip
         _check_positive(
             image_size=image_size, context_length=context_length, batch_size=batch_size,
@@ -477,6 +502,15 @@ class ImageTextDataModule(PairDataModule):
         self._datasets: dict[str, PairDataset] = {}
         # Training loaders yield uint8 images; this Normalize finishes them on the device.
         self._train_transform, self._normalize = split_normalize(self._transform(train=True))
+
+    @staticmethod
+    def _preprocess(arguments: Mapping) -> Preprocess:
+        """open_clip's normalisation (OpenAI's statistics) unless the config gives its own."""
+        return Preprocess(
+            arguments["image_size"], arguments["context_length"],
+            arguments["mean"] or OPENAI_DATASET_MEAN, arguments["std"] or OPENAI_DATASET_STD,
+            arguments["background"], arguments["augment"] or {},
+        )  # fmt: skip
 
     def _items(self, split: str) -> list:
         """The usable rows of a split; stops when too few are usable."""

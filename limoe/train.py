@@ -63,8 +63,15 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     return instantiate(cfg.data)
 
 
-def build_module(cfg: DictConfig) -> ContrastiveModule:
-    return ContrastiveModule(model=plain(cfg.model), optim=plain(cfg.optim), data=plain(cfg.data))
+def build_module(
+    cfg: DictConfig, datamodule: L.LightningDataModule | None = None
+) -> ContrastiveModule:
+    """The LightningModule of ``cfg``, evaluating what ``datamodule`` plans (its
+    ``eval_plan``) where given."""
+    plans = getattr(datamodule, "eval_plan", None)
+    return ContrastiveModule(
+        model=plain(cfg.model), optim=plain(cfg.optim), data=plain(cfg.data), eval_plans=plans
+    )
 
 
 def _instantiate_all(node: DictConfig | None) -> list:
@@ -90,7 +97,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     and where ``cfg.test`` is false)."""
     output_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule, module = build_datamodule(cfg), build_module(cfg)
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule)
     if cfg.get("ckpt_path"):
         key = f"ckpt_path={cfg.ckpt_path}"
         model_cfg = module.hparams["model"]  # the config the module saves and was built from
@@ -188,8 +196,9 @@ def load_checkpoint(
     ckpt = Path(ckpt)
     read_checkpoint(ckpt)
     module = ContrastiveModule.load_from_checkpoint(ckpt, map_location="cpu")
-    data_cfg = OmegaConf.merge(module.hparams["data"], data or {})
-    return module, instantiate(data_cfg), ckpt.resolve().parent.parent
+    datamodule = instantiate(OmegaConf.merge(module.hparams["data"], data or {}))
+    module.eval_plans = datamodule.eval_plan
+    return module, datamodule, ckpt.resolve().parent.parent
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:

@@ -136,3 +136,19 @@ def test_expert_counts_and_shares_by_hand():
     assert stats["dropped/text"] == pytest.approx(0.0)
     assert stats["aux/load/text"] == pytest.approx(3.0)
     assert not any(math.isnan(float(v)) for v in stats.values())
+
+
+def test_the_module_evaluates_the_plans_it_is_handed_without_a_datamodule(tmp_path):
+    """Validation through plain dataloaders: the plans come with the module, not from
+    ``trainer.datamodule``; without either, one line says so."""
+    from limoe.train import build_datamodule, build_module, build_trainer, compose
+
+    cfg = compose(["experiment=smoke", "callbacks.progress_bar=null"], tmp_path)
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule)
+    trainer = build_trainer(cfg, logger=False, enable_progress_bar=False)
+    (metrics,) = trainer.validate(module, dataloaders=datamodule.val_dataloader(), verbose=False)
+    assert 0.0 <= metrics["val/image_to_text_R@1"] <= 1.0 and "val/shape_zeroshot_top1" in metrics
+    module.eval_plans = None
+    with pytest.raises(ValueError, match="nothing to evaluate: give ContrastiveModule eval_plans"):
+        trainer.validate(module, dataloaders=datamodule.val_dataloader(), verbose=False)

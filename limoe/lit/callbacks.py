@@ -52,9 +52,12 @@ class RoutingHistory(L.Callback):
 
     def _load_pairs(self, datamodule) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The first ``num_pairs`` pairs of ``split``; None (with a warning, once) when the
-        data has no such split, e.g. ``data=csv`` without ``data.val_data``."""
+        data has no such split, e.g. ``data=csv`` without ``data.val_data``, or no
+        datamodule to read it from (a Trainer given plain dataloaders)."""
         if self._pairs is None:
             try:
+                if not hasattr(datamodule, "dataset"):
+                    raise ValueError("the Trainer runs no limoe datamodule to take pairs from")
                 dataset = datamodule.dataset(self.split)
             except ValueError as error:
                 rank_zero_warn(f"RoutingHistory records nothing: {error}")

@@ -1,6 +1,6 @@
 """The LightningModule: contrastive training of any open_clip-surface model. It holds the
-loss, the logging and the optimiser; evaluation is ``limoe.eval.Evaluation`` over the plan the
-datamodule hands over, exact resume the ``ExactResume`` callback, expert parallelism the
+loss, the logging and the optimiser; evaluation is ``limoe.eval.Evaluation`` over the plans it
+is handed (``eval_plans``), exact resume the ``ExactResume`` callback, expert parallelism the
 ``ExpertParallel`` callback (which this module brings along).
 
 The module is built from plain config mappings (the model's, the optimiser's, the data's) and
@@ -11,7 +11,7 @@ same model, and ``limoe-eval`` the same evaluation data, from the checkpoint alo
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import lightning as L
 import torch
@@ -20,6 +20,7 @@ from timm.optim import param_groups_weight_decay
 from torch import Tensor
 
 from limoe.eval import Evaluation
+from limoe.eval.plan import EvalPlan
 from limoe.lit.parallel import ExpertParallel, grad_norm
 from limoe.models.build import build_model
 from limoe.models.upcycle import pop_upcycle
@@ -47,13 +48,23 @@ class NonFiniteLossError(RuntimeError):
 
 
 class ContrastiveModule(L.LightningModule):
-    def __init__(self, model: Mapping, optim: Mapping, data: Mapping | None = None) -> None:
+    def __init__(
+        self,
+        model: Mapping,
+        optim: Mapping,
+        data: Mapping | None = None,
+        eval_plans: Callable[[str], EvalPlan] | None = None,
+    ) -> None:
+        """``eval_plans(stage)``: what to evaluate at validation and test (``limoe.train``
+        hands over its datamodule's ``eval_plan``); None: the ``eval_plan`` of the datamodule
+        the Trainer runs, when it has one."""
         super().__init__()
         # upcycle_from names where the first weights come from: used once, here, and kept out
         # of the hyperparameters, so the checkpoint reloads without the dense one.
         self.save_hyperparameters({"model": pop_upcycle(model)[0], "optim": optim, "data": data})
         self.model = build_model(model)
         self.optim = dict(optim)
+        self.eval_plans = eval_plans
         self.clip_loss = ClipLoss()
         self._evaluation: Evaluation | None = None
         self._grad_norm: Tensor | None = None  # this step's, for clipping
@@ -131,7 +142,10 @@ class ContrastiveModule(L.LightningModule):
     # --- evaluation: limoe.eval over the datamodule's plan ---------------------------------
 
     def _start_evaluation(self, stage: str) -> None:
-        self._evaluation = Evaluation(self.model, self.trainer.datamodule.eval_plan(stage))
+        plans = self.eval_plans or getattr(self.trainer.datamodule, "eval_plan", None)
+        if plans is None:
+            raise ValueError("nothing to evaluate: give ContrastiveModule eval_plans")
+        self._evaluation = Evaluation(self.model, plans(stage))
 
     def _log_evaluation(self) -> None:
         all_gather = self.all_gather if self.trainer.world_size > 1 else None

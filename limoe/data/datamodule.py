@@ -11,8 +11,10 @@ samples and zero-shot tasks, and the tokenizer (``limoe.eval.EvalPlan``).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
+import types
 from collections.abc import Callable, Mapping, Sequence
 
 import lightning as L
@@ -228,6 +230,24 @@ _SHAPES_EVAL: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 
+def with_defaults(function: Callable, **defaults) -> Callable:
+    """``function`` with other defaults for some of its arguments: what a subclass that only
+    changes defaults needs, without copying the signature (annotations, docstring and
+    ``inspect.signature`` follow)."""
+    names = function.__code__.co_varnames[: function.__code__.co_argcount]
+    old = function.__defaults__ or ()
+    first = len(names) - len(old)
+    unknown = set(defaults) - set(names[first:])
+    if unknown:
+        raise TypeError(f"{function.__qualname__} has no defaulted argument {sorted(unknown)}")
+    new = tuple(defaults.get(name, value) for name, value in zip(names[first:], old))
+    made = types.FunctionType(function.__code__, function.__globals__, function.__name__, new,
+                              function.__closure__)  # fmt: skip
+    functools.update_wrapper(made, function)
+    del made.__wrapped__  # inspect.signature reads the new defaults, not the wrapped ones
+    return made
+
+
 class ShapesDataModule(PairDataModule):
     """Train/val/test/novel loaders over ShapesDataset, sharing one tokenizer.
 
@@ -394,35 +414,13 @@ class ScenesDataModule(ShapesDataModule):
     dataset_class = scenes.ScenesDataset
     zeroshot_tasks = staticmethod(scenes.zeroshot_tasks)
 
-    def __init__(
-        self,
-        image_size: int = 56,
-        context_length: int = 16,
-        seed: int = 0,
-        train_size: int = 256_000,
-        val_size: int = 1_000,
-        test_size: int = 1_000,
-        novel_size: int = 1_000,
-        batch_size: int = 128,
-        eval_batch_size: int = 500,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        partial_captions: float = 0.5,
-        partial_captions_from_step: int = 400,
-        train_from_step: int = 0,
-        hard_negatives: float = 1.0,
-        hard_negative_attributes: Sequence[str] = ("binding", "shape"),
-        zeroshot: Mapping | None = None,
-        max_skipped_fraction: float = 0.5,
-        check_images: bool = True,
-    ) -> None:
-        super().__init__(
-            image_size, context_length, seed, train_size, val_size, test_size, novel_size,
-            batch_size, eval_batch_size, num_workers, pin_memory, persistent_workers,
-            partial_captions, partial_captions_from_step, train_from_step, hard_negatives,
-            hard_negative_attributes, zeroshot, max_skipped_fraction, check_images,
-        )  # fmt: skip
+    # Shapes' constructor with the scenes' defaults (its signature, not a copy of it).
+    __init__ = with_defaults(
+        ShapesDataModule.__init__,
+        image_size=56,
+        context_length=16,
+        hard_negative_attributes=("binding", "shape"),
+    )
 
 
 class ImageTextDataModule(PairDataModule):

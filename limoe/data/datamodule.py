@@ -11,10 +11,8 @@ samples and zero-shot tasks, and the tokenizer (``limoe.eval.EvalPlan``).
 
 from __future__ import annotations
 
-import functools
 import inspect
 import os
-import types
 from collections.abc import Callable, Mapping, Sequence
 
 import lightning as L
@@ -26,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from limoe.data import scenes, shapes
 from limoe.data.csv import read_csv
+from limoe.data.defaults import with_defaults
 from limoe.data.imagefolder import imagefolder_task
 from limoe.data.loading import ResumableLoader, ResumableSampler
 from limoe.data.pairs import (
@@ -228,24 +227,6 @@ _SHAPES_EVAL: dict[str, tuple[tuple[str, str], ...]] = {
     "validate": (("val", "val"),),
     "test": (("test", "test"), ("novel", "test_novel")),
 }
-
-
-def with_defaults(function: Callable, **defaults) -> Callable:
-    """``function`` with other defaults for some of its arguments: what a subclass that only
-    changes defaults needs, without copying the signature (annotations, docstring and
-    ``inspect.signature`` follow)."""
-    names = function.__code__.co_varnames[: function.__code__.co_argcount]
-    old = function.__defaults__ or ()
-    first = len(names) - len(old)
-    unknown = set(defaults) - set(names[first:])
-    if unknown:
-        raise TypeError(f"{function.__qualname__} has no defaulted argument {sorted(unknown)}")
-    new = tuple(defaults.get(name, value) for name, value in zip(names[first:], old))
-    made = types.FunctionType(function.__code__, function.__globals__, function.__name__, new,
-                              function.__closure__)  # fmt: skip
-    functools.update_wrapper(made, function)
-    del made.__wrapped__  # inspect.signature reads the new defaults, not the wrapped ones
-    return made
 
 
 class ShapesDataModule(PairDataModule):

@@ -31,16 +31,18 @@ class ProceduralPairs(Dataset):
         self,
         split: str,
         size: int,
-        image_size: int,
-        seed: int,
-        tokenizer: SimpleTokenizer | None,
-        context_length: int,
-        return_labels: bool,
-        partial_captions: float,
-        partial_from: int,
-        hard_negatives: float,
-        hard_negative_attributes: Sequence[str],
+        image_size: int = 32,
+        seed: int = 0,
+        tokenizer: SimpleTokenizer | None = None,
+        context_length: int = 32,
+        return_labels: bool = False,
+        partial_captions: float = 0.0,
+        partial_from: int = 0,
+        hard_negatives: float = 0.0,
+        hard_negative_attributes: Sequence[str] = ("shape", "position"),
     ) -> None:
+        """The defaults are the ``shapes`` data set's (``ShapesDataset``); ``ScenesDataset``
+        changes three of them."""
         if size < 0:
             raise ValueError(f"size must be >= 0, got {size}")
         if image_size < 8:

@@ -3,11 +3,9 @@ its shape."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
-from open_clip.tokenizer import SimpleTokenizer
 
+from limoe.data.defaults import with_defaults
 from limoe.data.procedural import ProceduralPairs
 from limoe.data.scenes.render import object_masks, render
 from limoe.data.scenes.sampling import row_scene, sample_table
@@ -22,24 +20,12 @@ class ScenesDataset(ProceduralPairs):
     task_names = TASK_NAMES
     sample_table = staticmethod(sample_table)
 
-    def __init__(
-        self,
-        split: str,
-        size: int,
-        image_size: int = 56,
-        seed: int = 0,
-        tokenizer: SimpleTokenizer | None = None,
-        context_length: int = 16,
-        return_labels: bool = False,
-        partial_captions: float = 0.0,
-        partial_from: int = 0,
-        hard_negatives: float = 0.0,
-        hard_negative_attributes: Sequence[str] = ("binding", "shape"),
-    ) -> None:
-        super().__init__(
-            split, size, image_size, seed, tokenizer, context_length, return_labels,
-            partial_captions, partial_from, hard_negatives, hard_negative_attributes,
-        )  # fmt: skip
+    __init__ = with_defaults(
+        ProceduralPairs.__init__,
+        image_size=56,
+        context_length=16,
+        hard_negative_attributes=("binding", "shape"),
+    )
 
     def row(self, i: int) -> Scene:
         return row_scene(self._table, i)

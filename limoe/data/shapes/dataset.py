@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from open_clip.tokenizer import SimpleTokenizer
 
 from limoe.data.procedural import ProceduralPairs
 from limoe.data.shapes.attributes import Attributes
@@ -26,25 +25,6 @@ class ShapesDataset(ProceduralPairs):
 
     task_names = TASK_NAMES
     sample_table = staticmethod(sample_table)
-
-    def __init__(
-        self,
-        split: str,
-        size: int,
-        image_size: int = 32,
-        seed: int = 0,
-        tokenizer: SimpleTokenizer | None = None,
-        context_length: int = 32,
-        return_labels: bool = False,
-        partial_captions: float = 0.0,
-        partial_from: int = 0,
-        hard_negatives: float = 0.0,
-        hard_negative_attributes: Sequence[str] = ("shape", "position"),
-    ) -> None:
-        super().__init__(
-            split, size, image_size, seed, tokenizer, context_length, return_labels,
-            partial_captions, partial_from, hard_negatives, hard_negative_attributes,
-        )  # fmt: skip
 
     def row(self, i: int) -> Attributes:
         return row_attributes(self._table, i)

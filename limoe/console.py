@@ -94,12 +94,14 @@ def metrics_table(metrics: Mapping[str, float]) -> list[str]:
     columns = [("i->t R@1", "image_to_text_R@1"), ("t->i R@1", "text_to_image_R@1")]
     columns += [(task, f"{task}_zeroshot_top1") for task in tasks]
     width = max(len(s) for s in stages)
-    lines = [" " * width + "".join(f"  {title:>8}" for title, _ in columns)]
+    sizes = [max(8, len(title)) for title, _ in columns]  # each column as wide as its title
+    lines = [" " * width + "".join(f"  {t:>{n}}" for (t, _), n in zip(columns, sizes))]
     if tasks:
         lines[0] += "  (zero-shot top-1)"
     for stage in stages:
         cells = [metrics.get(f"{stage}/{key}") for _, key in columns]
-        row = "".join("  " + (f"{v:8.3f}" if v is not None else f"{'-':>8}") for v in cells)
+        row = "".join(f"  {v:{n}.3f}" if v is not None else f"  {'-':>{n}}"
+                      for v, n in zip(cells, sizes))  # fmt: skip
         lines.append(f"{stage:<{width}}{row}")
     return lines
 

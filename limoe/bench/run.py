@@ -28,7 +28,7 @@ from .data import run_feed_bench, run_loader_bench, write_fixture
 from .gpu import run_ddp_check, run_gemm_layer_bench, run_model_steps
 from .layer import layer_cases, run_layer_bench
 from .report import check_targets, format_table, machine_info
-from .train import StepTimes, in_memory, repeat_batch, run_train_bench
+from .train import StepTimes, in_memory, run_train_bench
 
 # all: layer, train and data; cost (minutes: it builds the 3.5B-parameter LIMoE-L/16) and gpu
 # (made for a GPU) run only when named.
@@ -73,7 +73,9 @@ def bench_train(cfg: DictConfig, dtype: torch.dtype) -> list[dict]:
             params[name] = sum(p.numel() for p in module.parameters())
             datamodule = build_datamodule(run_cfg)
             if batch is None:
-                batch = repeat_batch(datamodule.train_dataloader())
+                batch = next(
+                    iter(datamodule.train_dataloader())
+                )  # the first batch, as the loop gets it
             fits[name] = partial(_fit, run_cfg, module, datamodule, batch, cfg.device, dtype)
         return run_train_bench(
             fits, len(batch[0]), params, cfg.train.warmup, cfg.train.repeats,

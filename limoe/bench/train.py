@@ -12,7 +12,6 @@ from collections.abc import Callable, Mapping
 from statistics import median
 
 import lightning as L
-import torch
 from tqdm.auto import tqdm
 
 from .timing import synchronize
@@ -108,8 +107,3 @@ class Repeat:
 def in_memory(batch: object, steps: int) -> Callable[[], Repeat]:
     """A ``train_dataloader`` that yields the same batch ``steps`` times."""
     return lambda: Repeat(batch, steps)
-
-
-def repeat_batch(loader: torch.utils.data.DataLoader) -> object:
-    """The first batch of a training loader, as the loop would receive it."""
-    return next(iter(loader))

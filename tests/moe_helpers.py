@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from limoe.moe import MoELayer
+from limoe.moe import MoELayer, SoftRouter
 
 # The routing mechanics alone, without what LIMoE's defaults add on top: a capacity (factor
 # 1.0, so drops happen), no router noise, no auxiliary losses. A test sets what it examines.
@@ -38,9 +38,9 @@ def randomise(layer: MoELayer) -> MoELayer:
     with torch.no_grad():
         for p in layer.experts.parameters():
             p.normal_(std=0.3)
-        if layer.router is not None:  # None: router="modality" learns nothing
+        if hasattr(layer.router, "weight"):  # router="modality" learns nothing
             layer.router.weight.normal_(std=1.0)
-        if layer.router_type == "soft":  # unit-norm logits: sharpen them as training would
+        if isinstance(layer.router, SoftRouter):  # unit-norm logits: sharpen them as training would
             layer.router.scale.fill_(4.0)
     return layer
 

@@ -16,7 +16,6 @@ from limoe.analysis import plots
 from limoe.analysis.explorer import RoutingExplorer
 from limoe.analysis.routing import (
     RoutingRecord,
-    _token_origins,
     collect_routing,
     content_table,
     image_group,
@@ -27,7 +26,7 @@ from limoe.analysis.routing import (
 )
 from limoe.data.shapes import CAPTION_TEMPLATES, COLOURS, Attributes, ShapesDataset, caption_roles
 from limoe.lit.callbacks import read_history
-from limoe.models.limoe import IMAGE, TEXT
+from limoe.models.limoe import IMAGE, TEXT, LIMoE
 from limoe.moe import Routing
 from limoe.moe.statistics import concat_routings, expert_kinds, layer_summary
 
@@ -106,14 +105,28 @@ def test_concat_routings_equals_the_whole():
     assert float(whole.aux_losses["load/image"]) == 2.0
 
 
-def test_token_origins_follow_the_tower_order():
-    # two pairs, 2 patches each; captions of 3 and 4 real tokens (end token = largest id)
+def test_routing_records_carry_each_tokens_origin_in_tower_order():
+    """The MoE layers' records say where each token came from (pair, patch or position), and
+    collect_routing offsets the pairs of later batches and reads the text tokens' ids."""
+    torch.manual_seed(0)
+    model = LIMoE(embed_dim=16, image_size=16, patch_size=8, width=16, depth=2, num_heads=2,
+                  context_length=5, moe_layers=[1], moe={"num_experts": 4}).eval()  # fmt: skip
+    # two pairs, 4 patches each; captions of 3 and 4 real tokens (end token = largest id)
     tokens = torch.tensor([[49406, 7, 49407, 0, 0], [49406, 8, 9, 49407, 0]])
-    modality, pair, position, token_id = _token_origins(tokens, num_patches=2, offset=10)
-    assert modality.tolist() == [IMG, IMG, IMG, IMG, TXT, TXT, TXT, TXT, TXT, TXT, TXT]
-    assert pair.tolist() == [10, 10, 11, 11, 10, 10, 10, 11, 11, 11, 11]
-    assert position.tolist() == [0, 1, 0, 1, 0, 1, 2, 0, 1, 2, 3]
-    assert token_id.tolist() == [-1] * 4 + [49406, 7, 49407, 49406, 8, 9, 49407]
+    images = torch.randn(2, 3, 16, 16)
+    (routing,) = model.tower(images, tokens)[2]
+    assert routing.modality.tolist() == [IMG] * 8 + [TXT] * 7
+    assert routing.sequence.tolist() == [0] * 4 + [1] * 4 + [0, 0, 0, 1, 1, 1, 1]
+    assert routing.position.tolist() == [0, 1, 2, 3] * 2 + [0, 1, 2, 0, 1, 2, 3]
+    text_only = model.tower(None, tokens)[2][0]
+    assert text_only.sequence.tolist() == [0, 0, 0, 1, 1, 1, 1]
+    pairs = [(images[i], tokens[i]) for i in range(2)]
+    record = collect_routing(model, pairs, batch_size=1, progress=False)
+    assert record.pair.tolist() == [0] * 4 + [0, 0, 0] + [1] * 4 + [1, 1, 1, 1]
+    assert record.position.tolist() == [0, 1, 2, 3, 0, 1, 2] + [0, 1, 2, 3, 0, 1, 2, 3]
+    assert record.token_id.tolist() == [-1] * 4 + [49406, 7, 49407] + [-1] * 4 + [
+        49406, 8, 9, 49407,
+    ]  # fmt: skip
 
 
 def hand_record() -> RoutingRecord:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from limoe import create_model
 from limoe.models import LIMoE, text_padding_mask
+from limoe.models.limoe import token_origin
 
 SOT, EOT = 49406, 49407
 
@@ -101,7 +102,8 @@ def test_moe_block_updates_real_text_tokens_and_leaves_padding(drop_path_rate):
     image, text = model.embed_images(images), model.embed_text(tokens)
     mask = text_padding_mask(tokens)
     with torch.no_grad():
-        _, out, _ = block._moe_mlp(image, text, mask, mask.flatten().nonzero().squeeze(1))
+        index = mask.flatten().nonzero().squeeze(1)
+        _, out, _ = block._moe_mlp(image, text, index, token_origin(image, mask, index))
         flat = torch.cat([block.norm2(image).flatten(0, 1), block.norm2(text)[mask]])
         modality = torch.cat([torch.zeros(48, dtype=torch.long), torch.ones(16, dtype=torch.long)])
         y, _ = block.mlp(flat, modality)
@@ -190,7 +192,7 @@ def test_router_init_is_timms_or_vmoes_lecun_normal():
     timm = LIMoE(**size, moe={"num_experts": 8, "router_init_std": 0.02}).blocks[1].mlp
     torch.manual_seed(0)
     lecun = LIMoE(**size, moe={"num_experts": 8}).blocks[1].mlp
-    assert lecun.router_init_std == 64**-0.5 and timm.router_init_std == 0.02
+    assert lecun.router.init_std == 64**-0.5 and timm.router.init_std == 0.02
     assert abs(float(timm.router.weight.detach().std()) - 0.02) < 0.003
     assert abs(float(lecun.router.weight.detach().std()) - 64**-0.5) < 0.015
 

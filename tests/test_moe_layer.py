@@ -17,15 +17,15 @@ def naive_forward(layer, x):
     n, e_num, k = x.shape[0], layer.num_experts, layer.top_k
     probs = torch.softmax(x @ layer.router.weight.T, dim=-1)
     gates, idx = probs.topk(k, dim=-1)
-    if layer.renormalize_gates:
+    if layer.router.renormalize_gates:
         gates = gates / gates.sum(-1, keepdim=True)
     if layer.capacity_factor is None:
         capacity = math.inf
     else:
         capacity = math.ceil(k * layer.capacity_factor * n / e_num)
-        capacity = -(-capacity // layer.capacity_multiple) * layer.capacity_multiple
+        capacity = -(-capacity // layer.router.capacity_multiple) * layer.router.capacity_multiple
     top1 = probs.max(-1).values.tolist()
-    order = sorted(range(n), key=lambda i: -top1[i]) if layer.batch_priority else range(n)
+    order = sorted(range(n), key=lambda i: -top1[i]) if layer.router.batch_priority else range(n)
     filled = [0] * e_num
     kept = torch.zeros(n, k, dtype=torch.bool)
     for j in range(k):
@@ -240,7 +240,7 @@ def test_noisy_gating_only_in_training():
     num_experts = 4
     layer = bare_layer(DIM, HIDDEN, num_experts, noisy_gating=True)
     x = torch.randn(4000, DIM)
-    clean = torch.softmax(layer.router_logits(x), -1)
+    clean = torch.softmax(layer.router.logits(x), -1)
     layer.eval()
     torch.testing.assert_close(layer(x)[1].probs, clean)
     layer.train()

@@ -104,7 +104,7 @@ def test_layer_vmoe_load_uses_its_own_noise():
     x, modality = torch.randn(10, 8), torch.tensor([0] * 7 + [1] * 3)
     torch.manual_seed(3)
     _, routing = layer(x, modality)
-    clean = layer.router_logits(x)
+    clean = layer.router.logits(x)
     torch.manual_seed(3)  # the gating noise is the forward's first random draw
     noisy = clean + torch.randn_like(clean) / 4
     expected = vmoe_load_loss(clean, noisy, 0.25, top_k=1)

@@ -100,7 +100,7 @@ def test_pack_groups_by_hand():
 
 def naive_soft_moe(layer: MoELayer, x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     """Soft MoE one group at a time, as the paper writes it (per sequence)."""
-    p = layer.slots_per_expert
+    p = layer.router.slots_per_expert
     y = torch.zeros_like(x)
     for g in group.unique():
         members = (group == g).nonzero().squeeze(-1)
@@ -124,7 +124,7 @@ def test_soft_moe_against_per_group_loops(slots_per_expert):
     x, probe = torch.randn(11, DIM), torch.randn(11, DIM)
     group = torch.tensor([4, 1, 4, 4, 9, 1, 9, 9, 9, 4, 1])  # uneven, interleaved, sparse ids
     grads = []
-    for forward in (lambda x_in: layer(x_in, group=group)[0],
+    for forward in (lambda x_in: layer(x_in, sequence=group)[0],
                     lambda x_in: naive_soft_moe(layer, x_in, group)):  # fmt: skip
         layer.zero_grad()
         x_in = x.clone().requires_grad_(True)
@@ -140,18 +140,24 @@ def test_soft_moe_keeps_groups_apart_and_records_its_routing():
     layer = randomise(bare_layer(DIM, HIDDEN, 4, router="soft", slots_per_expert=2))
     x = torch.randn(10, DIM)
     group = torch.tensor([0] * 6 + [1] * 4)
-    y, routing = layer(x, group=group)
+    y, routing = layer(x, sequence=group)
     changed = x.clone()
     changed[6:] = torch.randn(4, DIM)  # another group 1
-    torch.testing.assert_close(layer(changed, group=group)[0][:6], y[:6])
+    torch.testing.assert_close(layer(changed, sequence=group)[0][:6], y[:6])
     # Within a group, permuting tokens permutes outputs.
     perm = torch.tensor([5, 3, 1, 0, 2, 4, 6, 7, 8, 9])
-    torch.testing.assert_close(layer(x[perm], group=group)[0], y[perm], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer(x[perm], sequence=group)[0], y[perm], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(routing.probs.sum(-1), torch.ones(10))
     assert torch.equal(routing.expert_index[:, 0], routing.probs.argmax(-1))
     assert not routing.dropped.any() and routing.capacity is None
-    with pytest.raises(ValueError, match="group must hold one integer id per token"):
-        layer(x, group=torch.zeros(9, dtype=torch.long))
+    # An image and its caption share a sequence id; the modality keeps them apart too.
+    modality = torch.tensor([0] * 3 + [1] * 3 + [0] * 4)
+    y_mixed = layer(x, modality, group)[0]
+    changed = x.clone()
+    changed[3:6] = torch.randn(3, DIM)  # another caption for sequence 0
+    torch.testing.assert_close(layer(changed, modality, group)[0][:3], y_mixed[:3])
+    with pytest.raises(ValueError, match="sequence must hold one integer id per token"):
+        layer(x, sequence=torch.zeros(9, dtype=torch.long))
 
 
 @pytest.mark.parametrize("router", ["expert_choice", "soft"])
@@ -206,16 +212,16 @@ def test_soft_router_is_vmoes_normalised_router():
     torch.manual_seed(8)
     layer = bare_layer(DIM, HIDDEN, 3, router="soft", slots_per_expert=2)
     x = torch.randn(5, DIM)
-    logits = layer.router_logits(x)
+    logits = layer.router.logits(x)
     cosine = torch.nn.functional.cosine_similarity(
         x[:, None, :], layer.router.weight[None, :, :], dim=-1
     )
     torch.testing.assert_close(logits, cosine, rtol=1e-5, atol=1e-6)  # scale starts at 1
-    torch.testing.assert_close(layer.router_logits(50.0 * x), logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.router.logits(50.0 * x), logits, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         layer.router.scale.fill_(3.0)
-    torch.testing.assert_close(layer.router_logits(x), 3.0 * cosine, rtol=1e-5, atol=1e-6)
-    layer(x, group=torch.tensor([0, 0, 1, 1, 1]))[0].square().sum().backward()
+    torch.testing.assert_close(layer.router.logits(x), 3.0 * cosine, rtol=1e-5, atol=1e-6)
+    layer(x, sequence=torch.tensor([0, 0, 1, 1, 1]))[0].square().sum().backward()
     assert layer.router.scale.grad is not None and layer.router.scale.grad != 0
 
 
@@ -223,7 +229,7 @@ def expert_choice_record(probs: torch.Tensor, capacity: int, modality: list[int]
     expert_index, gates, _, dropped = expert_choice(probs, capacity)
     zero = torch.zeros(())
     return Routing(expert_index, gates, dropped, probs, torch.tensor(modality), capacity, {},
-                   zero, router="expert_choice")  # fmt: skip
+                   zero, router="expert_choice", experts_choose=True)  # fmt: skip
 
 
 def test_expert_choice_statistics_count_kept_choices():
@@ -247,7 +253,9 @@ def test_expert_choice_statistics_count_kept_choices():
     full = routing_stats([expert_choice_record(probs, 2, [0, 0, 1, 1])], [2])
     assert float(full["dropped/image"]) == float(full["dropped/text"]) == 0.0
     # A top-k record with the same choices still counts choices over capacity.
-    topk = replace(expert_choice_record(probs, 1, [0, 0, 1, 1]), router="topk")
+    topk = replace(
+        expert_choice_record(probs, 1, [0, 0, 1, 1]), router="topk", experts_choose=False
+    )
     assert float(routing_stats([topk], [2])["dropped/image"]) == 0.75
 
 

@@ -9,7 +9,7 @@ so capacity and Batch Priority Routing see the same mixed token set they saw whe
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from limoe.data.loading import collate_pairs
-from limoe.models.limoe import IMAGE, TEXT, text_padding_mask
+from limoe.models.limoe import IMAGE, TEXT
 from limoe.moe import Routing
 from limoe.moe.statistics import MODALITY_NAMES, concat_routings, layer_summary
 
@@ -35,7 +35,9 @@ class RoutingRecord:
     """Every token of ``num_pairs`` pairs and what each MoE layer did with it.
 
     Token order is the tower's: per batch, all image patches (pair-major, patch order), then
-    the real (unpadded) text tokens (pair-major, position order).
+    the real (unpadded) text tokens (pair-major, position order). ``pair`` and ``position``
+    are the routing records' own (``Routing.sequence``, offset by the batch's first pair, and
+    ``Routing.position``).
     """
 
     layers: list[int]  # the MoE blocks' indices in the tower
@@ -77,19 +79,6 @@ class RoutingRecord:
         return routing.gates[:, 0].masked_fill(routing.dropped[:, 0], 0.0)
 
 
-def _token_origins(tokens: Tensor, num_patches: int, offset: int) -> tuple[Tensor, ...]:
-    """(modality, pair, position, token_id) of one batch's tokens, in the tower's order."""
-    batch = tokens.shape[0]
-    image_pair = torch.arange(batch).repeat_interleave(num_patches)
-    image_position = torch.arange(num_patches).repeat(batch)
-    text_pair, text_position = text_padding_mask(tokens).nonzero(as_tuple=True)
-    modality = torch.cat([torch.full_like(image_pair, IMAGE), torch.full_like(text_pair, TEXT)])
-    pair = torch.cat([image_pair, text_pair]) + offset
-    position = torch.cat([image_position, text_position])
-    token_id = torch.cat([torch.full_like(image_pair, -1), tokens[text_pair, text_position]])
-    return modality, pair, position, token_id
-
-
 @torch.no_grad()
 def collect_routing(
     model: torch.nn.Module,
@@ -109,39 +98,36 @@ def collect_routing(
     was_training = model.training
     model.eval().to(device)
     per_layer: list[list[Routing]] = [[] for _ in model.moe_layers]
-    origins: list[tuple[Tensor, ...]] = []
+    token_ids: list[Tensor] = []
     starts = range(0, num_pairs, batch_size)
     for start in tqdm(starts, desc="routing", unit="batch", disable=not progress):
         images, tokens = collate_pairs(dataset, range(start, min(start + batch_size, num_pairs)))
         _, _, routings = model.tower(images.to(device), tokens.to(device))
         for records, routing in zip(per_layer, routings):
-            records.append(_to_cpu(routing))
-        origins.append(_token_origins(tokens, model.patch_embed.num_patches, start))
+            records.append(routing.record("cpu", sequence_offset=start))
+        token_ids.append(_token_ids(per_layer[0][-1], tokens, start))
     model.train(was_training)
-    modality, pair, position, token_id = (torch.cat(t) for t in zip(*origins))
+    routings = [concat_routings(records) for records in per_layer]
+    first = routings[0]  # every layer routes the same tokens in the same order
     return RoutingRecord(
         layers=list(model.moe_layers),
-        routings=[concat_routings(records) for records in per_layer],
-        modality=modality,
-        pair=pair,
-        position=position,
-        token_id=token_id,
+        routings=routings,
+        modality=first.modality,
+        pair=first.sequence,
+        position=first.position,
+        token_id=torch.cat(token_ids),
         grid_size=tuple(model.patch_embed.grid_size),
         patch_size=model.patch_embed.patch_size[0],
     )
 
 
-def _to_cpu(routing: Routing) -> Routing:
-    return replace(
-        routing,
-        expert_index=routing.expert_index.cpu(),
-        gates=routing.gates.float().cpu(),
-        dropped=routing.dropped.cpu(),
-        probs=routing.probs.float().cpu(),
-        modality=None if routing.modality is None else routing.modality.cpu(),
-        aux_losses={k: v.detach().cpu() for k, v in routing.aux_losses.items()},
-        aux_loss=routing.aux_loss.detach().cpu(),
-    )
+def _token_ids(routing: Routing, tokens: Tensor, first_pair: int) -> Tensor:
+    """[N] the open_clip token id of each text token of one batch's record (its sequences
+    offset by ``first_pair``), -1 for patches."""
+    text = routing.modality == TEXT
+    ids = torch.full_like(routing.position, -1)
+    ids[text] = tokens[routing.sequence[text] - first_pair, routing.position[text]]
+    return ids
 
 
 # --------------------------------------------------------------------------- content

@@ -17,7 +17,7 @@ from timm.layers import Attention, AttentionPoolLatent, DropPath, Mlp, PatchEmbe
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from torch import Tensor, nn
 
-from limoe.moe import MODALITY_NAMES, MoELayer, Routing
+from limoe.moe import MODALITY_NAMES, MoELayer, Routing, TokenOrigin, TopKRouter
 
 IMAGE, TEXT = 0, 1  # modality ids given to the MoE layers (MODALITY_NAMES' order)
 
@@ -122,10 +122,11 @@ class Block(nn.Module):
         text_mask: Tensor | None,
         text_bias: Tensor | None = None,
         text_index: Tensor | None = None,
+        origin: TokenOrigin | None = None,
     ) -> tuple[Tensor | None, Tensor | None, Routing | None]:
-        """``text_bias`` is ``attention_bias(text_mask)`` and ``text_index`` the flat positions
-        of the real text tokens (``real_token_index(text_mask)``); the tower builds both
-        once for all blocks."""
+        """``text_bias`` is ``attention_bias(text_mask)``, ``text_index`` the flat positions
+        of the real text tokens (``real_token_index(text_mask)``) and ``origin`` where each
+        routed token came from (``token_origin``); the tower builds them once for all blocks."""
         text_norm1, text_norm2 = self.text_norms()
         text_attn = self.attn if self.text_attn is None else self.text_attn
         if image is not None:
@@ -140,24 +141,21 @@ class Block(nn.Module):
             return image, text, None
         if text is not None and text_index is None:
             text_index = real_token_index(text_mask)
-        return self._moe_mlp(image, text, text_mask, text_index)
+        if origin is None:
+            origin = token_origin(image, text_mask if text is not None else None, text_index)
+        return self._moe_mlp(image, text, text_index, origin)
 
-    def _moe_mlp(self, image, text, text_mask, text_index):
+    def _moe_mlp(self, image, text, text_index, origin):
         """Route image patches and real text tokens together as one flat token set (the real
         text tokens picked by ``index_select`` and their updates added back by
         ``index_add``: no zero-filled update, no padding normalised)."""
-        parts, modality = [], []
+        parts = []
         if image is not None:
             parts.append(self.norm2(image).flatten(0, 1))
-            modality.append(torch.full((parts[-1].shape[0],), IMAGE, device=image.device))
         if text is not None:
             parts.append(self.text_norms()[1](text.flatten(0, 1).index_select(0, text_index)))
-            modality.append(torch.full((parts[-1].shape[0],), TEXT, device=text.device))
-        group = None
-        if self.mlp.router_type == "soft":
-            group = _sequence_ids(image, None if text is None else text_mask)
         tokens = torch.cat(parts)
-        y, routing = self.mlp(tokens, torch.cat(modality), group)
+        y, routing = self.mlp(tokens, *origin)
         if self.shared_mlp is not None:
             y = y + self.shared_mlp(tokens).to(y.dtype)
         y_image, y_text = y.split([p.shape[0] for p in parts]) if len(parts) == 2 else (y, y)
@@ -180,18 +178,25 @@ def _hidden_width(dim: int, ratio: float, key: str) -> int:
     return hidden
 
 
-def _sequence_ids(image: Tensor | None, text_mask: Tensor | None) -> Tensor:
-    """One id per routed token: each image and each caption is its own sequence (Soft MoE
-    averages within one), in the order ``Block._moe_mlp`` concatenates the tokens."""
-    ids, offset = [], 0
+def token_origin(
+    image: Tensor | None, text_mask: Tensor | None, text_index: Tensor | None
+) -> TokenOrigin:
+    """Where each token an MoE block routes came from, in the order ``Block._moe_mlp``
+    concatenates them: every image's patches (pair-major, patch order), then the real text
+    tokens (``text_index``, pair-major, position order). The sequence is the pair's index in
+    the batch."""
+    modality, sequence, position = [], [], []
     if image is not None:
-        pair = torch.arange(image.shape[0], device=image.device)
-        ids.append(pair.repeat_interleave(image.shape[1]))
-        offset = image.shape[0]
+        batch, patches = image.shape[:2]
+        sequence.append(torch.arange(batch, device=image.device).repeat_interleave(patches))
+        position.append(torch.arange(patches, device=image.device).repeat(batch))
+        modality.append(torch.full_like(sequence[-1], IMAGE))
     if text_mask is not None:
-        pair = torch.arange(text_mask.shape[0], device=text_mask.device)
-        ids.append(pair[:, None].expand_as(text_mask)[text_mask] + offset)
-    return torch.cat(ids)
+        length = text_mask.shape[1]
+        sequence.append(torch.div(text_index, length, rounding_mode="floor"))
+        position.append(text_index % length)
+        modality.append(torch.full_like(sequence[-1], TEXT))
+    return TokenOrigin(torch.cat(modality), torch.cat(sequence), torch.cat(position))
 
 
 class LIMoE(nn.Module):
@@ -288,10 +293,11 @@ class LIMoE(nn.Module):
             if p.requires_grad:
                 trunc_normal_(p, std=0.02)
         nn.init.normal_(self.token_embed.weight, std=0.02)
-        routers = {id(b.mlp.router): b.mlp.router_init_std for b in self.blocks if b.is_moe}
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=routers.get(id(m), 0.02))
+            if isinstance(m, TopKRouter):  # keeps its own std (model.moe.router_init_std)
+                trunc_normal_(m.weight, std=m.init_std)
+            elif isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
@@ -349,12 +355,13 @@ class LIMoE(nn.Module):
         text_bias = None
         if text is not None:
             text_bias = attention_bias(text_mask, text.dtype, self.text_causal_mask)
-        text_index = None
-        if text is not None and self.moe_layers:
-            text_index = real_token_index(text_mask)
+        text_index = origin = None
+        if self.moe_layers:
+            text_index = None if text is None else real_token_index(text_mask)
+            origin = token_origin(image, text_mask, text_index)
         routings = []
         for block in self.blocks:
-            image, text, routing = block(image, text, text_mask, text_bias, text_index)
+            image, text, routing = block(image, text, text_mask, text_bias, text_index, origin)
             if routing is not None:
                 routings.append(routing)
         return image, text, routings

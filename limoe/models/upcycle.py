@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from limoe.models.limoe import LIMoE
+from limoe.moe import TopKRouter
 
 # The key of the model config naming the dense checkpoint; it is not a model argument.
 UPCYCLE_KEY = "upcycle_from"
@@ -63,10 +64,10 @@ def _in_moe_layer(name: str, moe_layers: list[int]) -> bool:
 
 
 def _upcycled_layer(layer, dense: Mapping[str, Tensor], prefix: str, generator) -> dict:
-    if layer.router_type != "topk":
+    if type(layer.router) is not TopKRouter:
         raise ValueError(f"model.upcycle_from needs model.moe.router=topk (its gates are known "
-                         f"at the start), got {layer.router_type!r}")  # fmt: skip
-    if not layer.renormalize_gates:
+                         f"at the start), got {layer.router.name!r}")  # fmt: skip
+    if not layer.router.renormalize_gates:
         raise ValueError("model.upcycle_from needs model.moe.renormalize_gates=true: gates that "
                          "sum to 1 keep the copied experts at the dense MLP's output")  # fmt: skip
     names = [f"{prefix}{n}" for n in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")]

@@ -5,15 +5,16 @@ Pipeline of one ``MoELayer`` call, each step a function you can test on its own:
 (slot positions, drops, Batch Priority Routing) -> ``sort_by_expert`` ->
 ``gather_tokens`` -> ``Experts`` (per-expert GEMMs) -> ``combine`` (``index_add_``),
 plus the auxiliary losses in ``losses``. ``reference`` holds GShard's one-hot einsum
-dispatch, which the sorted path must equal. Two more routers fill the same record:
-``expert_choice`` (experts pick tokens) and ``soft`` (Soft MoE's weighted slots).
+dispatch, which the sorted path must equal. Each router is a class behind one interface
+(``routing.Router``, returning a ``Routing``): top-k, expert choice (experts pick tokens),
+Soft MoE (weighted slots, ``soft``) and the modality router (``routers``).
 ``parallel`` spreads the experts over processes (expert parallelism, all-to-all);
 ``statistics`` turns routing records into counts, shares, entropies and expert kinds.
 """
 
 from .dispatch import combine, gather_tokens, sort_by_expert
 from .experts import Experts, ExpertShard
-from .layer import Choices, MoELayer, default_loss_weights
+from .layer import MoELayer, default_loss_weights
 from .losses import (
     CLASSIC_LOSSES,
     LOSS_NAMES,
@@ -28,16 +29,26 @@ from .losses import (
 )
 from .parallel import gather_blocks, parallel_dispatch, shard_experts
 from .reference import dispatch_tensors, onehot_moe
+from .routers import (
+    ROUTERS,
+    TOPK_BALANCE_WEIGHT,
+    ExpertChoiceRouter,
+    ModalityRouter,
+    TopKRouter,
+    make_router,
+)
 from .routing import (
     MODALITY_NAMES,
+    Router,
     Routing,
+    TokenOrigin,
     add_gating_noise,
     assign_slots,
     compute_capacity,
     expert_choice,
     route,
 )
-from .soft import SoftRouter, pack_groups, soft_moe
+from .soft import SoftMixing, SoftRouter, pack_groups, soft_apply, soft_moe, soft_weights
 from .statistics import (
     choice_totals,
     concat_routings,
@@ -49,7 +60,6 @@ from .statistics import (
 )
 
 __all__ = [
-    "Choices",
     "CLASSIC_LOSSES",
     "LOSS_NAMES",
     "LOSS_SCOPES",
@@ -57,7 +67,18 @@ __all__ = [
     "ExpertShard",
     "Experts",
     "MoELayer",
+    "ROUTERS",
+    "TOPK_BALANCE_WEIGHT",
+    "ExpertChoiceRouter",
+    "ModalityRouter",
+    "Router",
     "Routing",
+    "SoftMixing",
+    "TokenOrigin",
+    "TopKRouter",
+    "make_router",
+    "soft_apply",
+    "soft_weights",
     "add_gating_noise",
     "assign_slots",
     "combine",

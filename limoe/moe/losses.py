@@ -111,26 +111,36 @@ def global_entropy_loss(probs: Tensor, min_experts: float) -> Tensor:
 class RouterScores(NamedTuple):
     """What the losses read of one routing: ``logits`` and ``probs`` [N, E] as routed (noisy
     while training), ``clean_logits`` before the noise, the k choices ``expert_index``
-    [N, k] and the noise's std (0 without noise)."""
+    [N, k] and the noise's std (0 without noise). A router without per-expert logits (Soft
+    MoE's probabilities are shares of each token's output) gives None for both logits: its
+    importance loss reads ``probs``, and the z-loss and V-MoE load loss, defined on logits,
+    are 0."""
 
-    logits: Tensor
+    logits: Tensor | None
     probs: Tensor
-    clean_logits: Tensor
+    clean_logits: Tensor | None
     expert_index: Tensor
     noise_std: float = 0.0
 
     def select(self, mask: Tensor | slice) -> RouterScores:
-        return RouterScores(self.logits[mask], self.probs[mask], self.clean_logits[mask],
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[mask]
+
+        return RouterScores(pick(self.logits), self.probs[mask], pick(self.clean_logits),
                             self.expert_index[mask], self.noise_std)  # fmt: skip
 
 
 def classic_losses(scores: RouterScores) -> dict[str, Tensor]:
     """The balancing losses of one token group, keyed by ``CLASSIC_LOSSES``."""
-    clean_probs = torch.softmax(scores.clean_logits, dim=-1)
     top_k = scores.expert_index.shape[-1]
+    losses = {"load": load_loss(scores.probs, scores.expert_index[:, 0])}
+    if scores.logits is None:
+        zero = scores.probs.new_zeros(())
+        return {"importance": importance_loss(scores.probs), **losses,
+                "vmoe_load": zero, "z_loss": zero}  # fmt: skip
     return {
-        "importance": importance_loss(clean_probs),
-        "load": load_loss(scores.probs, scores.expert_index[:, 0]),
+        "importance": importance_loss(torch.softmax(scores.clean_logits, dim=-1)),
+        **losses,
         "vmoe_load": vmoe_load_loss(scores.clean_logits, scores.logits, scores.noise_std, top_k),
         "z_loss": z_loss(scores.logits, scores.probs),
     }
@@ -145,7 +155,7 @@ def entropy_losses(probs: Tensor, min_experts: float) -> dict[str, Tensor]:
 
 
 def compute_aux_losses(
-    logits: Tensor,
+    logits: Tensor | None,
     probs: Tensor,
     expert_index: Tensor,
     modality: Tensor | None = None,
@@ -162,11 +172,24 @@ def compute_aux_losses(
     noise). ``min_experts`` holds S for each modality id (one entry applies to all); without
     a modality the tokens form one group that uses ``min_experts[0]`` and plain keys.
     """
+    if logits is not None:
+        logits = logits.float()
+        clean_logits = logits if clean_logits is None else clean_logits.float()
+    scores = RouterScores(logits, probs.float(), clean_logits, expert_index, noise_std)
+    return router_losses(scores, modality, modality_names, min_experts, scope)
+
+
+def router_losses(
+    scores: RouterScores,
+    modality: Tensor | None,
+    modality_names: Sequence[str],
+    min_experts: Sequence[float],
+    scope: str,
+) -> dict[str, Tensor]:
+    """``compute_aux_losses`` of a router's ``RouterScores``."""
     if scope not in LOSS_SCOPES:
         raise ValueError(f"loss_scope must be one of {LOSS_SCOPES}, got {scope!r}")
-    logits, probs = logits.float(), probs.float()
-    clean = logits if clean_logits is None else clean_logits.float()
-    scores = RouterScores(logits, probs, clean, expert_index, noise_std)
+    probs = scores.probs
     if modality is None:
         return {**classic_losses(scores), **entropy_losses(probs, min_experts[0])}
     losses = classic_losses(scores) if scope == "all" else {}

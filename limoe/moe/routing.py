@@ -8,13 +8,26 @@ as in MegaBlocks, so memory is O(N * k) whatever the number of experts.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .losses import RouterScores
 
 # The modalities LIMoE routes together, in the order of their ids (image 0, text 1).
 MODALITY_NAMES: tuple[str, ...] = ("image", "text")
+
+
+class TokenOrigin(NamedTuple):
+    """Where each routed token came from, in the order the layer sees them."""
+
+    modality: Tensor  # [N] long: ids into the layer's modality names (image 0, text 1)
+    sequence: Tensor  # [N] long: the sequence in the batch (an image's or a caption's pair)
+    position: Tensor  # [N] long: patch index (image) or token position (text) in it
 
 
 @dataclass
@@ -23,7 +36,9 @@ class Routing:
 
     ``gates`` are the combine weights actually used (raw softmax probabilities of
     the chosen experts, or those renormalised over the top-k); dropped choices
-    keep their gate here but contribute nothing to the output.
+    keep their gate here but contribute nothing to the output. ``sequence`` and
+    ``position`` say where each token came from (``TokenOrigin``), so an analysis reads a
+    token's pair and patch off the record instead of re-deriving the tower's token order.
     """
 
     expert_index: Tensor  # [N, k] long, choice 0 = top-1
@@ -32,11 +47,80 @@ class Routing:
     probs: Tensor  # [N, E] float32 router softmax (after noise when noisy gating was on)
     modality: Tensor | None  # [N] long, or None
     capacity: int | None  # per-expert capacity; None = dropless
-    aux_losses: dict[str, Tensor]  # raw, unweighted scalars: "<loss>/<modality>" or "<loss>"
-    aux_loss: Tensor  # scalar: weighted sum of aux_losses (what the trainer adds to its loss)
-    # Who chose: "topk" and "soft" (tokens, k choices each) or "expert_choice" (experts pick
-    # tokens: a token's E choices are requests only, and a token no expert picked is dropped).
-    router: str = "topk"
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)  # raw: "<loss>/<modality>"
+    aux_loss: Tensor | None = None  # scalar: weighted sum of aux_losses (the trainer adds it)
+    router: str = "topk"  # the router's name (``Router.name``), a label for records
+    # True where experts choose tokens (expert choice): a token's E choices are requests only,
+    # and a token no expert picked is dropped; False where tokens choose experts.
+    experts_choose: bool = False
+    sequence: Tensor | None = None  # [N] long, see TokenOrigin
+    position: Tensor | None = None  # [N] long, see TokenOrigin
+    # Working state of the call, not kept in stored records (``Routing.record``):
+    slot: Tensor | None = None  # [N, k] each choice's slot in its expert's buffer
+    scores: RouterScores | None = None  # what the auxiliary losses read; None: no losses
+    mixing: object | None = None  # Soft MoE's dispatch and combine weights (``soft``)
+
+    def record(self, device: torch.device | str = "cpu", sequence_offset: int = 0) -> Routing:
+        """A detached copy to keep (on ``device``), without the call's working state; the
+        sequence ids shifted by ``sequence_offset`` (records of several batches)."""
+
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach().to(device)
+
+        sequence = None if self.sequence is None else self.sequence + sequence_offset
+        return replace(
+            self,
+            expert_index=move(self.expert_index),
+            gates=move(self.gates.float()),
+            dropped=move(self.dropped),
+            probs=move(self.probs.float()),
+            modality=move(self.modality),
+            aux_losses={k: move(v) for k, v in self.aux_losses.items()},
+            aux_loss=move(self.aux_loss),
+            sequence=move(sequence),
+            position=move(self.position),
+            slot=None,
+            scores=None,
+            mixing=None,
+        )
+
+
+class Router(nn.Module):
+    """What every router is: ``router(x [N, dim], modality, sequence, capacity_factor)``
+    returns the ``Routing`` of the N tokens (choices, gates, drops, and the scores the
+    auxiliary losses read). ``MoELayer`` runs the experts on it and adds the losses.
+
+    Class attributes say what a layer needs to know about a router, so no code outside this
+    module asks for a router by name: ``balance_weight`` is the classic balancing losses'
+    weight where none is given; ``capacity`` is ``"optional"`` (a factor, or dropless),
+    ``"required"`` (expert choice), ``"none"`` (dropless only) or ``"ignored"`` (Soft MoE
+    has no drops); ``shards`` says whether expert parallelism can serve it.
+    """
+
+    name: ClassVar[str] = ""
+    balance_weight: ClassVar[float] = 0.0
+    capacity: ClassVar[str] = "optional"
+    shards: ClassVar[bool] = False
+
+    def __init__(self, num_experts: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+
+    def check(
+        self, top_k: int, capacity_factor: float | None, modality_names: Sequence[str]
+    ) -> None:
+        """Raise a one-line ValueError where the layer's options do not fit this router."""
+        if self.capacity == "required" and capacity_factor is None:
+            raise ValueError(
+                f"router={self.name} needs a capacity_factor (each expert takes "
+                "capacity_factor * top_k * N / E tokens); null (dropless) has no meaning there"
+            )
+        if self.capacity == "none" and capacity_factor is not None:
+            raise ValueError(f"router={self.name!r} is dropless: capacity_factor must be None, "
+                             f"got {capacity_factor}")  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}"
 
 
 def compute_capacity(

@@ -10,36 +10,72 @@ an image embedding see another pair's caption. Groups are packed into a padded
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .experts import Experts
+from .losses import RouterScores
+from .routing import Router, Routing
 
 
-class SoftRouter(nn.Module):
-    """Slot logits as vmoe's ``SoftRouter``: ``scale * <x / |x|, mu_s / |mu_s|>``.
+class SoftRouter(Router):
+    """Soft MoE's router: slot logits as vmoe's ``SoftRouter``,
+    ``scale * <x / |x|, mu_s / |mu_s|>``, then dispatch and combine weights (``soft_weights``)
+    within each sequence of each modality. Nothing is chosen or dropped; for the record and
+    the statistics, a token's one choice is the expert that wrote most of its output (that
+    share as its gate), and the losses read the per-expert shares as probabilities.
 
     Both the tokens and the slot parameters are L2-normalised and one learned scalar sets the
     logits' sharpness. Without the normalisation the logits grow with the residual stream's
     norm, which rises with depth, and the dispatch softmax collapses onto a few tokens; the
     paper (Puigcerver et al., 2023, section 2.3) found this matters most at large widths.
-    ``weight [num_slots, dim]`` holds ``mu`` (one row per slot, expert-major).
+    ``weight [num_experts * slots_per_expert, dim]`` holds ``mu`` (one row per slot,
+    expert-major).
     """
 
-    def __init__(self, dim: int, num_slots: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_slots, dim))
+    name = "soft"
+    capacity = "ignored"
+
+    def __init__(
+        self, dim: int, num_experts: int, slots_per_expert: int = 1, eps: float = 1e-6
+    ) -> None:
+        super().__init__(num_experts)
+        self.slots_per_expert = slots_per_expert
+        self.weight = nn.Parameter(torch.empty(num_experts * slots_per_expert, dim))
         self.scale = nn.Parameter(torch.ones(()))
         self.eps = eps
         # LeCun normal, as vmoe: unit-norm rows on average, so eps is negligible.
         nn.init.normal_(self.weight, std=dim**-0.5)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, slots_per_expert={self.slots_per_expert}"
+
+    def logits(self, x: Tensor) -> Tensor:
         """Slot logits ``[N, num_slots]`` in float32 for tokens ``x [N, dim]``."""
-        x = _unit(x.float(), self.eps)
-        mu = _unit(self.weight.float(), self.eps)
-        return self.scale.float() * F.linear(x, mu)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = _unit(x.float(), self.eps)
+            mu = _unit(self.weight.float(), self.eps)
+            return self.scale.float() * F.linear(x, mu)
+
+    def forward(
+        self, x: Tensor, modality: Tensor | None, sequence: Tensor | None,
+        capacity_factor: float | None,
+    ) -> Routing:  # fmt: skip
+        group = sequence
+        if sequence is not None and modality is not None:  # an image and its caption differ
+            group = sequence * (int(modality.max()) + 1 if modality.numel() else 1) + modality
+        mixing = soft_weights(self.logits(x), group, self.slots_per_expert)
+        probs = mixing.expert_probs()
+        gates, expert_index = probs.max(dim=-1, keepdim=True)
+        return Routing(
+            expert_index=expert_index, gates=gates,
+            dropped=torch.zeros_like(expert_index, dtype=torch.bool), probs=probs,
+            modality=modality, capacity=None, router=self.name, mixing=mixing,
+            scores=RouterScores(None, probs, None, expert_index),
+        )  # fmt: skip
 
 
 def _unit(x: Tensor, eps: float) -> Tensor:
@@ -60,34 +96,60 @@ def pack_groups(group: Tensor, num_tokens: int) -> tuple[Tensor, Tensor, int, in
     return dense, row, ids.numel(), int(sizes.max()) if num_tokens else 0
 
 
-def soft_moe(
-    x: Tensor, logits: Tensor, group: Tensor | None, experts: Experts, slots_per_expert: int
-) -> tuple[Tensor, Tensor]:
-    """Soft MoE over ``x [N, dim]`` with slot logits ``[N, E * slots_per_expert]``.
+class SoftMixing(NamedTuple):
+    """Soft MoE's weights for one call, on the ``[G, L]`` padded batch of token groups."""
 
-    Dispatch weights are a softmax over each group's tokens (per slot), combine weights a
-    softmax over the slots (per token). Returns ``(y [N, dim] float32, expert_probs [N, E])``
-    where ``expert_probs`` sums a token's combine weights per expert: how much of its
-    output each expert wrote, the counterpart of a router's probabilities.
-    """
-    num_tokens, dim = x.shape
-    num_slots = logits.shape[-1]
+    dispatch: Tensor  # [G, L, S] softmax over each group's tokens, per slot (pads 0)
+    combine: Tensor  # [G, L, S] softmax over the slots, per token (pads 0)
+    group_of_row: Tensor  # [N] each token's group
+    row_in_group: Tensor  # [N] its row in that group
+    slots_per_expert: int
+
+    def expert_probs(self) -> Tensor:
+        """``[N, E]``: a token's combine weights summed per expert, how much of its output
+        each expert wrote (the counterpart of a router's probabilities)."""
+        per_token = self.combine[self.group_of_row, self.row_in_group]
+        return per_token.view(per_token.shape[0], -1, self.slots_per_expert).sum(-1)
+
+
+def soft_weights(logits: Tensor, group: Tensor | None, slots_per_expert: int) -> SoftMixing:
+    """Dispatch and combine weights of slot logits ``[N, E * slots_per_expert]`` whose tokens
+    belong to ``group`` (None: one group). Averages never cross groups."""
+    num_tokens, num_slots = logits.shape
     if group is None:
-        group = torch.zeros(num_tokens, dtype=torch.long, device=x.device)
+        group = torch.zeros(num_tokens, dtype=torch.long, device=logits.device)
     g, row, num_groups, length = pack_groups(group, num_tokens)
-    padded = x.new_zeros(num_groups, length, dim)
-    padded[g, row] = x
     slot_logits = logits.new_full((num_groups, length, num_slots), float("-inf"))
     slot_logits[g, row] = logits
     dispatch = torch.softmax(slot_logits, dim=1).nan_to_num(0.0)  # over tokens; pads get 0
     combine = torch.softmax(slot_logits, dim=-1).nan_to_num(0.0)  # over slots; pads get 0
-    slots = torch.einsum("gls,gld->gsd", dispatch, padded.float())  # [G, S, dim]
+    return SoftMixing(dispatch, combine, g, row, slots_per_expert)
+
+
+def soft_apply(x: Tensor, mixing: SoftMixing, experts: Experts) -> Tensor:
+    """Slots as weighted averages of each group's tokens -> experts -> tokens as weighted
+    averages of the slot outputs. Returns ``y [N, dim]`` in float32."""
+    num_tokens, dim = x.shape
+    g, row = mixing.group_of_row, mixing.row_in_group
+    num_groups, length, num_slots = mixing.dispatch.shape
+    padded = x.new_zeros(num_groups, length, dim)
+    padded[g, row] = x
+    slots = torch.einsum("gls,gld->gsd", mixing.dispatch, padded.float())  # [G, S, dim]
     # Expert-major rows: expert e's slots of every group form one contiguous slice.
-    num_experts = experts.num_experts
-    per_expert = slots.view(num_groups, num_experts, slots_per_expert, dim).transpose(0, 1)
-    counts = torch.full((num_experts,), num_groups * slots_per_expert, device=x.device)
+    num_experts, per = experts.num_experts, mixing.slots_per_expert
+    per_expert = slots.view(num_groups, num_experts, per, dim).transpose(0, 1)
+    counts = torch.full((num_experts,), num_groups * per, device=x.device)
     out = experts(per_expert.reshape(-1, dim), counts).float()
-    out = out.view(num_experts, num_groups, slots_per_expert, dim).transpose(0, 1)
-    y = torch.einsum("gls,gsd->gld", combine, out.reshape(num_groups, num_slots, dim))[g, row]
-    expert_probs = combine[g, row].view(num_tokens, num_experts, slots_per_expert).sum(-1)
-    return y, expert_probs
+    out = out.view(num_experts, num_groups, per, dim).transpose(0, 1)
+    return torch.einsum("gls,gsd->gld", mixing.combine, out.reshape(num_groups, num_slots, dim))[
+        g, row
+    ]
+
+
+def soft_moe(
+    x: Tensor, logits: Tensor, group: Tensor | None, experts: Experts, slots_per_expert: int
+) -> tuple[Tensor, Tensor]:
+    """Soft MoE over ``x [N, dim]`` with slot logits ``[N, E * slots_per_expert]``:
+    ``(y [N, dim] float32, expert_probs [N, E])`` (``SoftMixing.expert_probs``)."""
+    mixing = soft_weights(logits, group, slots_per_expert)
+    return soft_apply(x, mixing, experts), mixing.expert_probs()

@@ -40,7 +40,7 @@ def choice_totals(routing: Routing, counts: Tensor, tokens: Tensor) -> Tensor:
     expert choice, whose E choices per token are requests that most experts turn down by
     design (its shares sum to one). ``counts`` as ``expert_counts``, ``tokens`` as
     ``modality_tokens``."""
-    if routing.router == "expert_choice":
+    if routing.experts_choose:
         return counts.sum(dim=0)
     return tokens * routing.expert_index.shape[1]
 
@@ -48,7 +48,7 @@ def choice_totals(routing: Routing, counts: Tensor, tokens: Tensor) -> Tensor:
 def dropped_share(routing: Routing, counts: Tensor, tokens: Tensor) -> Tensor:
     """Per modality, the share dropped: of the top-k choices, those over capacity; under
     expert choice, the tokens no expert picked (they pass through on the residual alone)."""
-    if routing.router == "expert_choice":
+    if routing.experts_choose:
         unpicked = routing.dropped.all(dim=1)
         modality = _modality_or_zeros(routing).to(unpicked.device)
         lost = torch.bincount(modality[unpicked], minlength=tokens.numel()).to(tokens.device)
@@ -100,12 +100,10 @@ def routing_stats(
 
 def concat_routings(routings: Sequence[Routing]) -> Routing:
     """One record for the tokens of several calls of the same layer (e.g. evaluation batches);
-    the auxiliary losses are averaged over the calls."""
+    the auxiliary losses are averaged over the calls. Give each call's ``Routing.record`` a
+    ``sequence_offset`` first where the sequence ids should stay distinct."""
     if not routings:
         raise ValueError("concat_routings needs at least one routing record")
-    modality = None
-    if all(r.modality is not None for r in routings):
-        modality = torch.cat([r.modality for r in routings])
     capacities = {r.capacity for r in routings}
     routers = {r.router for r in routings}
     if len(routers) != 1:
@@ -113,16 +111,24 @@ def concat_routings(routings: Sequence[Routing]) -> Routing:
     aux = {
         k: torch.stack([r.aux_losses[k] for r in routings]).mean() for k in routings[0].aux_losses
     }
+
+    def cat(name: str) -> Tensor | None:
+        parts = [getattr(r, name) for r in routings]
+        return None if any(p is None for p in parts) else torch.cat(parts)
+
     return Routing(
-        expert_index=torch.cat([r.expert_index for r in routings]),
-        gates=torch.cat([r.gates for r in routings]),
-        dropped=torch.cat([r.dropped for r in routings]),
-        probs=torch.cat([r.probs for r in routings]),
-        modality=modality,
+        expert_index=cat("expert_index"),
+        gates=cat("gates"),
+        dropped=cat("dropped"),
+        probs=cat("probs"),
+        modality=cat("modality"),
         capacity=capacities.pop() if len(capacities) == 1 else None,
         aux_losses=aux,
         aux_loss=torch.stack([r.aux_loss for r in routings]).mean(),
         router=routers.pop(),
+        experts_choose=routings[0].experts_choose,
+        sequence=cat("sequence"),
+        position=cat("position"),
     )
 
 

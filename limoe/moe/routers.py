@@ -1,0 +1,202 @@
+"""The routers, one class each behind ``Router``'s interface: top-k (LIMoE, V-MoE), expert
+choice (Zhou et al., 2022), Soft MoE (``soft.SoftRouter``) and the modality router (the
+multiway MLP of VLMo and BEiT-3). ``make_router`` turns the config's name into one; nothing
+outside this module switches on a router's name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .losses import RouterScores
+from .routing import (
+    Router,
+    Routing,
+    add_gating_noise,
+    assign_slots,
+    compute_capacity,
+    expert_choice,
+    route,
+)
+from .soft import SoftRouter
+
+# The weight of V-MoE's importance and load losses for top-k routing where none is given: 4x
+# vmoe's 0.005, with which experts of the first blocks go unused when every block has experts
+# (docs/results.md, "Experts that earn their keep"); recipe=vmoe and recipe=limoe keep 0.005.
+TOPK_BALANCE_WEIGHT = 0.02
+
+
+class TopKRouter(Router):
+    """Tokens choose experts: a linear map to logits, softmax, the top-k, a capacity per expert
+    and Batch Priority Routing deciding who is dropped when an expert is full.
+
+    ``weight [E, dim]`` is initialised with std ``init_std`` (None: LeCun normal, dim**-0.5,
+    as vmoe's router: logits spread from the start, so the entropy losses have a gradient at
+    once). With ``noisy_gating`` the logits get V-MoE's Gaussian noise of std 1/E in training.
+    """
+
+    name = "topk"
+    balance_weight = TOPK_BALANCE_WEIGHT
+    shards = True
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        top_k: int = 1,
+        batch_priority: bool = True,
+        renormalize_gates: bool = False,
+        noisy_gating: bool = True,
+        capacity_multiple: int = 4,
+        init_std: float | None = None,
+    ) -> None:
+        super().__init__(num_experts)
+        self.top_k = top_k
+        self.batch_priority = batch_priority
+        self.renormalize_gates = renormalize_gates
+        self.noisy_gating = noisy_gating
+        self.capacity_multiple = capacity_multiple
+        self.init_std = dim**-0.5 if init_std is None else float(init_std)
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        # nn.Linear's Kaiming draw, overwritten at once: the router was an nn.Linear when the
+        # documented runs were made, and drawing the same random numbers keeps every later
+        # parameter, so seeded runs reproduce their figures.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        nn.init.trunc_normal_(self.weight, std=self.init_std)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, top_k={self.top_k}, "
+                f"batch_priority={self.batch_priority}, noisy_gating={self.noisy_gating}")  # fmt: skip
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Router logits [N, E] in float32, outside autocast: routing is brittle in bf16."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float())
+
+    def noisy_logits(self, x: Tensor) -> tuple[Tensor, Tensor, float]:
+        """``(logits, clean_logits, noise_std)``: the logits routed on (with V-MoE's noise in
+        training, where ``noisy_gating``) and those before the noise. The losses see the
+        routing actually used, as vmoe's; its importance and load losses read the clean ones."""
+        clean = self.logits(x)
+        if not (self.noisy_gating and self.training):
+            return clean, clean, 0.0
+        return add_gating_noise(clean, self.num_experts), clean, 1.0 / self.num_experts
+
+    def forward(
+        self, x: Tensor, modality: Tensor | None, sequence: Tensor | None,
+        capacity_factor: float | None,
+    ) -> Routing:  # fmt: skip
+        logits, clean, noise_std = self.noisy_logits(x)
+        capacity = compute_capacity(
+            x.shape[0], self.num_experts, self.top_k, capacity_factor, self.capacity_multiple
+        )
+        probs, gates, expert_index = route(logits, self.top_k, self.renormalize_gates)
+        slot = None
+        if capacity is None:
+            # Dropless: nothing is dropped and the sorted dispatch needs no slot positions,
+            # so skip assign_slots' sorts and scatters (a tenth of a small layer's time).
+            dropped = torch.zeros_like(gates, dtype=torch.bool)
+        else:
+            # BPR priority: the raw top-1 router probability (with renormalised k=1 gates
+            # every gate is 1, so the raw probability is the only informative score).
+            priority = probs.amax(dim=-1) if self.batch_priority else None
+            slot, dropped = assign_slots(expert_index, self.num_experts, capacity, priority)
+        return Routing(
+            expert_index=expert_index, gates=gates, dropped=dropped, probs=probs,
+            modality=modality, capacity=capacity, router=self.name, slot=slot,
+            scores=RouterScores(logits, probs, clean, expert_index, noise_std),
+        )  # fmt: skip
+
+
+class ExpertChoiceRouter(TopKRouter):
+    """Experts choose tokens: each expert takes its C most probable tokens (``expert_choice``),
+    so loads are balanced by construction (no balancing loss by default) and a token is served
+    by 0 to E experts. Needs a capacity factor; ``top_k`` only sizes the capacity."""
+
+    name = "expert_choice"
+    balance_weight = 0.0
+    capacity = "required"
+
+    def forward(
+        self, x: Tensor, modality: Tensor | None, sequence: Tensor | None,
+        capacity_factor: float | None,
+    ) -> Routing:  # fmt: skip
+        logits, clean, noise_std = self.noisy_logits(x)
+        capacity = compute_capacity(
+            x.shape[0], self.num_experts, self.top_k, capacity_factor, self.capacity_multiple
+        )
+        probs = torch.softmax(logits, dim=-1)
+        expert_index, gates, slot, dropped = expert_choice(probs, capacity)
+        return Routing(
+            expert_index=expert_index, gates=gates, dropped=dropped, probs=probs,
+            modality=modality, capacity=capacity, router=self.name, experts_choose=True,
+            slot=slot, scores=RouterScores(logits, probs, clean, expert_index, noise_std),
+        )  # fmt: skip
+
+
+class ModalityRouter(Router):
+    """No learned routing: a token of modality m goes to expert m with gate 1 (the multiway
+    MLPs of VLMo and BEiT-3). Dropless, and nothing to regularise: no auxiliary losses."""
+
+    name = "modality"
+    capacity = "none"
+
+    def check(
+        self, top_k: int, capacity_factor: float | None, modality_names: Sequence[str]
+    ) -> None:
+        super().check(top_k, capacity_factor, modality_names)
+        if self.num_experts != len(modality_names) or top_k != 1:
+            raise ValueError(
+                f"router='modality' sends each token to its modality's expert: num_experts "
+                f"must be {len(modality_names)} (one per modality {tuple(modality_names)}) and "
+                f"top_k 1, got num_experts={self.num_experts}, top_k={top_k}"
+            )
+
+    def forward(
+        self, x: Tensor, modality: Tensor | None, sequence: Tensor | None,
+        capacity_factor: float | None,
+    ) -> Routing:  # fmt: skip
+        if modality is None:
+            raise ValueError("router='modality' needs each token's modality id")
+        expert_index = modality.long().unsqueeze(1)
+        return Routing(
+            expert_index=expert_index,
+            gates=torch.ones(expert_index.shape, dtype=torch.float32, device=x.device),
+            dropped=torch.zeros_like(expert_index, dtype=torch.bool),
+            probs=F.one_hot(modality.long(), self.num_experts).float(),
+            modality=modality, capacity=None, router=self.name,
+        )  # fmt: skip
+
+
+ROUTERS: dict[str, type[Router]] = {
+    cls.name: cls for cls in (TopKRouter, ExpertChoiceRouter, SoftRouter, ModalityRouter)
+}
+
+
+def make_router(
+    name: str,
+    dim: int,
+    num_experts: int,
+    top_k: int = 1,
+    batch_priority: bool = True,
+    renormalize_gates: bool = False,
+    noisy_gating: bool = True,
+    capacity_multiple: int = 4,
+    init_std: float | None = None,
+    slots_per_expert: int = 1,
+) -> Router:
+    """The router a config names (``ROUTERS``), given the options that concern it."""
+    if name not in ROUTERS:
+        raise ValueError(f"router must be one of {tuple(ROUTERS)}, got {name!r}")
+    cls = ROUTERS[name]
+    if issubclass(cls, TopKRouter):
+        return cls(dim, num_experts, top_k, batch_priority, renormalize_gates, noisy_gating,
+                   capacity_multiple, init_std)  # fmt: skip
+    if cls is SoftRouter:
+        return SoftRouter(dim, num_experts, slots_per_expert)
+    return cls(num_experts)

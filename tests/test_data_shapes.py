@@ -474,3 +474,21 @@ def test_train_from_step_reads_the_samples_the_longer_run_reads_at_that_step():
     with pytest.raises(ValueError, match=r"train_from_step=10 starts past the end of the train "
                        r"split \(train_size=160\)"):  # fmt: skip
         too_late.train_dataloader()
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_sampler_from_a_step_reads_what_a_subset_from_that_index_reads(shuffle):
+    """``ResumableSampler(start=StepIndex.first(step))`` on each of two ranks against torch's
+    DistributedSampler over the Subset of the indices from there on."""
+    from torch.utils.data import DistributedSampler, Subset
+
+    from limoe.data.loading import ResumableSampler, StepIndex
+
+    data = list(range(100))
+    start = StepIndex(batch_size=4, world_size=2).first(3)
+    assert start == 24 and StepIndex(4, 2).steps_per_pass(100) == 12
+    subset = Subset(data, range(start, len(data)))
+    for rank in (0, 1):
+        ours = ResumableSampler(data, 4, start, num_replicas=2, rank=rank, shuffle=shuffle, seed=5)
+        ref = DistributedSampler(subset, num_replicas=2, rank=rank, shuffle=shuffle, seed=5)
+        assert list(ours) == [subset.indices[i] for i in ref]

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from torchvision.datasets.folder import find_classes, make_dataset
 
-from limoe.data.pairs import IMAGE_EXTENSIONS, keep_readable
+from limoe.data.pairs import IMAGE_EXTENSIONS, IndexedSamples, PairDataset, keep_readable
 from limoe.data.skips import SkipCounts
-from limoe.eval.plan import ZeroShotTask
+from limoe.eval.plan import EvalSet, ZeroShotTask
 
 # A short, generic subset of CLIP's ImageNet prompts: class-agnostic, usable for any folder.
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -59,3 +59,25 @@ def imagefolder_task(
     label_of = dict(samples)
     task = ZeroShotTask(name, [classname(f) for f in folders], templates)
     return task, kept, [label_of[path] for path, _ in kept]
+
+
+def imagefolder_eval_set(
+    name: str,
+    spec: Mapping,
+    transform: Callable,
+    image_size: int,
+    background: Sequence[int],
+    counts: SkipCounts,
+    check_images: bool = True,
+    max_skipped_fraction: float = 0.5,
+) -> EvalSet:
+    """The test loader's samples of the zero-shot task ``data.zeroshot.NAME`` (``spec``:
+    ``root`` and optional ``templates``); stops when too few of its images are readable."""
+    task, items, labels = imagefolder_task(
+        name, spec["root"], spec.get("templates"), counts, check_images
+    )
+    counts.check(max_skipped_fraction)
+    dataset = PairDataset(
+        items, transform, image_size, labels=labels, background=background, counts=counts
+    )
+    return EvalSet("test", IndexedSamples(dataset), (task,))

@@ -330,15 +330,15 @@ def _size2(image_size: int | Sequence[int]) -> tuple[int, int]:
 
 
 class IndexedSamples(Dataset):
-    """Evaluation view of a dataset: each item a dict with its ``index`` (ranks gather and
-    de-duplicate by it under DDP, whose sampler pads the last shard with repeats)."""
+    """Evaluation view of a dataset with a ``sample(i)`` dict (``PairDataset``,
+    ``ProceduralPairs``): each item that dict with its ``index`` (ranks gather and de-duplicate
+    by it under DDP, whose sampler pads the last shard with repeats)."""
 
-    def __init__(self, dataset: Dataset, to_dict: Callable[[Dataset, int], dict]) -> None:
+    def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
-        self.to_dict = to_dict
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return {"index": torch.tensor(i), **self.to_dict(self.dataset, i)}
+        return {"index": torch.tensor(i), **self.dataset.sample(i)}

@@ -119,3 +119,9 @@ class ProceduralPairs(Dataset):
         if self.return_labels:
             return image, tokens, self._labels[i].clone()
         return image, tokens
+
+    def sample(self, i: int) -> dict[str, torch.Tensor]:
+        """One sample as the evaluation loaders' dict (``image``, ``text``, ``labels`` with one
+        column per zero-shot task, ``valid``: always, nothing is read from disk)."""
+        image, tokens, labels = self[i]
+        return {"image": image, "text": tokens, "labels": labels, "valid": torch.tensor(True)}

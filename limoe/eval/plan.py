@@ -45,3 +45,20 @@ class EvalPlan:
     def tasks(self) -> dict[str, ZeroShotTask]:
         """The zero-shot tasks the loaders carry labels for, by name."""
         return {task.name: task for s in self.sets for task in s.tasks}
+
+
+STAGES = ("fit", "validate", "test")
+
+# The evaluation loaders of the embedded benchmarks (val / test / novel splits) per stage, as
+# (split, metric prefix); the order is the dataloader_idx. ``fit`` validates as ``validate``.
+SPLIT_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
+    "fit": (("val", "val"),),
+    "validate": (("val", "val"),),
+    "test": (("test", "test"), ("novel", "test_novel")),
+}
+
+
+def check_stage(stage: str) -> str:
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected fit, validate or test")
+    return stage

@@ -97,6 +97,7 @@ def _fit(run_cfg, module, datamodule, batch, device: str, dtype: torch.dtype, st
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*smaller than the logging interval")
             warnings.filterwarnings("ignore", message="Checkpoint directory .* is not empty")
+            warnings.filterwarnings("ignore", message="Experiment logs directory .* not empty")
             trainer = build_trainer(
                 run_cfg, callbacks=[timer], max_steps=steps, limit_val_batches=0,
                 num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False,

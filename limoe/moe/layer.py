@@ -107,8 +107,10 @@ class MoELayer(nn.Module):
             raise ValueError(f"slots_per_expert must be an integer >= 1, got {slots_per_expert!r}")
         if isinstance(router, str):
             router = make_router(
-                router, dim, num_experts, top_k, batch_priority, renormalize_gates,
-                noisy_gating, capacity_multiple, router_init_std, slots_per_expert,
+                router, dim, num_experts, slots_per_expert, top_k=top_k,
+                batch_priority=batch_priority, renormalize_gates=renormalize_gates,
+                noisy_gating=noisy_gating, capacity_multiple=capacity_multiple,
+                init_std=router_init_std,
             )  # fmt: skip
         router.check(top_k, capacity_factor, modality_names)
         self.eval_capacity_factor = _check_eval_capacity(eval_capacity_factor, router)

@@ -87,14 +87,18 @@ class TopKRouter(Router):
             return clean, clean, 0.0
         return add_gating_noise(clean, self.num_experts), clean, 1.0 / self.num_experts
 
+    def capacity_of(self, num_tokens: int, capacity_factor: float | None) -> int | None:
+        """Each expert's capacity for ``num_tokens`` (``compute_capacity``; None: dropless)."""
+        return compute_capacity(
+            num_tokens, self.num_experts, self.top_k, capacity_factor, self.capacity_multiple
+        )
+
     def forward(
         self, x: Tensor, modality: Tensor | None, sequence: Tensor | None,
         capacity_factor: float | None,
     ) -> Routing:  # fmt: skip
         logits, clean, noise_std = self.noisy_logits(x)
-        capacity = compute_capacity(
-            x.shape[0], self.num_experts, self.top_k, capacity_factor, self.capacity_multiple
-        )
+        capacity = self.capacity_of(x.shape[0], capacity_factor)
         probs, gates, expert_index = route(logits, self.top_k, self.renormalize_gates)
         slot = None
         if capacity is None:
@@ -127,9 +131,7 @@ class ExpertChoiceRouter(TopKRouter):
         capacity_factor: float | None,
     ) -> Routing:  # fmt: skip
         logits, clean, noise_std = self.noisy_logits(x)
-        capacity = compute_capacity(
-            x.shape[0], self.num_experts, self.top_k, capacity_factor, self.capacity_multiple
-        )
+        capacity = self.capacity_of(x.shape[0], capacity_factor)
         probs = torch.softmax(logits, dim=-1)
         expert_index, gates, slot, dropped = expert_choice(probs, capacity)
         return Routing(
@@ -179,24 +181,15 @@ ROUTERS: dict[str, type[Router]] = {
 
 
 def make_router(
-    name: str,
-    dim: int,
-    num_experts: int,
-    top_k: int = 1,
-    batch_priority: bool = True,
-    renormalize_gates: bool = False,
-    noisy_gating: bool = True,
-    capacity_multiple: int = 4,
-    init_std: float | None = None,
-    slots_per_expert: int = 1,
+    name: str, dim: int, num_experts: int, slots_per_expert: int = 1, **topk_options
 ) -> Router:
-    """The router a config names (``ROUTERS``), given the options that concern it."""
+    """The router a config names (``ROUTERS``): top-k and expert choice take
+    ``topk_options`` (``TopKRouter``'s keywords), Soft MoE ``slots_per_expert``."""
     if name not in ROUTERS:
         raise ValueError(f"router must be one of {tuple(ROUTERS)}, got {name!r}")
     cls = ROUTERS[name]
     if issubclass(cls, TopKRouter):
-        return cls(dim, num_experts, top_k, batch_priority, renormalize_gates, noisy_gating,
-                   capacity_multiple, init_std)  # fmt: skip
+        return cls(dim, num_experts, **topk_options)
     if cls is SoftRouter:
         return SoftRouter(dim, num_experts, slots_per_expert)
     return cls(num_experts)

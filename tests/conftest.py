@@ -35,7 +35,7 @@ def device(request) -> torch.device:
 
 # One training step and one validation batch, without the configured callbacks and loggers.
 FAST_DEV_RUN = ["+trainer.fast_dev_run=true", "~callbacks", "~logger",
-                "trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"]  # fmt: skip
+                "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]  # fmt: skip
 
 
 @pytest.fixture

@@ -198,7 +198,8 @@ def test_router_choice_trains_from_the_config(router, tmp_path):
     cfg = compose(["experiment=smoke", "trainer=cpu", f"model.moe.router={router}",
                    "model.moe.capacity_factor=1.0", *FAST_DEV_RUN], tmp_path)  # fmt: skip
     L.seed_everything(0)
-    datamodule, module, trainer = build_datamodule(cfg), build_module(cfg), build_trainer(cfg)
+    datamodule = build_datamodule(cfg)
+    module, trainer = build_module(cfg, datamodule), build_trainer(cfg)
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     trainer.fit(module, datamodule=datamodule)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])

@@ -35,7 +35,8 @@ TINY = [
 def test_compose_and_fast_dev_run_updates_weights(tmp_path):
     cfg = compose(["experiment=smoke", "trainer=cpu", *FAST_DEV_RUN], tmp_path)
     L.seed_everything(0)
-    datamodule, module, trainer = build_datamodule(cfg), build_module(cfg), build_trainer(cfg)
+    datamodule = build_datamodule(cfg)
+    module, trainer = build_module(cfg, datamodule), build_trainer(cfg)
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 1

@@ -56,8 +56,8 @@ class ContrastiveModule(L.LightningModule):
         eval_plans: Callable[[str], EvalPlan] | None = None,
     ) -> None:
         """``eval_plans(stage)``: what to evaluate at validation and test (``limoe.train``
-        hands over its datamodule's ``eval_plan``); None: the ``eval_plan`` of the datamodule
-        the Trainer runs, when it has one."""
+        hands over its datamodule's ``eval_plan``); None: a module that only trains (a
+        validation or test then stops with a one-line error)."""
         super().__init__()
         # upcycle_from names where the first weights come from: used once, here, and kept out
         # of the hyperparameters, so the checkpoint reloads without the dense one.
@@ -139,13 +139,15 @@ class ContrastiveModule(L.LightningModule):
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
-    # --- evaluation: limoe.eval over the datamodule's plan ---------------------------------
+    # --- evaluation: limoe.eval over the plans the module is handed ------------------------
 
     def _start_evaluation(self, stage: str) -> None:
-        plans = self.eval_plans or getattr(self.trainer.datamodule, "eval_plan", None)
-        if plans is None:
-            raise ValueError("nothing to evaluate: give ContrastiveModule eval_plans")
-        self._evaluation = Evaluation(self.model, plans(stage))
+        if self.eval_plans is None:
+            raise ValueError(
+                "nothing to evaluate: give ContrastiveModule eval_plans "
+                "(limoe.train.build_module(cfg, datamodule) hands the datamodule's)"
+            )
+        self._evaluation = Evaluation(self.model, self.eval_plans(stage))
 
     def _log_evaluation(self) -> None:
         all_gather = self.all_gather if self.trainer.world_size > 1 else None

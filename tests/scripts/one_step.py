@@ -35,7 +35,8 @@ def main() -> None:
              "trainer.enable_progress_bar=false"]  # fmt: skip
     cfg = compose([*overrides, *quiet], output_dir=out)
     L.seed_everything(cfg.seed)
-    datamodule, module = build_datamodule(cfg), build_module(cfg)
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule)
     snapshot = Snapshot(out)
     trainer = build_trainer(cfg, callbacks=[snapshot])
     (val,) = trainer.validate(module, datamodule=datamodule, verbose=False)

@@ -48,7 +48,7 @@ from .routing import (
     expert_choice,
     route,
 )
-from .soft import SoftMixing, SoftRouter, pack_groups, soft_apply, soft_moe, soft_weights
+from .soft import SoftMixing, SoftRouter, pack_groups, soft_apply, soft_weights
 from .statistics import (
     choice_totals,
     concat_routings,
@@ -107,7 +107,6 @@ __all__ = [
     "route",
     "routing_stats",
     "shard_experts",
-    "soft_moe",
     "sort_by_expert",
     "z_loss",
 ]

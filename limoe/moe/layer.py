@@ -171,8 +171,7 @@ class MoELayer(nn.Module):
         routing = self.router(x, modality, sequence, self.active_capacity_factor)
         y = self.run_experts(x, routing)
         routing.modality, routing.sequence, routing.position = modality, sequence, position
-        routing.aux_losses = {}
-        if routing.scores is not None:
+        if routing.scores is not None:  # None: a router with nothing to regularise
             routing.aux_losses = router_losses(
                 routing.scores, modality, self.modality_names, self.min_experts, self.loss_scope
             )

@@ -112,7 +112,7 @@ class TopKRouter(Router):
             slot, dropped = assign_slots(expert_index, self.num_experts, capacity, priority)
         return Routing(
             expert_index=expert_index, gates=gates, dropped=dropped, probs=probs,
-            modality=modality, capacity=capacity, router=self.name, slot=slot,
+            capacity=capacity, router=self.name, slot=slot,
             scores=RouterScores(logits, probs, clean, expert_index, noise_std),
         )  # fmt: skip
 
@@ -136,7 +136,7 @@ class ExpertChoiceRouter(TopKRouter):
         expert_index, gates, slot, dropped = expert_choice(probs, capacity)
         return Routing(
             expert_index=expert_index, gates=gates, dropped=dropped, probs=probs,
-            modality=modality, capacity=capacity, router=self.name, experts_choose=True,
+            capacity=capacity, router=self.name, experts_choose=True,
             slot=slot, scores=RouterScores(logits, probs, clean, expert_index, noise_std),
         )  # fmt: skip
 
@@ -171,7 +171,7 @@ class ModalityRouter(Router):
             gates=torch.ones(expert_index.shape, dtype=torch.float32, device=x.device),
             dropped=torch.zeros_like(expert_index, dtype=torch.bool),
             probs=F.one_hot(modality.long(), self.num_experts).float(),
-            modality=modality, capacity=None, router=self.name,
+            router=self.name,
         )  # fmt: skip
 
 

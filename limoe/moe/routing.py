@@ -45,8 +45,8 @@ class Routing:
     gates: Tensor  # [N, k] float32
     dropped: Tensor  # [N, k] bool, True where the choice exceeded its expert's capacity
     probs: Tensor  # [N, E] float32 router softmax (after noise when noisy gating was on)
-    modality: Tensor | None  # [N] long, or None
-    capacity: int | None  # per-expert capacity; None = dropless
+    modality: Tensor | None = None  # [N] long (the layer fills it in), or None
+    capacity: int | None = None  # per-expert capacity; None = dropless
     aux_losses: dict[str, Tensor] = field(default_factory=dict)  # raw: "<loss>/<modality>"
     aux_loss: Tensor | None = None  # scalar: weighted sum of aux_losses (the trainer adds it)
     router: str = "topk"  # the router's name (``Router.name``), a label for records

@@ -66,14 +66,14 @@ class SoftRouter(Router):
     ) -> Routing:  # fmt: skip
         group = sequence
         if sequence is not None and modality is not None:  # an image and its caption differ
-            group = sequence * (int(modality.max()) + 1 if modality.numel() else 1) + modality
+            group = modality * x.shape[0] + sequence  # sequence < N: no two keys collide
         mixing = soft_weights(self.logits(x), group, self.slots_per_expert)
         probs = mixing.expert_probs()
         gates, expert_index = probs.max(dim=-1, keepdim=True)
         return Routing(
             expert_index=expert_index, gates=gates,
             dropped=torch.zeros_like(expert_index, dtype=torch.bool), probs=probs,
-            modality=modality, capacity=None, router=self.name, mixing=mixing,
+            router=self.name, mixing=mixing,
             scores=RouterScores(None, probs, None, expert_index),
         )  # fmt: skip
 
@@ -129,7 +129,7 @@ def soft_weights(logits: Tensor, group: Tensor | None, slots_per_expert: int) ->
 def soft_apply(x: Tensor, mixing: SoftMixing, experts: Experts) -> Tensor:
     """Slots as weighted averages of each group's tokens -> experts -> tokens as weighted
     averages of the slot outputs. Returns ``y [N, dim]`` in float32."""
-    num_tokens, dim = x.shape
+    dim = x.shape[1]
     g, row = mixing.group_of_row, mixing.row_in_group
     num_groups, length, num_slots = mixing.dispatch.shape
     padded = x.new_zeros(num_groups, length, dim)
@@ -141,15 +141,5 @@ def soft_apply(x: Tensor, mixing: SoftMixing, experts: Experts) -> Tensor:
     counts = torch.full((num_experts,), num_groups * per, device=x.device)
     out = experts(per_expert.reshape(-1, dim), counts).float()
     out = out.view(num_experts, num_groups, per, dim).transpose(0, 1)
-    return torch.einsum("gls,gsd->gld", mixing.combine, out.reshape(num_groups, num_slots, dim))[
-        g, row
-    ]
-
-
-def soft_moe(
-    x: Tensor, logits: Tensor, group: Tensor | None, experts: Experts, slots_per_expert: int
-) -> tuple[Tensor, Tensor]:
-    """Soft MoE over ``x [N, dim]`` with slot logits ``[N, E * slots_per_expert]``:
-    ``(y [N, dim] float32, expert_probs [N, E])`` (``SoftMixing.expert_probs``)."""
-    mixing = soft_weights(logits, group, slots_per_expert)
-    return soft_apply(x, mixing, experts), mixing.expert_probs()
+    mixed = torch.einsum("gls,gsd->gld", mixing.combine, out.reshape(num_groups, num_slots, dim))
+    return mixed[g, row]

@@ -72,10 +72,8 @@ def bench_train(cfg: DictConfig, dtype: torch.dtype) -> list[dict]:
             module = build_module(run_cfg)
             params[name] = sum(p.numel() for p in module.parameters())
             datamodule = build_datamodule(run_cfg)
-            if batch is None:
-                batch = next(
-                    iter(datamodule.train_dataloader())
-                )  # the first batch, as the loop gets it
+            if batch is None:  # the first batch, as the loop gets it
+                batch = next(iter(datamodule.train_dataloader()))
             fits[name] = partial(_fit, run_cfg, module, datamodule, batch, cfg.device, dtype)
         return run_train_bench(
             fits, len(batch[0]), params, cfg.train.warmup, cfg.train.repeats,

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from limoe.data.imagefolder import imagefolder_eval_set
 from limoe.data.loading import ResumableLoader, ResumableSampler, WorkerPolicy
-from limoe.data.pairs import WHITE, build_transform
+from limoe.data.pairs import build_transform
 from limoe.data.preprocess import Preprocess
 from limoe.data.skips import SkipCounts
 from limoe.eval.plan import EvalPlan, EvalSet, check_stage
@@ -34,18 +34,16 @@ class PairDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        image_size: int,
+        preprocess: Preprocess,
         eval_batch_size: int,
         num_workers: int | None,
         pin_memory: bool | None,
         persistent_workers: bool | None,
         zeroshot: Mapping | None,
-        mean: Sequence[float],
-        std: Sequence[float],
-        background: Sequence[int] = WHITE,
         max_skipped_fraction: float = 0.5,
         check_images: bool = True,
     ) -> None:
+        """``preprocess``: what the subclass applies (its ``_preprocess`` of its arguments)."""
         super().__init__()
         self.workers = WorkerPolicy.of(num_workers, pin_memory, persistent_workers)
         if not 0 <= max_skipped_fraction <= 1:
@@ -54,10 +52,15 @@ class PairDataModule(L.LightningDataModule):
         self.check_images = check_images
         # Samples read and left out per split (and ImageFolder task), for metrics.json.
         self.counts: dict[str, SkipCounts] = {}
-        self.image_size = image_size
+        self.preprocess = preprocess
+        self.image_size, self.context_length = preprocess.image_size, preprocess.context_length
+        self.mean, self.std, self.background = (
+            preprocess.mean,
+            preprocess.std,
+            preprocess.background,
+        )
+        self.tokenizer = preprocess.tokenizer()
         self.eval_batch_size = eval_batch_size
-        self.num_workers = self.workers.num_workers
-        self.mean, self.std, self.background = tuple(mean), tuple(std), tuple(background)
         for name, spec in (zeroshot or {}).items():
             if not isinstance(spec, Mapping) or not spec.get("root"):
                 raise ValueError(f"data.zeroshot.{name} needs a root (an ImageFolder directory)")

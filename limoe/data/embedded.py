@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from lightning.pytorch.utilities import rank_zero_warn
-from open_clip.tokenizer import SimpleTokenizer
 from torch.utils.data import DataLoader
 
 from limoe.data import scenes, shapes
@@ -55,8 +54,8 @@ class ShapesDataModule(PairDataModule):
     ) -> None:
         pre = self._preprocess({"image_size": image_size, "context_length": context_length})
         super().__init__(
-            image_size, eval_batch_size, num_workers, pin_memory, persistent_workers, zeroshot,
-            pre.mean, pre.std, pre.background, max_skipped_fraction, check_images,
+            pre, eval_batch_size, num_workers, pin_memory, persistent_workers, zeroshot,
+            max_skipped_fraction, check_images,
         )  # fmt: skip
         _check_positive(
             image_size=image_size,
@@ -84,7 +83,6 @@ class ShapesDataModule(PairDataModule):
                 f"({group} = 2 ** len(hard_negative_attributes)), so groups never span batches"
             )
         self.save_hyperparameters(logger=False)
-        self.context_length = context_length
         self.seed = seed
         self.sizes = {"train": train_size, "val": val_size, "test": test_size, "novel": novel_size}
         self.batch_size = batch_size
@@ -93,7 +91,6 @@ class ShapesDataModule(PairDataModule):
         self.train_from_step = train_from_step
         self.hard_negatives = hard_negatives  # train split only: evaluation pairs are i.i.d.
         self.hard_negative_attributes = hard_negative_attributes
-        self.tokenizer = SimpleTokenizer(context_length=context_length)
         self._datasets: dict[str, ProceduralPairs] = {}
 
     @staticmethod

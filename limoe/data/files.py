@@ -7,7 +7,6 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from open_clip.tokenizer import SimpleTokenizer
 from torch.utils.data import DataLoader
 
 from limoe.data.csv import read_csv
@@ -71,8 +70,8 @@ class ImageTextDataModule(PairDataModule):
                                 "mean": mean, "std": std, "background": background,
                                 "augment": augment})  # fmt: skip
         super().__init__(
-            image_size, eval_batch_size, num_workers, pin_memory, persistent_workers, zeroshot,
-            pre.mean, pre.std, pre.background, max_skipped_fraction, check_images,
+            pre, eval_batch_size, num_workers, pin_memory, persistent_workers, zeroshot,
+            max_skipped_fraction, check_images,
         )  # fmt: skip
         _check_positive(
             image_size=image_size, context_length=context_length, batch_size=batch_size,
@@ -96,11 +95,9 @@ class ImageTextDataModule(PairDataModule):
         self.csv_keys = (csv_img_key, csv_caption_key, csv_separator)
         self.train_num_samples = train_num_samples
         self.shuffle_buffer = shuffle_buffer
-        self.context_length = context_length
         self.batch_size = batch_size
         self.seed = seed
-        self.augment = dict(augment or {})
-        self.tokenizer = SimpleTokenizer(context_length=context_length)
+        self.augment = pre.augment
         self._datasets: dict[str, PairDataset] = {}
         # Training loaders yield uint8 images; this Normalize finishes them on the device.
         self._train_transform, self._normalize = split_normalize(self._transform(train=True))
@@ -197,7 +194,7 @@ class ImageTextDataModule(PairDataModule):
         stream = ShardStream(
             expand_urls(self.paths["train"]), self._train_transform, self.tokenizer,
             self.batch_size, self.train_num_samples, rank, world_size,
-            self.num_workers, self.seed, self.shuffle_buffer, self.background,
+            self.workers.num_workers, self.seed, self.shuffle_buffer, self.background,
             self._counts("train", f"data.train_data={self.paths['train']}"),
         )  # fmt: skip
         return ResumableLoader(

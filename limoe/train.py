@@ -112,11 +112,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        train_seconds = time.perf_counter() - start
+        # ModelCheckpoint writes last.ckpt at validation time; make it hold the final weights.
+        trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt", weights_only=False)
     except NonFiniteLossError as error:
         raise NonFiniteLossError(f"{error}; {_last_good_checkpoint(output_dir)}") from None
-    train_seconds = time.perf_counter() - start
-    # ModelCheckpoint writes last.ckpt at validation time; make it hold the final weights.
-    trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt", weights_only=False)
     if not cfg.get("test", True):
         return {}
     metrics = _test(trainer, module, datamodule)

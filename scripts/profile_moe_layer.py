@@ -38,9 +38,12 @@ for mode in ("dense", "sorted"):
             torch.cuda.synchronize()
     events = prof.key_averages()
     syncs = sum(e.count for e in events if "Synchronize" in e.key or e.key == "aten::item")
-    kernels = sum(e.count for e in events if e.device_type.name == "CUDA")
+    # Kernel rows only: an operator's row also carries the device time of the kernels it
+    # launched, so summing every row counts each kernel twice.
+    kernel_rows = [e for e in events if e.device_type.name == "CUDA"]
+    kernels = sum(e.count for e in kernel_rows)
     cpu_total = sum(e.self_cpu_time_total for e in events) / 10 / 1e3
-    gpu_total = sum(e.self_device_time_total for e in events) / 10 / 1e3
+    gpu_total = sum(e.self_device_time_total for e in kernel_rows) / 10 / 1e3
     print(
         f"\n### {mode}: per call {cpu_total:.2f} ms of CPU (self), {gpu_total:.2f} ms of GPU "
         f"kernels, {kernels / 10:.0f} kernels, {syncs / 10:.1f} host syncs (item/synchronize)"

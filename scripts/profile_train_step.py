@@ -18,11 +18,12 @@ from torch.profiler import ProfilerActivity, profile
 from limoe.data.loading import first_pairs
 from limoe.train import build_datamodule, build_module, compose
 
+EXTRA = [a for a in sys.argv[1:] if "=" in a]  # limoe-train overrides, e.g. model.moe.gemm=loop
 PARTS = ("forward", "backward", "clip", "step", "zero")
 
 
 def build(model: str):
-    cfg = compose([f"model={model}", "data.num_workers=0"])
+    cfg = compose([f"model={model}", "data.num_workers=0", *EXTRA])
     datamodule = build_datamodule(cfg)
     datamodule.setup("fit")
     module = build_module(cfg, datamodule)
@@ -47,7 +48,7 @@ def timed_step(module, optimizer, images, tokens) -> list[float]:
 
 
 def main() -> None:
-    models = [a for a in sys.argv[1:] if not a.startswith("--")] or ["limoe", "dense"]
+    models = [a for a in sys.argv[1:] if not a.startswith("--") and "=" not in a] or ["limoe", "dense"]
     torch.manual_seed(0)
     print("| model | parameters | " + " | ".join(f"{p} ms" for p in PARTS) + " | total ms |")
     print("|---" * (len(PARTS) + 3) + "|")

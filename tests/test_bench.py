@@ -146,8 +146,9 @@ def test_tiny_benchmark_writes_the_json_schema(tmp_path, capsys):
     results = run_bench(_bench_cfg(tmp_path, TINY_LAYER + TINY_TRAIN + TINY_DATA))
     assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(results))
     assert set(results) == {"machine", "dtype", "config", "layer", "train", "loaders", "feed",
-                            "cost", "gpu_layer", "gpu_train", "ddp", "targets"}  # fmt: skip
+                            "cost", "gpu_layer", "gpu_train", "ddp", "gpu_checks", "targets"}  # fmt: skip
     assert results["cost"] == results["gpu_layer"] == results["gpu_train"] == results["ddp"] == []
+    assert results["gpu_checks"] == []
     assert results["dtype"] == "float32" and results["machine"]["device"] == "cpu"
     layer = results["layer"]
     # 6 cases (E=1: 2, E=4: 4) x 3 modes x 2 passes.
@@ -295,9 +296,15 @@ def test_gpu_check_dry_run_on_cpu_writes_every_part(tmp_path, capsys):
     assert [t["target"] for t in results["targets"]] == [
         "bf16 MoE fwd+bwd throughput / dense MLP, E=8", "limoe_b32 pairs/s / dense_b32 pairs/s"
     ]  # fmt: skip
+    # The sync and graph checks need CUDA: on a CPU they are listed, not run.
+    checks = [(r["check"], r["model"]) for r in results["gpu_checks"]]
+    assert checks == [("sync_free_step", "limoe"), ("sync_free_step", "limoe_b32"),
+                      ("sync_free_step", "dense_b32"), ("cuda_graph_layer", "MoELayer E=8")]  # fmt: skip
+    assert all(r.get("sync_free", r.get("captured")) is None for r in results["gpu_checks"])
     printed = capsys.readouterr().out
     assert "| 8 | 1 | dropless | 64 | 16 | fwd_bwd |" in printed
     assert "| limoe_b32 | 8 | 2 |" in printed and "| 2 | limoe | 2 |" in printed
+    assert "check sync_free_step limoe_b32: not run (CPU)" in printed
 
 
 def test_cost_suite_counts_one_full_pair_and_the_ratio_to_its_baseline(tmp_path):

@@ -39,9 +39,10 @@ from limoe.models import (
     model_cost,
     parameter_counts,
 )
+from limoe.models.build import build_model
 from limoe.models.cost import count_flops, flops_per_pair
 from limoe.runs import write_metrics
-from limoe.train import compose
+from limoe.train import compose, plain
 
 BIN = Path(sys.executable).parent
 SIZE = dict(embed_dim=8, image_size=8, patch_size=4, width=16, depth=2, num_heads=2,
@@ -171,15 +172,15 @@ def test_paper_clip_presets_are_open_clips_own_models(preset, name, tmp_path):
     cfg = compose([f"model={preset}", "data=csv", "data.image_size=224",
                    "data.context_length=77"], output_dir=tmp_path)  # fmt: skip
     with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised
-        ours = instantiate(cfg.model)
+        ours = build_model(plain(cfg.model))
     theirs = open_clip.create_model(name, device="meta")
     shapes = {key: p.shape for key, p in ours.named_parameters()}
     assert shapes == {key: p.shape for key, p in theirs.named_parameters()}
     assert type(ours) is type(theirs) and ours.output_dict
     # The data's sizes replace the config's: 112 px at patch 16 is 7 x 7 positions + class.
     with torch.device("meta"):
-        small = instantiate(compose([f"model={preset}", "data=csv", "data.image_size=112",
-                                     "data.context_length=16"], output_dir=tmp_path).model)  # fmt: skip
+        small = build_model(plain(compose([f"model={preset}", "data=csv", "data.image_size=112",
+                                           "data.context_length=16"], output_dir=tmp_path).model))  # fmt: skip
     patch = theirs.visual.patch_size[0]
     assert small.visual.positional_embedding.shape[0] == (112 // patch) ** 2 + 1
     assert small.positional_embedding.shape[0] == 16

@@ -42,8 +42,8 @@ BUILT = [
     (ImageTextDataModule, "data", ["data=csv"], set()),
     (RoutingHistory, "callbacks.routing_history", [], {"dirpath"}),
 ]
-# upcycle_from: read by the builders (limoe.models.upcycle), never passed to the model.
-NOT_ARGUMENTS = {"_target_", "_convert_", "upcycle_from"}
+# upcycle_from and compile: read by the builders (limoe.models.build), never passed to the model.
+NOT_ARGUMENTS = {"_target_", "_convert_", "upcycle_from", "compile"}
 
 
 def plain(value):

@@ -21,7 +21,8 @@ from limoe import cli
 from limoe.data.preprocess import Preprocess
 from limoe.factory import export_model
 from limoe.lit import ContrastiveModule
-from limoe.train import build_datamodule, compose, train
+from limoe.models.build import build_model
+from limoe.train import build_datamodule, compose, plain, train
 
 RUN = ["experiment=smoke", "data.train_size=64", "data.batch_size=16", "trainer.max_steps=2",
        "test=false", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false"]  # fmt: skip
@@ -136,3 +137,13 @@ def test_preprocess_of_a_data_config_is_what_its_datamodule_applies(overrides, t
     assert preprocess.background == tuple(datamodule.background)
     assert preprocess.augment == getattr(datamodule, "augment", {})
     assert Preprocess.from_dict(preprocess.as_dict()) == preprocess
+
+
+def test_model_compile_compiles_in_place_and_keeps_the_state_dict_keys():
+    """``model.compile=true``: the forward is compiled (``nn.Module.compile``) and the weights
+    keep their names, so checkpoints load either way."""
+    cfg = plain(compose(["experiment=smoke"]).model)
+    eager = build_model({**cfg, "compile": False})
+    compiled = build_model({**cfg, "compile": True})
+    assert eager._compiled_call_impl is None and compiled._compiled_call_impl is not None
+    assert list(compiled.state_dict()) == list(eager.state_dict())

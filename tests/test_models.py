@@ -84,7 +84,11 @@ def test_moe_block_routes_image_and_real_text_tokens_together():
     num_patches = (16 // 4) ** 2
     num_text = int(text_padding_mask(tokens).sum())  # 5 + 3 + 8
     assert num_text == 16
-    modality = routing[0].modality
+    # Every text position is routed (shapes known in advance); the padding is not valid, and
+    # the record of the real tokens leaves it out.
+    assert routing[0].modality.shape == (3 * num_patches + tokens.numel(),)
+    assert routing[0].valid.tolist() == [True] * 48 + text_padding_mask(tokens).flatten().tolist()
+    modality = routing[0].real().modality
     assert modality.shape == (3 * num_patches + num_text,)
     assert int((modality == 0).sum()) == 3 * num_patches
     assert int((modality == 1).sum()) == num_text
@@ -102,8 +106,7 @@ def test_moe_block_updates_real_text_tokens_and_leaves_padding(drop_path_rate):
     image, text = model.embed_images(images), model.embed_text(tokens)
     mask = text_padding_mask(tokens)
     with torch.no_grad():
-        index = mask.flatten().nonzero().squeeze(1)
-        _, out, _ = block._moe_mlp(image, text, index, token_origin(image, mask, index))
+        _, out, _ = block._moe_mlp(image, text, token_origin(image, mask))
         flat = torch.cat([block.norm2(image).flatten(0, 1), block.norm2(text)[mask]])
         modality = torch.cat([torch.zeros(48, dtype=torch.long), torch.ones(16, dtype=torch.long)])
         y, _ = block.mlp(flat, modality)

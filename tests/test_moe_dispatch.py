@@ -8,6 +8,7 @@ import torch
 from moe_helpers import bare_layer, outputs_and_grads, randomise
 
 from limoe.moe import assign_slots, dispatch_tensors, onehot_moe
+from limoe.moe.experts import grouped_mm_supported
 
 DIM, HIDDEN = 16, 24
 
@@ -89,7 +90,7 @@ def test_grouped_and_padded_gemms_equal_the_loop(
     results = {}
     for mode in ("loop", gemm):
         layer.experts.gemm = mode
-        assert layer.experts.use_grouped(x) == (mode == "grouped")
+        assert layer.experts.gemm_path(x, capacity_factor) == mode
         results[mode] = outputs_and_grads(layer, x, "sorted", probe)
     (y, x_grad, grads, _), (y_g, x_grad_g, grads_g, _) = results["loop"], results[gemm]
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
@@ -101,17 +102,24 @@ def test_grouped_and_padded_gemms_equal_the_loop(
         assert error <= tolerance, f"{name}: {float(error):.2e} of its largest value"
 
 
-def test_auto_gemm_takes_the_loop_on_cpu():
+def test_auto_gemm_path():
+    """On a CPU ``auto`` takes the loop (its reads of the row counts are in host memory), and
+    the grouped GEMM when compiled in bf16 (no graph break); a forced mode is kept."""
     layer = bare_layer(DIM, HIDDEN, 4)
     x = torch.randn(40, DIM)
-    assert layer.experts.gemm == "auto" and not layer.experts.use_grouped(x)
-    assert layer.experts.gemm_path(x, torch.tensor([12, 10, 8, 10])) == "loop"
+    assert layer.experts.gemm == "auto"
+    assert layer.experts.gemm_path(x, None) == "loop" and layer.experts.gemm_path(x, 8) == "loop"
     layer.experts.gemm = "padded"
-    assert layer.experts.gemm_path(x, torch.tensor([12, 10, 8, 10])) == "padded"
-    assert layer.experts.gemm_path(x[:0], torch.tensor([0, 0, 0, 0])) == "loop"  # no tokens
+    assert layer.experts.gemm_path(x, 12) == "padded"
     with pytest.raises(ValueError, match=r"gemm must be one of \('auto', 'loop', 'grouped', "
                        r"'padded'\)"):  # fmt: skip
         bare_layer(DIM, HIDDEN, 4, gemm="cutlass")
+
+
+def test_grouped_mm_is_known_where_it_runs_without_a_host_sync():
+    x = torch.randn(4, DIM)
+    assert grouped_mm_supported(x, torch.float32) and grouped_mm_supported(x, torch.bfloat16)
+    assert not grouped_mm_supported(x, torch.float64)
 
 
 @pytest.mark.parametrize("gemm", ["loop", "grouped", "padded"])

@@ -160,21 +160,36 @@ def test_assign_slots_matches_loop_reference(top_k, use_priority):
 def test_sort_by_expert_hand_example():
     idx = torch.tensor([[1, 2], [0, 1], [1, 0]])  # flat choices 0..5 -> experts 1,2,0,1,1,0
     dropped = torch.tensor([[False, True], [False, False], [False, False]])
-    choice_index, counts = sort_by_expert(idx, dropped, num_experts=4)
-    # expert 0: choices 2, 5; expert 1: choices 0, 3, 4; expert 2: choice 1 dropped.
-    assert choice_index.tolist() == [2, 5, 0, 3, 4]
-    assert counts.tolist() == [2, 3, 0, 0]
+    s = sort_by_expert(idx, dropped, num_experts=4)
+    # expert 0: choices 2, 5; expert 1: choices 0, 3, 4; expert 2's choice 1 is dropped: last.
+    assert s.order.tolist() == [2, 5, 0, 3, 4, 1]
+    assert s.expert.tolist() == [0, 0, 1, 1, 1, 4]
+    assert s.offsets.tolist() == [2, 5, 5, 5] and s.counts().tolist() == [2, 3, 0, 0]
+    assert s.row.tolist() == [2, 5, 0, 3, 4, 1]  # the inverse permutation (here its own)
+    assert s.row_kept.tolist() == [True] * 5 + [False]
     x = torch.arange(3.0).unsqueeze(-1)
-    assert gather_tokens(x, choice_index, top_k=2)[:, 0].tolist() == [1.0, 2.0, 0.0, 1.0, 2.0]
+    assert gather_tokens(x, s, top_k=2)[:, 0].tolist() == [1.0, 2.0, 0.0, 1.0, 2.0, 0.0]
 
 
 def test_combine_hand_example():
-    choice_index = torch.tensor([2, 5, 0, 3])  # tokens 1, 2, 0, 1 (k = 2)
-    gates = torch.tensor([[0.5, 0.5], [0.25, 0.75], [0.9, 0.1]])
-    expert_out = torch.tensor([[1.0], [2.0], [3.0], [4.0]])
-    out = combine(expert_out, choice_index, gates, num_tokens=4, top_k=2)
-    # token 0: 0.5 * 3; token 1: 0.25 * 1 + 0.75 * 4; token 2: 0.1 * 2; token 3: nothing.
-    torch.testing.assert_close(out[:, 0], torch.tensor([1.5, 3.25, 0.2, 0.0]))
+    # choices (k = 2) of tokens 0..3; choice 1 (token 0's second) and 7 (token 3's) dropped
+    idx = torch.tensor([[1, 0], [0, 1], [1, 0], [2, 2]])
+    dropped = torch.tensor([[False, True], [False, True], [False, False], [True, True]])
+    s = sort_by_expert(idx, dropped, num_experts=3)
+    # rows: expert 0 <- choices 2, 5; expert 1 <- choices 0, 4; then the dropped 1, 3, 6, 7
+    assert s.order.tolist() == [2, 5, 0, 4, 1, 3, 6, 7]
+    gates = torch.tensor([[0.5, 0.5], [0.25, 0.75], [0.9, 0.1], [0.6, 0.4]])
+    expert_out = torch.tensor([[1.0], [2.0], [3.0], [4.0], [9.0], [9.0], [9.0], [9.0]])
+    expert_out.requires_grad_(True)
+    out = combine(expert_out, s, gates)
+    # token 0: 0.5 * 3; token 1: 0.25 * 1; token 2: 0.9 * 4 + 0.1 * 2; token 3: nothing.
+    torch.testing.assert_close(out[:, 0], torch.tensor([1.5, 0.25, 3.8, 0.0]))
+    # The gradient is a gather the other way: each kept row gets its choice's gate, the
+    # dropped rows nothing (a grouped GEMM leaves them uninitialised).
+    out.sum().backward()
+    torch.testing.assert_close(
+        expert_out.grad[:, 0], torch.tensor([0.25, 0.1, 0.5, 0.9, 0, 0, 0, 0])
+    )
 
 
 def test_capacity_formula_is_ceil_of_expected_load():

@@ -117,6 +117,54 @@ def run_model_steps(
     return rows
 
 
+def sync_free_step(step: Callable[[], Tensor], device: torch.device) -> dict:
+    """One training step under CUDA's sync debug mode at ``error``: any operation that makes
+    the host wait for the GPU raises. ``sync_free`` None on a CPU (nothing to wait for)."""
+    if device.type != "cuda":
+        return {"sync_free": None, "error": None}
+    step()  # warm: first calls allocate and autotune
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        return {"sync_free": True, "error": None}
+    except RuntimeError as error:
+        return {"sync_free": False, "error": str(error).strip().splitlines()[0]}
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize(device)
+
+
+class _LayerTensors(nn.Module):
+    """A MoE layer returning tensors only, ``(y, aux_loss)``, as graph capture needs."""
+
+    def __init__(self, layer: nn.Module, modality: Tensor, valid: Tensor) -> None:
+        super().__init__()
+        self.layer, self.modality, self.valid = layer, modality, valid
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        y, routing = self.layer(x, self.modality, valid=self.valid)
+        return y, routing.aux_loss
+
+
+def cuda_graph_layer(layer: nn.Module, x: Tensor, modality: Tensor, valid: Tensor) -> dict:
+    """Capture the layer's forward and backward in a CUDA graph
+    (``torch.cuda.make_graphed_callables``) and replay it: it only captures if no step syncs.
+    ``captured`` None on a CPU."""
+    if x.device.type != "cuda":
+        return {"captured": None, "error": None}
+    try:
+        graphed = torch.cuda.make_graphed_callables(
+            _LayerTensors(layer, modality, valid), (x.detach().requires_grad_(),)
+        )
+        y, aux = graphed(x.detach().requires_grad_())
+        (y.float().square().mean() + aux).backward()
+        torch.cuda.synchronize(x.device)
+        return {"captured": True, "error": None}
+    except RuntimeError as error:
+        return {"captured": False, "error": str(error).strip().splitlines()[0]}
+
+
 def run_ddp_check(
     processes: int, model: str, overrides: Sequence[str], steps: int, accelerator: str
 ) -> dict:

@@ -220,6 +220,10 @@ def format_table(results: dict) -> str:
         lines += [""]
     if results.get("ddp"):
         lines += ["DDP:", ""] + _ddp_table(results["ddp"]) + [""]
+    for row in results.get("gpu_checks", []):
+        key = "sync_free" if row["check"] == "sync_free_step" else "captured"
+        verdict = {True: "passed", False: f"FAILED ({row['error']})", None: "not run (CPU)"}
+        lines.append(f"check {row['check']} {row['model']}: {verdict[row[key]]}")
     for t in results.get("targets", []):
         sign = {"max": "≤", "min": "≥", "within": "1 ±"}[t["kind"]]
         verdict = "met" if t["met"] else "MISSED"

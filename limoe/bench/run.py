@@ -21,13 +21,22 @@ import torch
 from omegaconf import DictConfig
 
 from limoe.models import create_model
+from limoe.moe import MoELayer
 from limoe.train import build_datamodule, build_module, build_trainer, compose, plain
 
 from .cost import run_cost_bench
 from .data import run_feed_bench, run_loader_bench, write_fixture
-from .gpu import run_ddp_check, run_gemm_layer_bench, run_model_steps
+from .gpu import (
+    cuda_graph_layer,
+    run_ddp_check,
+    run_gemm_layer_bench,
+    run_model_steps,
+    sync_free_step,
+    synthetic_pairs,
+)
 from .layer import layer_cases, run_layer_bench
 from .report import check_targets, format_table, machine_info
+from .step import training_step
 from .train import StepTimes, in_memory, run_train_bench
 
 # all: layer, train and data; cost (minutes: it builds the 3.5B-parameter LIMoE-L/16) and gpu
@@ -160,6 +169,8 @@ def bench_gpu(cfg: DictConfig, dtype: torch.dtype) -> dict:
         vocab = run_cfg.model.get("vocab_size", 49408)
         modules[name] = (build_module(run_cfg), run_cfg.data.image_size,
                          run_cfg.data.context_length, vocab)  # fmt: skip
+    checks = sync_checks(modules, gpu.train.batch_size, device, dtype, cfg.seed)
+    checks.append(graph_check(lay, device, dtype, cfg.seed))
     train = run_model_steps(modules, gpu.train.batch_size, gpu.train.warmup, gpu.train.steps,
                             device, dtype, cfg.seed, cfg.progress)  # fmt: skip
     processes = gpu.ddp.processes
@@ -170,7 +181,35 @@ def bench_gpu(cfg: DictConfig, dtype: torch.dtype) -> dict:
         accelerator = "gpu" if device.type == "cuda" else "cpu"
         ddp.append(run_ddp_check(processes, gpu.ddp.model, gpu.ddp.overrides, gpu.ddp.steps,
                                  accelerator))  # fmt: skip
-    return {"gpu_layer": layer, "gpu_train": train, "ddp": ddp}
+    return {"gpu_layer": layer, "gpu_train": train, "ddp": ddp, "gpu_checks": checks}
+
+
+def sync_checks(modules: dict, batch_size: int, device: torch.device, dtype: torch.dtype,
+                seed: int) -> list[dict]:  # fmt: skip
+    """Each model's training step under CUDA's sync debug mode (``sync_free_step``)."""
+    rows = []
+    for name, (module, image_size, context_length, vocab) in modules.items():
+        images, tokens = synthetic_pairs(batch_size, image_size, context_length, vocab, device,
+                                         seed)  # fmt: skip
+        module.to(device).train()
+        found = sync_free_step(training_step(module, images, tokens, dtype), device)
+        module.cpu()
+        rows.append({"check": "sync_free_step", "model": name, **found})
+    return rows
+
+
+def graph_check(lay: DictConfig, device: torch.device, dtype: torch.dtype, seed: int) -> dict:
+    """The bf16 MoE layer of the layer cases (E = the first of them, capacity 1.0, text
+    padding routed) captured in a CUDA graph, forward and backward (``cuda_graph_layer``)."""
+    torch.manual_seed(seed)
+    tokens, dim = lay.tokens[0], lay.dim[0]
+    layer = MoELayer(dim, int(dim * lay.mlp_ratio), lay.num_experts[0], capacity_factor=1.0)
+    layer = layer.to(device, dtype)
+    x = torch.randn(tokens, dim, device=device, dtype=dtype)
+    modality = (torch.arange(tokens, device=device) >= int(lay.image_fraction * tokens)).long()
+    valid = torch.arange(tokens, device=device) < tokens - tokens // 10
+    return {"check": "cuda_graph_layer", "model": f"MoELayer E={lay.num_experts[0]}",
+            **cuda_graph_layer(layer, x, modality, valid)}  # fmt: skip
 
 
 def run_bench(cfg: DictConfig) -> dict:
@@ -182,7 +221,7 @@ def run_bench(cfg: DictConfig) -> dict:
     dtype = bench_dtype(cfg)
     results = {"machine": machine_info(cfg.device), "dtype": str(dtype).removeprefix("torch.")}
     results.update(config=plain(cfg), layer=[], train=[], loaders=[], feed=[], cost=[],
-                   gpu_layer=[], gpu_train=[], ddp=[], targets=[])  # fmt: skip
+                   gpu_layer=[], gpu_train=[], ddp=[], gpu_checks=[], targets=[])  # fmt: skip
     out = Path(cfg.out) if cfg.out else Path(cfg.paths.output_dir) / "bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     suites = {"layer": bench_layer, "train": bench_train, "data": bench_data, "cost": bench_cost,

@@ -115,11 +115,14 @@ class RoutingHistory(L.Callback):
         every = max(int(trainer.log_every_n_steps), 1)
         if not getattr(model, "moe_layers", None) or (trainer.global_step + 1) % every:
             return
+        norms = {}
         for layer in model.moe_layers:
             weight = getattr(model.blocks[layer].mlp.router, "weight", None)  # None: no router
-            grad = None if weight is None else weight.grad
-            if grad is not None:
-                pl_module.log(f"router/layer{layer}_grad_norm", grad.norm().float(), on_step=True)
+            if weight is not None and weight.grad is not None:
+                norms[f"router/layer{layer}_grad_norm"] = weight.grad.norm().float()
+        if norms:  # to the host in one transfer
+            values = torch.stack(list(norms.values())).tolist()
+            pl_module.log_dict(dict(zip(norms, values)), on_step=True)
 
 
 def _norms(mlp) -> dict:

@@ -43,8 +43,9 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss or gradient; the run stops before the optimiser
-    step, so every checkpoint written so far holds finite weights."""
+    """Training produced a NaN or infinite loss or gradient; the run stops at the next logging
+    step, validation or checkpoint, before any checkpoint is written after it, so every
+    checkpoint written holds finite weights."""
 
 
 class ContrastiveModule(L.LightningModule):
@@ -68,6 +69,7 @@ class ContrastiveModule(L.LightningModule):
         self.clip_loss = ClipLoss()
         self._evaluation: Evaluation | None = None
         self._grad_norm: Tensor | None = None  # this step's, for clipping
+        self._nonfinite: Tensor | None = None  # the first non-finite loss or norm (on device)
 
     def configure_callbacks(self) -> list[L.Callback]:
         """``ExpertParallel`` once: a Trainer that ran ``fit`` already holds it at ``test``."""
@@ -106,21 +108,62 @@ class ContrastiveModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, tokens = batch
         loss, contrastive, aux, out = self.compute_loss(images, tokens)
-        log = {
-            "train/loss": loss,
-            "train/contrastive_loss": contrastive,
-            "train/aux_loss": aux,
-            "train/temperature": 1.0 / out["logit_scale"].detach(),
-        }
-        if out.get("routing") and self._logging_step():
-            stats = routing_stats(out["routing"], self.model.moe_layers)
-            log.update({f"train/{k}": v for k, v in stats.items()})
-        log = self._mean_over_ranks(log)  # NaN on any rank makes the mean NaN on every rank
-        if not torch.isfinite(log["train/loss"]):
-            self._stop(f"loss {log['train/loss'].item()}")
-        self.log_dict(log, prog_bar=False, batch_size=images.shape[0])
-        self.log("loss", log["train/loss"], prog_bar=True, logger=False, batch_size=images.shape[0])
+        self._watch_finite(0, loss)
+        if self._logging_step():
+            log = {
+                "train/loss": loss,
+                "train/contrastive_loss": contrastive,
+                "train/aux_loss": aux,
+                "train/temperature": 1.0 / out["logit_scale"],
+            }
+            if out.get("routing"):
+                stats = routing_stats(out["routing"], self.model.moe_layers)
+                log.update({f"train/{k}": v for k, v in stats.items()})
+            log = self._to_host(self._mean_over_ranks(log))
+            self.log_dict(log, prog_bar=False, batch_size=images.shape[0])
+            self.log("loss", log["train/loss"], prog_bar=True, logger=False,
+                     batch_size=images.shape[0])  # fmt: skip
         return loss
+
+    def _to_host(self, values: dict[str, Tensor]) -> dict[str, float]:
+        """The logged values as floats in one transfer, with the finite check read in the same
+        one: the only host synchronisation of a training step, on logging steps alone."""
+        flat = [v.detach().double().reshape(()) for v in values.values()]
+        record = self._nonfinite if self._nonfinite is not None else flat[0].new_full((3,), -1)
+        *floats, step, kind, value = torch.cat([torch.stack(flat), record]).tolist()
+        self._raise_if_nonfinite(step, kind, value)
+        return dict(zip(values, floats))
+
+    def _watch_finite(self, kind: int, value: Tensor) -> None:
+        """Keep the first non-finite loss (``kind`` 0) or gradient norm (1) of the run on the
+        device, as ``[step, kind, value]``: checking it with a Python ``bool`` at every step
+        would make the host wait for the device there. It is read at the logging steps, before
+        every checkpoint, at validation and at the end of training (``check_finite``), so the
+        run stops within ``log_every_n_steps`` and no checkpoint is written after it."""
+        value = value.detach().double().reshape(())
+        if self._nonfinite is None or self._nonfinite.device != value.device:
+            self._nonfinite = value.new_full((3,), -1)
+        here = torch.stack([torch.full_like(value, self.global_step), torch.full_like(value, kind),
+                            value])  # fmt: skip
+        first = (self._nonfinite[0] < 0) & ~torch.isfinite(value)
+        self._nonfinite = torch.where(first, here, self._nonfinite)
+
+    def check_finite(self) -> None:
+        """Stop with ``NonFiniteLossError`` if a loss or gradient norm so far was not finite
+        (a host read of ``_watch_finite``'s record)."""
+        if self._nonfinite is not None:
+            self._raise_if_nonfinite(*self._nonfinite.tolist())
+
+    def _raise_if_nonfinite(self, step: float, kind: float, value: float) -> None:
+        if step >= 0:
+            what = ("loss", "gradient norm")[int(kind)]
+            raise NonFiniteLossError(f"non-finite {what} {value} at step {int(step)}; run stopped")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.check_finite()  # before the checkpoint is written: it holds finite weights only
+
+    def on_train_end(self) -> None:
+        self.check_finite()
 
     def _mean_over_ranks(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
         """The mean of each logged value over the processes, in one all-reduce (the losses
@@ -132,8 +175,14 @@ class ContrastiveModule(L.LightningModule):
         return dict(zip(values, stacked.unbind()))
 
     def _logging_step(self) -> bool:
-        every = self.trainer.log_every_n_steps if self._trainer is not None else 1
-        return self.global_step % max(1, every) == 0
+        """The steps the logger writes, by Lightning's rule: every ``log_every_n_steps``-th,
+        counted from 1 (``global_step + 1``), and the last; without a Trainer, every step."""
+        if self._trainer is None:
+            return True
+        trainer = self.trainer
+        last = trainer.max_steps > 0 and self.global_step + 1 >= trainer.max_steps
+        every = max(1, trainer.log_every_n_steps)
+        return last or bool(trainer.fast_dev_run) or (self.global_step + 1) % every == 0
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         with torch.no_grad():
@@ -155,6 +204,7 @@ class ContrastiveModule(L.LightningModule):
         self._evaluation = None
 
     def on_validation_epoch_start(self) -> None:
+        self.check_finite()
         self._start_evaluation("validate")
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -215,15 +265,14 @@ class ContrastiveModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Stop on a non-finite gradient before it reaches the weights (the norm is the same
-        on every rank after DDP's all-reduce, so all ranks stop together). Lightning clips
-        right after this hook; the norm is kept for it rather than computed twice."""
+        """Watch the gradient norm for a non-finite value (``_watch_finite``; the norm is the
+        same on every rank after DDP's all-reduce, so all ranks stop together). Lightning
+        clips right after this hook; the norm is kept for it rather than computed twice."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
         self._grad_norm = norm = grad_norm(params, self.model)
-        if not torch.isfinite(norm):
-            self._stop(f"gradient norm {norm.item()}")
+        self._watch_finite(1, norm)
         if self._logging_step():
-            self.log("train/grad_norm", norm, batch_size=1)
+            self.log("train/grad_norm", norm.item(), batch_size=1)
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
@@ -237,6 +286,3 @@ class ContrastiveModule(L.LightningModule):
             )
         params = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self._grad_norm)
-
-    def _stop(self, what: str) -> None:
-        raise NonFiniteLossError(f"non-finite {what} at step {self.global_step}; run stopped")

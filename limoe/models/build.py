@@ -62,17 +62,24 @@ def check_tower(cfg: Mapping) -> None:
         )
 
 
+# ``model.compile``: read here, never passed to the model. True compiles the model's forward
+# with ``torch.compile`` (``nn.Module.compile``, in place) once the weights are in.
+COMPILE_KEY = "compile"
+
+
 def build_model(
     cfg: Mapping, weights: Mapping[str, Tensor] | str | Path | None = None, **kwargs
 ) -> nn.Module:
     """The model of ``cfg`` (a ``_target_`` and its arguments; ``kwargs`` override them).
 
     ``weights``: a state dict, or the path of a ``model.safetensors``; loaded strictly. Without
-    them, a config with ``upcycle_from`` starts from that dense checkpoint (``upcycle``).
+    them, a config with ``upcycle_from`` starts from that dense checkpoint (``upcycle``). With
+    ``compile`` true the forward is compiled (``torch.compile``).
     """
     if "_target_" not in cfg:
         raise ValueError(f"a model config needs a _target_, got keys {sorted(cfg)}")
     cfg, upcycle_from = pop_upcycle({**cfg, **kwargs})
+    compiled = cfg.pop(COMPILE_KEY, False)
     check_tower(cfg)
     model = instantiate(cfg, _convert_="all")
     if isinstance(weights, str | Path):
@@ -81,4 +88,6 @@ def build_model(
         model.load_state_dict(weights, strict=True)
     elif upcycle_from:
         upcycle(model, model_weights(read_checkpoint(upcycle_from, "model.upcycle_from")))
+    if compiled:
+        model.compile()  # in place: the state dict keeps its keys
     return model

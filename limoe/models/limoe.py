@@ -32,11 +32,6 @@ def text_padding_mask(tokens: Tensor) -> Tensor:
     return torch.arange(tokens.shape[-1], device=tokens.device) <= eot
 
 
-def real_token_index(text_mask: Tensor) -> Tensor:
-    """Flat positions (in ``[B * L]``) of the real text tokens, in row-major order."""
-    return text_mask.flatten().nonzero().squeeze(1)
-
-
 def attention_bias(text_mask: Tensor, dtype: torch.dtype, causal: bool = False) -> Tensor:
     """Additive attention mask: -inf on padding keys, so no query attends to them ([B, 1, 1,
     L]); with ``causal`` also -inf above the diagonal, so a token sees only itself and the
@@ -121,12 +116,10 @@ class Block(nn.Module):
         text: Tensor | None,
         text_mask: Tensor | None,
         text_bias: Tensor | None = None,
-        text_index: Tensor | None = None,
         origin: TokenOrigin | None = None,
     ) -> tuple[Tensor | None, Tensor | None, Routing | None]:
-        """``text_bias`` is ``attention_bias(text_mask)``, ``text_index`` the flat positions
-        of the real text tokens (``real_token_index(text_mask)``) and ``origin`` where each
-        routed token came from (``token_origin``); the tower builds them once for all blocks."""
+        """``text_bias`` is ``attention_bias(text_mask)`` and ``origin`` where each routed token
+        came from (``token_origin``); the tower builds them once for all blocks."""
         text_norm1, text_norm2 = self.text_norms()
         text_attn = self.attn if self.text_attn is None else self.text_attn
         if image is not None:
@@ -139,35 +132,30 @@ class Block(nn.Module):
             image = None if image is None else image + self.drop_path(self.mlp(self.norm2(image)))
             text = None if text is None else text + self.drop_path(self.mlp(text_norm2(text)))
             return image, text, None
-        if text is not None and text_index is None:
-            text_index = real_token_index(text_mask)
         if origin is None:
-            origin = token_origin(image, text_mask if text is not None else None, text_index)
-        return self._moe_mlp(image, text, text_index, origin)
+            origin = token_origin(image, text_mask if text is not None else None)
+        return self._moe_mlp(image, text, origin)
 
-    def _moe_mlp(self, image, text, text_index, origin):
-        """Route image patches and real text tokens together as one flat token set (the real
-        text tokens picked by ``index_select`` and their updates added back by
-        ``index_add``: no zero-filled update, no padding normalised)."""
+    def _moe_mlp(self, image, text, origin):
+        """Route image patches and every text position together as one flat token set. The
+        text padding is routed too (``origin.valid`` False): it takes no expert, capacity, loss
+        or statistic and gets no update, and every shape is known before the call, so nothing
+        waits on the device to count the real tokens."""
         parts = []
         if image is not None:
             parts.append(self.norm2(image).flatten(0, 1))
         if text is not None:
-            parts.append(self.text_norms()[1](text.flatten(0, 1).index_select(0, text_index)))
-        tokens = torch.cat(parts)
+            parts.append(self.text_norms()[1](text).flatten(0, 1))
+        tokens = torch.cat(parts) if len(parts) == 2 else parts[0]
         y, routing = self.mlp(tokens, *origin)
         if self.shared_mlp is not None:
-            y = y + self.shared_mlp(tokens).to(y.dtype)
+            shared = self.shared_mlp(tokens).to(y.dtype)
+            y = y + (shared if origin.valid is None else shared * origin.valid.unsqueeze(1))
         y_image, y_text = y.split([p.shape[0] for p in parts]) if len(parts) == 2 else (y, y)
         if image is not None:
             image = image + self.drop_path(y_image.view_as(image))
         if text is not None:
-            y_text = y_text.to(text.dtype)
-            if isinstance(self.drop_path, DropPath):  # per-sample drop needs the whole update
-                update = text.new_zeros(text.shape).flatten(0, 1).index_copy(0, text_index, y_text)
-                text = text + self.drop_path(update.view_as(text))
-            else:
-                text = text.flatten(0, 1).index_add(0, text_index, y_text).view_as(text)
+            text = text + self.drop_path(y_text.to(text.dtype).view_as(text))
         return image, text, routing
 
 
@@ -178,25 +166,26 @@ def _hidden_width(dim: int, ratio: float, key: str) -> int:
     return hidden
 
 
-def token_origin(
-    image: Tensor | None, text_mask: Tensor | None, text_index: Tensor | None
-) -> TokenOrigin:
+def token_origin(image: Tensor | None, text_mask: Tensor | None) -> TokenOrigin:
     """Where each token an MoE block routes came from, in the order ``Block._moe_mlp``
-    concatenates them: every image's patches (pair-major, patch order), then the real text
-    tokens (``text_index``, pair-major, position order). The sequence is the pair's index in
-    the batch."""
-    modality, sequence, position = [], [], []
-    if image is not None:
-        batch, patches = image.shape[:2]
-        sequence.append(torch.arange(batch, device=image.device).repeat_interleave(patches))
-        position.append(torch.arange(patches, device=image.device).repeat(batch))
-        modality.append(torch.full_like(sequence[-1], IMAGE))
-    if text_mask is not None:
-        length = text_mask.shape[1]
-        sequence.append(torch.div(text_index, length, rounding_mode="floor"))
-        position.append(text_index % length)
-        modality.append(torch.full_like(sequence[-1], TEXT))
-    return TokenOrigin(torch.cat(modality), torch.cat(sequence), torch.cat(position))
+    concatenates them: every image's patches (pair-major, patch order), then every text
+    position (pair-major, position order), with ``valid`` False at the text padding (None
+    without text: every token is real). The sequence is the pair's index in the batch. Built
+    from shapes alone, with no host read."""
+    modality, sequence, position, valid = [], [], [], []
+    for states, kind in ((image, IMAGE), (text_mask, TEXT)):
+        if states is None:
+            continue
+        batch, length = states.shape[:2]
+        flat = torch.arange(batch * length, device=states.device)
+        sequence.append(torch.div(flat, length, rounding_mode="floor"))
+        position.append(flat % length)
+        modality.append(torch.full_like(flat, kind))
+        real = text_mask.flatten() if kind == TEXT else torch.ones_like(flat, dtype=torch.bool)
+        valid.append(real)
+    origin = [torch.cat(parts) if len(parts) > 1 else parts[0]
+              for parts in (modality, sequence, position, valid)]  # fmt: skip
+    return TokenOrigin(*origin[:3], origin[3] if text_mask is not None else None)
 
 
 class LIMoE(nn.Module):
@@ -355,13 +344,10 @@ class LIMoE(nn.Module):
         text_bias = None
         if text is not None:
             text_bias = attention_bias(text_mask, text.dtype, self.text_causal_mask)
-        text_index = origin = None
-        if self.moe_layers:
-            text_index = None if text is None else real_token_index(text_mask)
-            origin = token_origin(image, text_mask, text_index)
+        origin = token_origin(image, text_mask) if self.moe_layers else None
         routings = []
         for block in self.blocks:
-            image, text, routing = block(image, text, text_mask, text_bias, text_index, origin)
+            image, text, routing = block(image, text, text_mask, text_bias, origin)
             if routing is not None:
                 routings.append(routing)
         return image, text, routings

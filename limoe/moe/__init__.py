@@ -2,9 +2,12 @@
 
 Pipeline of one ``MoELayer`` call, each step a function you can test on its own:
 ``route`` (logits -> probs -> top-k) -> ``compute_capacity`` / ``assign_slots``
-(slot positions, drops, Batch Priority Routing) -> ``sort_by_expert`` ->
-``gather_tokens`` -> ``Experts`` (per-expert GEMMs) -> ``combine`` (``index_add_``),
-plus the auxiliary losses in ``losses``. ``reference`` holds GShard's one-hot einsum
+(slot positions, drops, Batch Priority Routing) -> ``sort_by_expert`` (a stable sort, offsets
+by ``searchsorted``) -> ``gather_tokens`` -> ``Experts`` (one grouped GEMM per projection, or
+the ``[E, C]`` buffer at capacity) -> ``combine`` (back through the inverse permutation, a
+sum over the k choices), plus the auxiliary losses in ``losses``. Every shape is known on
+the host before the call (N * k rows; padding is routed and masked), so no step waits on the
+device, and no step scatter-adds, so two runs are bitwise equal. ``reference`` holds GShard's one-hot einsum
 dispatch, which the sorted path must equal. Each router is a class behind one interface
 (``routing.Router``, returning a ``Routing``): top-k, expert choice (experts pick tokens),
 Soft MoE (weighted slots, ``soft``) and the modality router (``routers``).
@@ -12,7 +15,7 @@ Soft MoE (weighted slots, ``soft``) and the modality router (``routers``).
 ``statistics`` turns routing records into counts, shares, entropies and expert kinds.
 """
 
-from .dispatch import combine, gather_tokens, sort_by_expert
+from .dispatch import MatchedGather, SortedChoices, combine, gather_tokens, sort_by_expert
 from .experts import Experts, ExpertShard
 from .layer import MoELayer, default_loss_weights
 from .losses import (
@@ -65,6 +68,8 @@ __all__ = [
     "LOSS_SCOPES",
     "MODALITY_NAMES",
     "ExpertShard",
+    "MatchedGather",
+    "SortedChoices",
     "Experts",
     "MoELayer",
     "ROUTERS",

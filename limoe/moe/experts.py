@@ -10,15 +10,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .dispatch import ExpertBias
+
 GEMM_MODES = ("auto", "loop", "grouped", "padded")
 
 
-def grouped_mm_supported(x: Tensor, *weights: Tensor) -> bool:
-    """Whether ``F.grouped_mm`` has a fast kernel here: bf16 on a CUDA GPU of compute
-    capability >= 8.0, with every row 16-byte aligned (dims a multiple of 8)."""
-    if not hasattr(F, "grouped_mm") or x.device.type != "cuda":
+def grouped_mm_supported(x: Tensor, dtype: torch.dtype, *weights: Tensor) -> bool:
+    """Whether ``F.grouped_mm`` runs here in ``dtype`` without a host synchronisation: on a
+    CUDA GPU, CUDA's grouped-GEMM kernel, bf16 on compute capability 9.0 and up (Hopper,
+    Blackwell) with every row 16-byte aligned (dims a multiple of 8); elsewhere on a GPU
+    PyTorch copies the offsets to the host and loops. On a CPU it runs in eager mode in
+    float32 and bf16 (a loop over host-side offsets, host memory already); compiled, PyTorch
+    takes only bf16."""
+    if not hasattr(F, "grouped_mm"):
         return False
-    if torch.cuda.get_device_capability(x.device) < (8, 0):
+    if x.device.type == "cpu":
+        return dtype == torch.bfloat16 or (
+            dtype == torch.float32 and not torch.compiler.is_compiling()
+        )
+    if x.device.type != "cuda" or dtype != torch.bfloat16:
+        return False
+    if torch.cuda.get_device_capability(x.device) < (9, 0):
         return False
     return all(w.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0 for w in weights)
 
@@ -46,14 +58,12 @@ class Experts(nn.Module):
     parameter holds every expert and per-expert slices need no copies. Expert e
     applied to ``x`` equals ``nn.Linear`` with ``weight = w1[e].T``.
 
-    ``gemm`` picks how the E GEMMs run: ``loop`` issues one ``addmm`` per non-empty
-    expert (fastest on CPU at the default size); ``grouped`` issues one ``F.grouped_mm`` per
-    weight for all experts (one kernel on a GPU, no host sync on the counts); ``padded``
-    copies each expert's slice into an ``[E, C, dim]`` buffer padded to the largest slice
-    ``C`` and runs one ``baddbmm`` per weight (fewer, larger GEMMs: on 2 CPU cores it wins
-    only for tiny experts, e.g. width 32 at 125 tokens each, and loses at width 96 and up:
-    docs/benchmarks.md); ``auto`` takes ``grouped`` where ``grouped_mm_supported`` (CUDA,
-    bf16 under autocast or in bf16) and ``loop`` elsewhere.
+    ``gemm`` picks how the E GEMMs run: ``grouped`` issues one ``F.grouped_mm`` per weight
+    for all experts (CUDA's grouped-GEMM kernel in bf16 on Hopper and later; no host sync on
+    the counts); ``padded`` runs one ``baddbmm`` per weight over the ``[E, C, dim]`` capacity
+    buffer (needs a capacity; no host sync, and no grouped kernel needed); ``loop`` issues one
+    ``addmm`` per non-empty expert on slices cut on the host; ``auto`` takes the first of
+    these that runs without a host synchronisation here (``gemm_path``).
     """
 
     def __init__(
@@ -93,27 +103,40 @@ class Experts(nn.Module):
         for b in (self.b1, self.b2):
             nn.init.zeros_(b)
 
-    def forward(self, x: Tensor, counts: Tensor) -> Tensor:
-        """Run expert e on the e-th contiguous slice of ``x [M, dim]`` (``counts[e]`` rows).
+    def forward(
+        self, rows: Tensor, offsets: Tensor, path: str = "loop", every_row_kept: bool = False
+    ) -> Tensor:
+        """Run expert e on rows ``offsets[e - 1]:offsets[e]`` of ``rows [M, dim]`` (sorted by
+        expert; rows past ``offsets[-1]`` belong to no expert and come out unspecified, for
+        the caller to mask). ``path`` is ``loop`` or ``grouped`` (``gemm_path``);
+        ``every_row_kept``: no row lies past the last offset (dropless routing).
 
         Outside autocast the input is cast to the weight dtype (e.g. bf16 tokens
         into float32 experts); under autocast the GEMMs pick their own dtype.
         """
-        path = self.gemm_path(x, counts)
         if path == "grouped":
-            return self.forward_grouped(x, counts)
-        if path == "padded":
-            return self.forward_padded(x, counts)
-        return self.forward_loop(x, counts)
+            return self.forward_grouped(rows, offsets, every_row_kept)
+        return self.forward_loop(rows, offsets)
 
-    def gemm_path(self, x: Tensor, counts: Tensor) -> str:
-        """``loop``, ``grouped`` or ``padded``: the ``gemm`` mode, ``auto`` resolved for
-        ``x`` and the slice sizes ``counts``."""
-        if x.shape[0] == 0:
-            return "loop"
+    def gemm_path(self, x: Tensor, capacity: int | None) -> str:
+        """``loop``, ``grouped`` or ``padded`` for tokens like ``x``: the ``gemm`` mode, or for
+        ``auto`` on a GPU the fastest path with no host synchronisation where one exists:
+        PyTorch's grouped GEMM where it has a kernel for this dtype (``grouped_mm_supported``),
+        else at a capacity the padded ``[E, C]`` buffer, else the loop (which reads the row
+        counts on the host). On a CPU, where reading the counts waits for nothing, the loop:
+        its ``addmm`` carries the bias and it leaves no row to mask, which measures faster
+        than the grouped path there (docs/benchmarks.md); compiled in bf16, the grouped GEMM,
+        so that the graph has no break."""
         if self.gemm != "auto":
             return self.gemm
-        return "grouped" if self.use_grouped(x) else "loop"
+        if x.device.type == "cpu":  # host memory: the loop's reads wait for nothing
+            compiled_bf16 = (
+                torch.compiler.is_compiling() and self.compute_dtype(x) == torch.bfloat16
+            )
+            return "grouped" if compiled_bf16 else "loop"
+        if grouped_mm_supported(x, self.compute_dtype(x), self.w1, self.w2):
+            return "grouped"
+        return "loop" if capacity is None else "padded"
 
     def compute_dtype(self, x: Tensor) -> torch.dtype:
         """The GEMMs' dtype: autocast's where it is on, the weights' otherwise."""
@@ -124,64 +147,61 @@ class Experts(nn.Module):
             else (self.w1.dtype)
         )
 
-    def use_grouped(self, x: Tensor) -> bool:
-        if self.gemm != "auto":
-            return self.gemm == "grouped"
-        bf16 = self.compute_dtype(x) == torch.bfloat16
-        return bf16 and grouped_mm_supported(x, self.w1, self.w2)
-
-    def forward_loop(self, x: Tensor, counts: Tensor) -> Tensor:
-        """One ``addmm`` pair per non-empty expert.
+    @torch.compiler.disable  # data-dependent slices: compiled, they would recompile each step
+    def forward_loop(self, rows: Tensor, offsets: Tensor) -> Tensor:
+        """One ``addmm`` pair per non-empty expert, on slices cut on the host (``tolist``: a
+        device synchronisation on a GPU, free on a CPU, where the counts are in host memory).
 
         The weights are ``unbind``-ed once, so backward stacks the E weight gradients in
         one step; indexing ``w1[e]`` instead would give each expert's gradient as a
         zero-filled ``[E, dim, hidden]`` tensor to be summed, E times the memory traffic.
         """
-        if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.w1.dtype)
+        x = rows if torch.is_autocast_enabled(rows.device.type) else rows.to(self.w1.dtype)
+        ends = offsets.tolist()
+        sizes = [b - a for a, b in zip([0, *ends[:-1]], ends)] + [x.shape[0] - ends[-1]]
         w1, b1, w2, b2 = (p.unbind(0) for p in (self.w1, self.b1, self.w2, self.b2))
         outs = []
-        for e, x_e in enumerate(torch.split(x, counts.tolist())):
+        # split, not slicing: its backward is one concatenation, where each slice's would be a
+        # zero-filled gradient of every row
+        *slices, dropped = torch.split(x, sizes)
+        for e, x_e in enumerate(slices):
             if x_e.shape[0] > 0:
                 h = self.drop(self.act(torch.addmm(b1[e], x_e, w1[e])))
                 outs.append(self.drop(torch.addmm(b2[e], h, w2[e])))
-        if not outs:
-            return x.new_zeros(0, self.w2.shape[-1])
-        return torch.cat(outs)
+        if dropped.shape[0] or not outs:  # the dropped rows: zeros
+            dtype = outs[0].dtype if outs else x.dtype
+            outs.append(x.new_zeros(dropped.shape[0], self.w2.shape[-1], dtype=dtype))
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
-    def forward_padded(self, x: Tensor, counts: Tensor) -> Tensor:
-        """Both layers as one ``baddbmm`` over ``[E, C, dim]``, each expert's slice copied to
-        the start of its row block and padded with zeros to the largest slice ``C``; the
-        padding rows are computed and never read back (no gradient reaches them)."""
-        if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.w1.dtype)
-        experts, rows = counts.shape[0], x.shape[0]
-        size = int(counts.max())
-        expert = torch.repeat_interleave(
-            torch.arange(experts, device=x.device), counts, output_size=rows
-        )
-        starts = torch.cumsum(counts, dim=0) - counts
-        slot = expert * size + torch.arange(rows, device=x.device) - starts[expert]
-        padded = x.new_zeros(experts * size, x.shape[1]).index_copy(0, slot, x)
-        h = torch.baddbmm(self.b1.unsqueeze(1), padded.view(experts, size, -1), self.w1)
-        out = torch.baddbmm(self.b2.unsqueeze(1), self.drop(self.act(h)), self.w2)
-        return self.drop(out.view(experts * size, -1)[slot])
+    def forward_padded(self, buffer: Tensor) -> Tensor:
+        """Both layers as one ``baddbmm`` over the ``[E, C, dim]`` capacity buffer (empty slots
+        are zeros, computed and never read back). The biases' gradients are sums over C."""
+        if not torch.is_autocast_enabled(buffer.device.type):
+            buffer = buffer.to(self.w1.dtype)
+        h = torch.baddbmm(self.b1.unsqueeze(1), buffer, self.w1)
+        return self.drop(torch.baddbmm(self.b2.unsqueeze(1), self.drop(self.act(h)), self.w2))
 
-    def forward_grouped(self, x: Tensor, counts: Tensor) -> Tensor:
-        """Both layers as ``F.grouped_mm`` over the slices (offsets = cumulative counts).
+    def forward_grouped(
+        self, rows: Tensor, offsets: Tensor, every_row_kept: bool = False
+    ) -> Tensor:
+        """Both layers as ``F.grouped_mm`` over the slices (int32 offsets), no host sync.
 
         Under autocast, operands take the autocast dtype (``grouped_mm`` is not on the
-        autocast lists); per-expert biases are expanded row by row, since ``grouped_mm``'s
-        own ``bias`` is one vector for every group.
+        autocast lists). ``grouped_mm``'s own ``bias`` is one vector for every group, so each
+        row gets its expert's bias from ``ExpertBias`` (a gather whose gradient is a GEMM).
+        Rows past the last offset are left uninitialised by ``grouped_mm``, in the output and
+        in the input's gradient: unless ``every_row_kept`` (dropless: there are none),
+        ``where`` zeroes them before the activation, both ways.
         """
-        dtype = self.compute_dtype(x)
-        offs = torch.cumsum(counts, dim=0).to(torch.int32)
-        rows = x.shape[0]
+        dtype = self.compute_dtype(rows)
+        offs = offsets.to(torch.int32)
+        positions = torch.arange(rows.shape[0], device=rows.device)
+        expert = torch.searchsorted(offsets, positions, right=True)  # E past the last offset
         w1, b1, w2, b2 = (p.to(dtype) for p in (self.w1, self.b1, self.w2, self.b2))
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            h = F.grouped_mm(x.to(dtype), w1, offs=offs)
-            h = h + torch.repeat_interleave(b1, counts, dim=0, output_size=rows)
+        with torch.autocast(device_type=rows.device.type, enabled=False):
+            h = ExpertBias.apply(F.grouped_mm(rows.to(dtype), w1, offs=offs), b1, expert)
+            if not every_row_kept:
+                h = torch.where((expert < offsets.shape[0]).unsqueeze(1), h, 0)
             h = self.drop(self.act(h))
-            out = F.grouped_mm(h, w2, offs=offs)
-            out = out + torch.repeat_interleave(b2, counts, dim=0, output_size=rows)
+            out = ExpertBias.apply(F.grouped_mm(h, w2, offs=offs), b2, expert)
         return self.drop(out)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .dispatch import combine, gather_tokens, sort_by_expert
+from .dispatch import combine, empty_slots, fill_slots, gather_tokens, slot_rows, sort_by_expert
 from .experts import Experts
 from .losses import LOSS_NAMES, LOSS_SCOPES, router_losses, weighted_sum
 from .parallel import parallel_dispatch, shard_experts
@@ -38,8 +38,9 @@ class MoELayer(nn.Module):
     ``dispatch="sorted"`` (default) permutes kept choices into per-expert slices
     (MegaBlocks/ScatterMoE); ``"onehot"`` is GShard's dense one-hot einsum dispatch, kept
     as the reference for tests and benchmarks: same routing, same result, more memory.
-    ``gemm`` is how the sorted path runs the experts' GEMMs (``Experts``: ``auto`` takes
-    PyTorch's grouped GEMM on a CUDA GPU in bf16, a loop of ``addmm`` elsewhere).
+    ``gemm`` is how the sorted path runs the experts' GEMMs (``Experts.gemm_path``: ``auto``
+    takes, on a GPU, a path with no host synchronisation: PyTorch's grouped GEMM in bf16 on
+    Hopper and later, else the ``[E, C]`` buffer at a capacity; on a CPU a loop of ``addmm``).
 
     ``router`` picks who chooses, by name (``routers.ROUTERS``) or as a ``Router``: ``topk``
     (tokens choose experts, as LIMoE), ``expert_choice`` (each expert takes its C most
@@ -160,21 +161,28 @@ class MoELayer(nn.Module):
         modality: Tensor | None = None,
         sequence: Tensor | None = None,
         position: Tensor | None = None,
+        valid: Tensor | None = None,
     ) -> tuple[Tensor, Routing]:
         """Route, run the experts, add the losses; returns ``(y [N, dim] in x.dtype, routing)``.
 
         ``sequence`` and ``position [N]`` say where each token came from (``TokenOrigin``):
         the record carries them, and Soft MoE averages within one sequence of one modality
-        (None: all tokens are one group)."""
-        self._check_inputs(x, modality, sequence)
+        (None: all tokens are one group). ``valid [N]`` (bool; None: all) marks the real
+        tokens: the others (text padding, routed so that every shape is known in advance) are
+        dropped, take no capacity and no part in the losses and statistics; their output is 0."""
+        self._check_inputs(x, modality, sequence, valid)
         modality = None if modality is None else modality.long()
-        routing = self.router(x, modality, sequence, self.active_capacity_factor)
+        routing = self.router(x, modality, sequence, self.active_capacity_factor, valid)
+        routing.valid = valid
+        if valid is not None:  # padding takes no expert (routers with a capacity drop it too)
+            routing.dropped = routing.dropped | ~valid.unsqueeze(1)
         y = self.run_experts(x, routing)
         routing.modality, routing.sequence, routing.position = modality, sequence, position
         if routing.scores is not None:  # None: a router with nothing to regularise
             routing.aux_losses = router_losses(
-                routing.scores, modality, self.modality_names, self.min_experts, self.loss_scope
-            )
+                routing.scores, modality, self.modality_names, self.min_experts, self.loss_scope,
+                valid,
+            )  # fmt: skip
         routing.aux_loss = weighted_sum(routing.aux_losses, self.loss_weights).to(x.device)
         return y.to(x.dtype), routing
 
@@ -191,7 +199,9 @@ class MoELayer(nn.Module):
                 x, routing.expert_index, routing.gates, slot, routing.dropped, self.experts,
                 routing.capacity,
             )  # fmt: skip
-        return self.dispatch(x, routing.expert_index, routing.gates, routing.dropped)
+        droppable = routing.capacity is not None or routing.valid is not None
+        dropped = routing.dropped if droppable else None  # None: dropless, nothing to mask
+        return self.dispatch(x, routing.expert_index, routing.gates, dropped, routing.capacity)
 
     def shard(self, rank: int, world_size: int, group=None) -> None:
         """Keep this process's ``num_experts / world_size`` experts (``expert_parallel`` layers
@@ -199,19 +209,38 @@ class MoELayer(nn.Module):
         if self.expert_parallel and world_size > 1 and self.experts.parallel is None:
             shard_experts(self.experts, rank, world_size, group)
 
-    def dispatch(self, x: Tensor, expert_index: Tensor, gates: Tensor, dropped: Tensor) -> Tensor:
-        """Kept choices -> sorted by expert -> expert GEMMs -> gate-weighted scatter back to tokens."""
+    def dispatch(
+        self, x: Tensor, expert_index: Tensor, gates: Tensor, dropped: Tensor | None,
+        capacity: int | None = None,
+    ) -> Tensor:  # fmt: skip
+        """Kept choices -> sorted by expert -> expert GEMMs (on the rows, or on the ``[E, C]``
+        buffer) -> gate-weighted sum back to tokens. No step waits on the device on the
+        grouped and padded paths; ``capacity`` (None: dropless) sizes the padded buffer, and
+        ``dropped`` None says nothing is dropped (no row needs a mask)."""
         if self.experts.parallel is not None:
             group = self.experts.parallel.group
             args = (x, expert_index, gates, dropped, self.experts, self.num_experts, group)
             return parallel_dispatch(*args)
-        choices = expert_index.shape[1]  # top_k, or E for expert choice
-        choice_index, counts = sort_by_expert(expert_index, dropped, self.num_experts)
-        expert_in = gather_tokens(x, choice_index, choices)
-        expert_out = self.experts(expert_in, counts)
-        return combine(expert_out, choice_index, gates, x.shape[0], choices)
+        choices = sort_by_expert(expert_index, dropped, self.num_experts)
+        rows = gather_tokens(x, choices, expert_index.shape[1])  # k: top_k, or E (expert choice)
+        path = self.experts.gemm_path(x, capacity)
+        if path == "loop":  # it gives the dropped rows zeros, both ways: nothing to mask
+            choices = choices._replace(kept=None)
+        if path != "padded":
+            out = self.experts(rows, choices.offsets, path, every_row_kept=dropped is None)
+            return combine(out, choices, gates)
+        if capacity is None:  # dropless: the largest slice sizes the buffer (read on the host)
+            capacity = int(choices.counts().max()) if rows.shape[0] else 0
+        slots = slot_rows(choices, capacity)
+        buffer = fill_slots(rows, slots, choices.row_kept)
+        out = self.experts.forward_padded(buffer.view(self.num_experts, capacity, -1))
+        return combine(empty_slots(out.flatten(0, 1), slots, choices.row_kept), choices, gates)
 
-    def _check_inputs(self, x: Tensor, modality: Tensor | None, sequence: Tensor | None) -> None:
+    def _check_inputs(
+        self, x: Tensor, modality: Tensor | None, sequence: Tensor | None, valid: Tensor | None
+    ) -> None:
+        """Shapes and dtypes on the host; the modality ids' range on the device (a check on
+        the host would make it wait for the device at every call)."""
         if x.dim() != 2 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape [N, dim={self.dim}], got {tuple(x.shape)}")
         if sequence is not None and (
@@ -220,6 +249,11 @@ class MoELayer(nn.Module):
             raise ValueError(
                 f"sequence must hold one integer id per token ([{x.shape[0]}]), got "
                 f"{sequence.dtype} of shape {tuple(sequence.shape)}"
+            )
+        if valid is not None and (valid.shape != x.shape[:1] or valid.dtype != torch.bool):
+            raise ValueError(
+                f"valid must hold one bool per token ([{x.shape[0]}]), got {valid.dtype} of "
+                f"shape {tuple(valid.shape)}"
             )
         if modality is None:
             return
@@ -232,11 +266,11 @@ class MoELayer(nn.Module):
         if modality.dtype.is_floating_point or modality.dtype == torch.bool:
             raise ValueError(f"modality must hold integer ids, got dtype {modality.dtype}")
         num = len(self.modality_names)
-        if modality.numel() and (modality.min() < 0 or modality.max() >= num):
-            raise ValueError(
-                f"modality ids must be in [0, {num}) for modality_names={self.modality_names}, "
-                f"got ids in [{int(modality.min())}, {int(modality.max())}]"
-            )
+        # Checked on the device: a RuntimeError here on a CPU, a device-side assert on a GPU.
+        torch._assert_async(
+            ((modality >= 0) & (modality < num)).all(),
+            f"modality ids must be in [0, {num}) for modality_names={self.modality_names}",
+        )
 
 
 def default_loss_weights(router: str | type[Router]) -> dict[str, float]:

@@ -59,16 +59,17 @@ def parallel_dispatch(
 ) -> Tensor:
     """``MoELayer.dispatch`` with the experts spread over the processes of ``group``."""
     world_size = dist.get_world_size(group)
-    choices = expert_index.shape[1]
-    choice_index, counts = sort_by_expert(expert_index, dropped, num_experts)
-    rows = gather_tokens(x, choice_index, choices)
+    choices = sort_by_expert(expert_index, dropped, num_experts)
+    counts = choices.counts()
+    kept = int(choices.offsets[-1])  # the all-to-all's sizes are read on the host
+    rows = gather_tokens(x, choices, expert_index.shape[1])[:kept]
     received = exchange_counts(counts, world_size, group)  # [source, local expert]
     send = counts.view(world_size, -1).sum(1).tolist()
     receive = received.sum(1).tolist()
     arrived = exchange(rows, send, receive, group)  # grouped by source, then by expert
     local = torch.arange(received.shape[1], device=x.device).repeat(world_size)
     by_expert = torch.sort(local.repeat_interleave(received.flatten()), stable=True).indices
-    out = experts(arrived[by_expert], received.sum(0))
+    out = experts(arrived[by_expert], received.sum(0).cumsum(0))
     if out.shape[0] == 0:
         # No rows for this rank's experts. Keep both exchanges in the graph (every rank's
         # backward must run both all-to-alls, or the ranks' collectives fall out of step) and
@@ -77,7 +78,8 @@ def parallel_dispatch(
         out = arrived[:0] + unused
     out = torch.empty_like(out).index_copy(0, by_expert, out)  # back to arrival order
     returned = exchange(out, receive, send, group)
-    return combine(returned, choice_index, gates, x.shape[0], choices)
+    dropped_rows = returned.new_zeros(expert_index.numel() - kept, returned.shape[1])
+    return combine(torch.cat([returned, dropped_rows]), choices, gates)
 
 
 def gather_blocks(local: Tensor, shard: ExpertShard) -> Tensor:

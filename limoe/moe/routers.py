@@ -19,8 +19,10 @@ from .routing import (
     Routing,
     add_gating_noise,
     assign_slots,
+    capacity_of_real,
     compute_capacity,
     expert_choice,
+    one_hot,
     route,
 )
 from .soft import SoftRouter
@@ -93,14 +95,24 @@ class TopKRouter(Router):
             num_tokens, self.num_experts, self.top_k, capacity_factor, self.capacity_multiple
         )
 
+    def limit_of(self, valid: Tensor | None, capacity_factor: float | None) -> Tensor | None:
+        """The capacity of the real tokens where padding is routed too (``capacity_of_real``),
+        None where every token is real or the layer is dropless (the buffer's size is then
+        the capacity)."""
+        if valid is None or capacity_factor is None:
+            return None
+        return capacity_of_real(
+            valid, self.num_experts, self.top_k, capacity_factor, self.capacity_multiple
+        )
+
     def forward(
         self, x: Tensor, modality: Tensor | None, sequence: Tensor | None,
-        capacity_factor: float | None,
+        capacity_factor: float | None, valid: Tensor | None = None,
     ) -> Routing:  # fmt: skip
         logits, clean, noise_std = self.noisy_logits(x)
         capacity = self.capacity_of(x.shape[0], capacity_factor)
         probs, gates, expert_index = route(logits, self.top_k, self.renormalize_gates)
-        slot = None
+        slot = limit = None
         if capacity is None:
             # Dropless: nothing is dropped and the sorted dispatch needs no slot positions,
             # so skip assign_slots' sorts and scatters (a tenth of a small layer's time).
@@ -109,10 +121,15 @@ class TopKRouter(Router):
             # BPR priority: the raw top-1 router probability (with renormalised k=1 gates
             # every gate is 1, so the raw probability is the only informative score).
             priority = probs.amax(dim=-1) if self.batch_priority else None
-            slot, dropped = assign_slots(expert_index, self.num_experts, capacity, priority)
+            limit = self.limit_of(valid, capacity_factor)
+            slot, dropped = assign_slots(
+                expert_index, self.num_experts, capacity if limit is None else limit, priority,
+                valid,
+            )  # fmt: skip
         return Routing(
             expert_index=expert_index, gates=gates, dropped=dropped, probs=probs,
-            capacity=capacity, router=self.name, slot=slot,
+            capacity=capacity, limit=limit, router=self.name,
+            slot=slot,
             scores=RouterScores(logits, probs, clean, expert_index, noise_std),
         )  # fmt: skip
 
@@ -128,15 +145,16 @@ class ExpertChoiceRouter(TopKRouter):
 
     def forward(
         self, x: Tensor, modality: Tensor | None, sequence: Tensor | None,
-        capacity_factor: float | None,
+        capacity_factor: float | None, valid: Tensor | None = None,
     ) -> Routing:  # fmt: skip
         logits, clean, noise_std = self.noisy_logits(x)
         capacity = self.capacity_of(x.shape[0], capacity_factor)
         probs = torch.softmax(logits, dim=-1)
-        expert_index, gates, slot, dropped = expert_choice(probs, capacity)
+        limit = self.limit_of(valid, capacity_factor)
+        expert_index, gates, slot, dropped = expert_choice(probs, capacity, valid, limit)
         return Routing(
             expert_index=expert_index, gates=gates, dropped=dropped, probs=probs,
-            capacity=capacity, router=self.name, experts_choose=True,
+            capacity=capacity, limit=limit, router=self.name, experts_choose=True,
             slot=slot, scores=RouterScores(logits, probs, clean, expert_index, noise_std),
         )  # fmt: skip
 
@@ -161,7 +179,7 @@ class ModalityRouter(Router):
 
     def forward(
         self, x: Tensor, modality: Tensor | None, sequence: Tensor | None,
-        capacity_factor: float | None,
+        capacity_factor: float | None, valid: Tensor | None = None,
     ) -> Routing:  # fmt: skip
         if modality is None:
             raise ValueError("router='modality' needs each token's modality id")
@@ -170,7 +188,7 @@ class ModalityRouter(Router):
             expert_index=expert_index,
             gates=torch.ones(expert_index.shape, dtype=torch.float32, device=x.device),
             dropped=torch.zeros_like(expert_index, dtype=torch.bool),
-            probs=F.one_hot(modality.long(), self.num_experts).float(),
+            probs=one_hot(modality.long(), self.num_experts),
             router=self.name,
         )  # fmt: skip
 

@@ -28,6 +28,7 @@ class TokenOrigin(NamedTuple):
     modality: Tensor  # [N] long: ids into the layer's modality names (image 0, text 1)
     sequence: Tensor  # [N] long: the sequence in the batch (an image's or a caption's pair)
     position: Tensor  # [N] long: patch index (image) or token position (text) in it
+    valid: Tensor | None = None  # [N] bool: a real token, not text padding (None: all real)
 
 
 @dataclass
@@ -46,7 +47,7 @@ class Routing:
     dropped: Tensor  # [N, k] bool, True where the choice exceeded its expert's capacity
     probs: Tensor  # [N, E] float32 router softmax (after noise when noisy gating was on)
     modality: Tensor | None = None  # [N] long (the layer fills it in), or None
-    capacity: int | None = None  # per-expert capacity; None = dropless
+    capacity: int | None = None  # per-expert capacity (the buffer's size); None = dropless
     aux_losses: dict[str, Tensor] = field(default_factory=dict)  # raw: "<loss>/<modality>"
     aux_loss: Tensor | None = None  # scalar: weighted sum of aux_losses (the trainer adds it)
     router: str = "topk"  # the router's name (``Router.name``), a label for records
@@ -55,39 +56,72 @@ class Routing:
     experts_choose: bool = False
     sequence: Tensor | None = None  # [N] long, see TokenOrigin
     position: Tensor | None = None  # [N] long, see TokenOrigin
+    # [N] bool: the real tokens; the others (text padding, routed to keep shapes fixed) are
+    # dropped and left out of losses and statistics. None: every token is real.
+    valid: Tensor | None = None
+    # 0-d tensor: the capacity of the real tokens where padding is routed too (the drop
+    # threshold; ``capacity`` then sizes the buffer). None: ``capacity`` is the threshold.
+    limit: Tensor | None = None
     # Working state of the call, not kept in stored records (``Routing.record``):
     slot: Tensor | None = None  # [N, k] each choice's slot in its expert's buffer
     scores: RouterScores | None = None  # what the auxiliary losses read; None: no losses
     mixing: object | None = None  # Soft MoE's dispatch and combine weights (``soft``)
 
     def record(self, device: torch.device | str = "cpu", sequence_offset: int = 0) -> Routing:
-        """A detached copy to keep (on ``device``), without the call's working state; the
-        sequence ids shifted by ``sequence_offset`` (records of several batches)."""
+        """A detached copy to keep (on ``device``) of the real tokens only (``real``), without
+        the call's working state; the sequence ids shifted by ``sequence_offset`` (records of
+        several batches)."""
 
         def move(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.detach().to(device)
 
-        sequence = None if self.sequence is None else self.sequence + sequence_offset
+        routing = self.real()
+        sequence = None if routing.sequence is None else routing.sequence + sequence_offset
         return replace(
-            self,
-            expert_index=move(self.expert_index),
-            gates=move(self.gates.float()),
-            dropped=move(self.dropped),
-            probs=move(self.probs.float()),
-            modality=move(self.modality),
-            aux_losses={k: move(v) for k, v in self.aux_losses.items()},
-            aux_loss=move(self.aux_loss),
+            routing,
+            expert_index=move(routing.expert_index),
+            gates=move(routing.gates.float()),
+            dropped=move(routing.dropped),
+            probs=move(routing.probs.float()),
+            modality=move(routing.modality),
+            aux_losses={k: move(v) for k, v in routing.aux_losses.items()},
+            aux_loss=move(routing.aux_loss),
             sequence=move(sequence),
-            position=move(self.position),
+            position=move(routing.position),
             slot=None,
             scores=None,
             mixing=None,
         )
 
+    def real(self) -> Routing:
+        """The record of the real tokens only (``valid``), for analysis: its sizes depend on
+        the data, so the host reads the mask (a synchronisation, outside training steps)."""
+        if self.valid is None:
+            return self
+        keep = self.valid.nonzero().squeeze(1)
+
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.index_select(0, keep.to(t.device))
+
+        return replace(
+            self, expert_index=pick(self.expert_index), gates=pick(self.gates),
+            dropped=pick(self.dropped), probs=pick(self.probs), modality=pick(self.modality),
+            sequence=pick(self.sequence), position=pick(self.position), slot=pick(self.slot),
+            capacity=self.capacity if self.limit is None else int(self.limit), limit=None,
+            valid=None, scores=None, mixing=None,
+        )  # fmt: skip
+
+
+def one_hot(index: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``F.one_hot(index, num_classes)`` in ``dtype`` by comparison: indices out of range give a
+    zero row, and no value is checked on the host (``F.one_hot`` reads min and max there)."""
+    classes = torch.arange(num_classes, device=index.device)
+    return (index.unsqueeze(-1) == classes).to(dtype)
+
 
 class Router(nn.Module):
-    """What every router is: ``router(x [N, dim], modality, sequence, capacity_factor)``
-    returns the ``Routing`` of the N tokens (choices, gates, drops, and the scores the
+    """What every router is: ``router(x [N, dim], modality, sequence, capacity_factor,
+    valid)`` returns the ``Routing`` of the N tokens (``valid``: the real ones, None: all) (choices, gates, drops, and the scores the
     auxiliary losses read). ``MoELayer`` runs the experts on it and adds the losses.
 
     Class attributes say what a layer needs to know about a router, so no code outside this
@@ -146,6 +180,17 @@ def compute_capacity(
     return capacity + (-capacity) % multiple_of
 
 
+def capacity_of_real(
+    valid: Tensor, num_experts: int, top_k: int, capacity_factor: float, multiple_of: int
+) -> Tensor:
+    """``compute_capacity`` of the real tokens (``valid.sum()``), as a 0-d tensor on their
+    device: the drop threshold where padding is routed too, with no host read. It never
+    exceeds ``compute_capacity(len(valid))``, the buffer's size."""
+    raw = valid.sum(dtype=torch.float64) * (top_k * capacity_factor / num_experts)
+    capacity = torch.ceil(torch.round(raw * 1e9) / 1e9).long()
+    return capacity + torch.remainder(-capacity, multiple_of)
+
+
 def add_gating_noise(logits: Tensor, num_experts: int) -> Tensor:
     """V-MoE noisy gating: Gaussian noise of std 1/E on the router logits (training only)."""
     return logits + torch.randn_like(logits) / num_experts
@@ -195,38 +240,48 @@ def service_order(priority: Tensor | None, num_tokens: int, device: torch.device
 def assign_slots(
     expert_index: Tensor,
     num_experts: int,
-    capacity: int | None,
+    capacity: int | Tensor | None,
     priority: Tensor | None = None,
+    valid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Slot position of every choice in its expert's buffer, and whether it was dropped.
 
     Choices are served rank by rank (all top-1 choices before any top-2 choice, as
     in V-MoE), and within a rank in ``service_order(priority)``. A choice's position
     is the number of choices served before it that go to the same expert; it is
-    dropped when position >= capacity (never when ``capacity`` is None).
-    Returns ``(position [N, k] long, dropped [N, k] bool)``.
+    dropped when position >= capacity (never when ``capacity`` is None; a 0-d tensor
+    ``capacity`` is compared on the device). Tokens not ``valid`` take no position and are
+    dropped. Returns ``(position [N, k] long, dropped [N, k] bool)``. The per-expert starts
+    come from ``searchsorted`` over the sorted choices: no count is read on the host.
     """
     num_tokens, top_k = expert_index.shape
     order = service_order(priority, num_tokens, expert_index.device)
+    key = (
+        expert_index
+        if valid is None
+        else torch.where(valid.unsqueeze(1), expert_index, num_experts)
+    )
     # Flatten in service order: rank-major, then tokens in priority order.
-    served = expert_index[order].t().reshape(-1)
+    served = key[order].t().reshape(-1)
     # Position within an expert = rank of the choice among that expert's choices.
     by_expert = torch.sort(served, stable=True)
-    counts = torch.bincount(served, minlength=num_experts)
-    starts = torch.cumsum(counts, dim=0) - counts
-    ranks = torch.arange(served.numel(), device=served.device) - starts[by_expert.values]
+    starts = torch.searchsorted(by_expert.values, by_expert.values, side="left")
+    ranks = torch.arange(served.numel(), device=served.device) - starts
     served_position = torch.empty_like(served)
     served_position[by_expert.indices] = ranks
     position = torch.empty_like(expert_index)
     position[order] = served_position.view(top_k, num_tokens).t()
-    if capacity is None:
-        dropped = torch.zeros_like(expert_index, dtype=torch.bool)
-    else:
+    dropped = torch.zeros_like(expert_index, dtype=torch.bool)
+    if capacity is not None:
         dropped = position >= capacity
+    if valid is not None:
+        dropped = dropped | ~valid.unsqueeze(1)
     return position, dropped
 
 
-def expert_choice(probs: Tensor, capacity: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def expert_choice(
+    probs: Tensor, capacity: int, valid: Tensor | None = None, limit: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Expert-choice routing (Zhou et al., 2022): each expert takes its ``capacity`` tokens of
     highest router probability, so loads are balanced by construction and a token is served
     by 0 to E experts.
@@ -234,17 +289,22 @@ def expert_choice(probs: Tensor, capacity: int) -> tuple[Tensor, Tensor, Tensor,
     Returned in the shape of top-k routing with k = E, so the rest of the layer (dispatch,
     statistics) needs no special case: token i's choices are all E experts in order of its
     own probability, ``gates`` their probabilities, ``position`` the slot an expert gave it
-    and ``dropped`` where that expert did not pick it. Returns ``(expert_index [N, E],
-    gates [N, E], position [N, E], dropped [N, E])``.
+    and ``dropped`` where that expert did not pick it. Tokens not ``valid`` are picked last
+    and dropped; ``limit`` (a 0-d tensor, the capacity of the real tokens) drops the picks
+    past it. Returns ``(expert_index [N, E], gates [N, E], position [N, E], dropped [N, E])``.
     """
     num_tokens, num_experts = probs.shape
     gates, expert_index = torch.sort(probs, dim=-1, descending=True, stable=True)
     picks = min(capacity, num_tokens)
     # Expert e's picks: tokens by descending probs[:, e] (ties to the lower index).
-    picked = torch.sort(probs.t(), dim=-1, descending=True, stable=True).indices[:, :picks]
+    claim = probs if valid is None else torch.where(valid.unsqueeze(1), probs, -1.0)
+    picked = torch.sort(claim.t(), dim=-1, descending=True, stable=True).indices[:, :picks]
     slot = torch.full((num_tokens, num_experts), capacity, dtype=torch.long, device=probs.device)
     slot_ids = torch.arange(picks, device=probs.device).expand(num_experts, picks)
     expert_ids = torch.arange(num_experts, device=probs.device)[:, None].expand(-1, picks)
     slot[picked, expert_ids] = slot_ids  # slot[token, expert]
     position = slot.gather(1, expert_index)
-    return expert_index, gates, position, position >= capacity
+    dropped = position >= (capacity if limit is None else limit)
+    if valid is not None:
+        dropped = dropped | ~valid.unsqueeze(1)
+    return expert_index, gates, position, dropped

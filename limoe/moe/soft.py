@@ -62,12 +62,15 @@ class SoftRouter(Router):
 
     def forward(
         self, x: Tensor, modality: Tensor | None, sequence: Tensor | None,
-        capacity_factor: float | None,
+        capacity_factor: float | None, valid: Tensor | None = None,
     ) -> Routing:  # fmt: skip
         group = sequence
         if sequence is not None and modality is not None:  # an image and its caption differ
             group = modality * x.shape[0] + sequence  # sequence < N: no two keys collide
-        mixing = soft_weights(self.logits(x), group, self.slots_per_expert)
+        logits = self.logits(x)
+        if valid is not None:  # padding: in no slot's average, and given no output
+            logits = torch.where(valid.unsqueeze(1), logits, float("-inf"))
+        mixing = soft_weights(logits, group, self.slots_per_expert)
         probs = mixing.expert_probs()
         gates, expert_index = probs.max(dim=-1, keepdim=True)
         return Routing(
@@ -138,8 +141,9 @@ def soft_apply(x: Tensor, mixing: SoftMixing, experts: Experts) -> Tensor:
     # Expert-major rows: expert e's slots of every group form one contiguous slice.
     num_experts, per = experts.num_experts, mixing.slots_per_expert
     per_expert = slots.view(num_groups, num_experts, per, dim).transpose(0, 1)
-    counts = torch.full((num_experts,), num_groups * per, device=x.device)
-    out = experts(per_expert.reshape(-1, dim), counts).float()
+    offsets = torch.arange(1, num_experts + 1, device=x.device) * (num_groups * per)
+    rows = per_expert.reshape(-1, dim)
+    out = experts(rows, offsets, experts.gemm_path(rows, None)).float()
     out = out.view(num_experts, num_groups, per, dim).transpose(0, 1)
     mixed = torch.einsum("gls,gsd->gld", mixing.combine, out.reshape(num_groups, num_slots, dim))
     return mixed[g, row]

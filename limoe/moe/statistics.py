@@ -11,27 +11,28 @@ import torch
 from torch import Tensor
 
 from .losses import entropy
-from .routing import MODALITY_NAMES, Routing
+from .routing import MODALITY_NAMES, Routing, one_hot
 
 
 def expert_counts(routing: Routing, num_modalities: int = 2) -> Tensor:
-    """Kept (not dropped) expert assignments, as a [num_experts, num_modalities] count."""
+    """Kept (not dropped) expert assignments of the real tokens, as a [num_experts,
+    num_modalities] count; one-hot sums of fixed size (no ``bincount``, no boolean index)."""
     num_experts = routing.probs.shape[1]
-    modality = routing.modality
-    if modality is None:
-        modality = torch.zeros(routing.expert_index.shape[0], dtype=torch.long)
-    modality = modality.to(routing.expert_index.device)
     kept = ~routing.dropped
-    flat = routing.expert_index * num_modalities + modality.unsqueeze(1)
-    counts = torch.bincount(flat[kept], minlength=num_experts * num_modalities)
-    return counts.view(num_experts, num_modalities)
+    if routing.valid is not None:  # padding is no assignment
+        kept = kept & routing.valid.unsqueeze(1)
+    kept = kept.float()
+    experts = one_hot(routing.expert_index, num_experts) * kept.unsqueeze(-1)  # [N, k, E]
+    modalities = one_hot(_modality_or_zeros(routing), num_modalities)  # [N, M]
+    return torch.einsum("nke,nm->em", experts, modalities).round().long()
 
 
 def modality_tokens(routing: Routing, num_modalities: int = 2) -> Tensor:
-    """Number of tokens of each modality in the routed set."""
-    if routing.modality is None:
-        return torch.tensor([routing.expert_index.shape[0]] + [0] * (num_modalities - 1))
-    return torch.bincount(routing.modality, minlength=num_modalities)
+    """Number of real tokens of each modality in the routed set."""
+    modalities = one_hot(_modality_or_zeros(routing), num_modalities)
+    if routing.valid is not None:
+        modalities = modalities * routing.valid.unsqueeze(1)
+    return modalities.sum(dim=0).round().long()
 
 
 def choice_totals(routing: Routing, counts: Tensor, tokens: Tensor) -> Tensor:
@@ -50,9 +51,11 @@ def dropped_share(routing: Routing, counts: Tensor, tokens: Tensor) -> Tensor:
     expert choice, the tokens no expert picked (they pass through on the residual alone)."""
     if routing.experts_choose:
         unpicked = routing.dropped.all(dim=1)
-        modality = _modality_or_zeros(routing).to(unpicked.device)
-        lost = torch.bincount(modality[unpicked], minlength=tokens.numel()).to(tokens.device)
-        return lost.float() / tokens.clamp(min=1).float()
+        if routing.valid is not None:
+            unpicked = unpicked & routing.valid
+        modalities = one_hot(_modality_or_zeros(routing), tokens.numel())
+        lost = (modalities * unpicked.unsqueeze(1)).sum(dim=0).to(tokens.device)
+        return lost / tokens.clamp(min=1).float()
     kept = counts.sum(dim=0).float()
     totals = choice_totals(routing, counts, tokens).float()
     return torch.where(tokens > 0, 1.0 - kept / totals.clamp(min=1), torch.zeros_like(kept))
@@ -60,8 +63,9 @@ def dropped_share(routing: Routing, counts: Tensor, tokens: Tensor) -> Tensor:
 
 def _modality_or_zeros(routing: Routing) -> Tensor:
     if routing.modality is None:
-        return torch.zeros(routing.expert_index.shape[0], dtype=torch.long)
-    return routing.modality
+        return torch.zeros(routing.expert_index.shape[0], dtype=torch.long,
+                           device=routing.expert_index.device)  # fmt: skip
+    return routing.modality.to(routing.expert_index.device)
 
 
 def routing_stats(
@@ -193,6 +197,7 @@ def layer_summary(
     and ``kind`` (see ``expert_kinds``: below ``min_share`` of the layer's tokens is "unused"),
     counted in ``specialised``.
     """
+    routing = routing.real()
     m = len(names)
     modality = _modality_or_zeros(routing).to(routing.probs.device)
     top_k = routing.expert_index.shape[1]

@@ -16,11 +16,13 @@ DIM, HIDDEN = 16, 24
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("capacity_factor", [1.0, 0.5, None])
 @pytest.mark.parametrize("batch_priority", [True, False])
-@pytest.mark.parametrize("num_tokens, num_experts", [(40, 4), (5, 8)])  # (5, 8): empty experts
+# (5, 8): empty experts; (64, 1) and (96, 32): one expert, and many
+@pytest.mark.parametrize("num_tokens, num_experts", [(40, 4), (5, 8), (64, 1), (96, 32)])
 def test_sorted_dispatch_equals_onehot_reference(
     top_k, capacity_factor, batch_priority, num_tokens, num_experts
 ):
     torch.manual_seed(num_tokens + top_k)
+    top_k = min(top_k, num_experts)
     layer = bare_layer(DIM, HIDDEN, num_experts, top_k=top_k, capacity_factor=capacity_factor,
                      batch_priority=batch_priority, capacity_multiple=1)  # fmt: skip
     randomise(layer)

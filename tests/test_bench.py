@@ -263,7 +263,7 @@ SHRUNK = ['data=shapes', 'data.image_size=16', 'data.context_length=8', 'data.va
           'model.embed_dim=16']  # fmt: skip
 TINY_GPU = [
     "gpu.layer.tokens=[64]", "gpu.layer.dim=[16]", "gpu.layer.num_experts=[8]",
-    "gpu.layer.warmup=1", "gpu.layer.repeats=2",
+    "gpu.layer.warmup=1", "gpu.layer.repeats=2", "gpu.layer.compile=[false]",
     "gpu.train.models.limoe=['experiment=smoke']",
     f"gpu.train.models.limoe_b32={[*SHRUNK, 'model.moe_layers=[1]']}",
     f"gpu.train.models.dense_b32={SHRUNK}",
@@ -305,6 +305,27 @@ def test_gpu_check_dry_run_on_cpu_writes_every_part(tmp_path, capsys):
     assert "| 8 | 1 | dropless | 64 | 16 | fwd_bwd |" in printed
     assert "| limoe_b32 | 8 | 2 |" in printed and "| 2 | limoe | 2 |" in printed
     assert "check sync_free_step limoe_b32: not run (CPU)" in printed
+
+
+def test_gpu_layer_rows_compiled_are_timed_against_the_compiled_dense_mlp():
+    """``gpu.layer.compile``: the compiled rows (the loop, whose slices stay out of the graph,
+    on a CPU in float32) carry ``-compiled``, their ratio is to the compiled dense MLP of the
+    same case, and they make a target of their own."""
+    from limoe.bench.gpu import run_gemm_layer_bench
+    from limoe.bench.layer import layer_cases
+    from limoe.bench.report import check_targets
+
+    cases = layer_cases([8], [1], [None], [64], [16], 4.0)
+    layer_kwargs = dict(cases=cases, passes=["fwd_bwd"], warmup=1, repeats=2, progress=False)
+    rows = run_gemm_layer_bench(["loop"], layer_kwargs, {}, compiled=[False, True])
+    assert [r["mode"] for r in rows] == ["dense", "sorted-loop", "dense-compiled",
+                                         "sorted-loop-compiled"]  # fmt: skip
+    for dense, moe in (rows[:2], rows[2:]):
+        assert moe["time_vs_dense"] == pytest.approx(moe["median_s"] / dense["median_s"])
+    targets = {t["target"]: t for t in check_targets({"gpu_layer": rows})}
+    compiled = targets["compiled bf16 MoE fwd+bwd throughput / compiled dense MLP, E=8"]
+    assert compiled["value"] == pytest.approx(1 / rows[3]["time_vs_dense"])
+    assert compiled["bound"] == 0.9
 
 
 def test_cost_suite_counts_one_full_pair_and_the_ratio_to_its_baseline(tmp_path):

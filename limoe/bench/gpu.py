@@ -47,20 +47,24 @@ def synthetic_pairs(
 
 
 def run_gemm_layer_bench(
-    gemms: Sequence[str], layer_kwargs: Mapping, moe_kwargs: Mapping
-) -> list[dict]:
+    gemms: Sequence[str], layer_kwargs: Mapping, moe_kwargs: Mapping,
+    compiled: Sequence[bool] = (False,),
+) -> list[dict]:  # fmt: skip
     """The MoE layer (sorted dispatch) with each expert GEMM path, every case timed next to its
     own dense MLP; rows as ``run_layer_bench``'s with ``mode`` ``sorted-<gemm>``, and the
-    dense rows of the first path only."""
+    dense rows of the first path only. For ``compiled`` True, the same compiled, with modes
+    ending ``-compiled`` and ratios to the compiled dense MLP."""
     rows = []
-    for i, gemm in enumerate(gemms):
-        found = run_layer_bench(modes=("dense", "sorted"), moe_kwargs={**moe_kwargs, "gemm": gemm},
-                                **layer_kwargs)  # fmt: skip
-        for row in found:
-            if row["mode"] == "sorted":
-                rows.append({**row, "mode": f"sorted-{gemm}"})
-            elif i == 0:
-                rows.append(row)
+    for compile in compiled:
+        suffix = "-compiled" if compile else ""
+        for i, gemm in enumerate(gemms):
+            found = run_layer_bench(modes=("dense", "sorted"), compile=compile,
+                                    moe_kwargs={**moe_kwargs, "gemm": gemm}, **layer_kwargs)  # fmt: skip
+            for row in found:
+                if row["mode"] == "sorted":
+                    rows.append({**row, "mode": f"sorted-{gemm}{suffix}"})
+                elif i == 0:
+                    rows.append({**row, "mode": f"dense{suffix}"})
     return rows
 
 

@@ -126,9 +126,11 @@ def run_layer_bench(
     image_fraction: float = 0.5,
     seed: int = 0,
     progress: bool = True,
+    compile: bool = False,
 ) -> list[dict]:
     """One row per (case, mode, pass): median seconds, every repeat, tokens/s, the ratio to
-    the dense MLP's time in the same case and pass, and the share of dropped choices."""
+    the dense MLP's time in the same case and pass, and the share of dropped choices. With
+    ``compile`` every module is compiled (``nn.Module.compile``) before it is timed."""
     unknown = set(passes) - set(PASSES)
     if unknown:
         raise ValueError(f"layer passes must be among {PASSES}, got {sorted(unknown)}")
@@ -137,6 +139,8 @@ def run_layer_bench(
     for case in tqdm(cases, desc="limoe-bench layer", disable=not progress):
         torch.manual_seed(seed)
         modules = {mode: build_layer(case, mode, moe_kwargs).to(device) for mode in modes}
+        for module in modules.values() if compile else ():
+            module.compile()
         x, modality, probe = _inputs(case, image_fraction, device, seed)
         dropped = {mode: _dropped_fraction(m, x, modality) for mode, m in modules.items()}
         for pass_name in passes:

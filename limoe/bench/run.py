@@ -161,7 +161,7 @@ def bench_gpu(cfg: DictConfig, dtype: torch.dtype) -> dict:
     layer_kwargs = dict(cases=cases, passes=lay.passes, warmup=lay.warmup, repeats=lay.repeats,
                         device=device, dtype=dtype, image_fraction=lay.image_fraction,
                         seed=cfg.seed, progress=cfg.progress)  # fmt: skip
-    layer = run_gemm_layer_bench(lay.gemms, layer_kwargs, plain(lay.moe))
+    layer = run_gemm_layer_bench(lay.gemms, layer_kwargs, plain(lay.moe), lay.compile)
     modules = {}
     for name, overrides in gpu.train.models.items():
         run_cfg = compose([f"model={name}", *overrides])

@@ -8,7 +8,6 @@ import torch
 from moe_helpers import bare_layer, outputs_and_grads, randomise
 
 from limoe.moe import assign_slots, dispatch_tensors, onehot_moe
-from limoe.moe.experts import grouped_mm_supported
 
 DIM, HIDDEN = 16, 24
 
@@ -116,12 +115,6 @@ def test_auto_gemm_path():
     with pytest.raises(ValueError, match=r"gemm must be one of \('auto', 'loop', 'grouped', "
                        r"'padded'\)"):  # fmt: skip
         bare_layer(DIM, HIDDEN, 4, gemm="cutlass")
-
-
-def test_grouped_mm_is_known_where_it_runs_without_a_host_sync():
-    x = torch.randn(4, DIM)
-    assert grouped_mm_supported(x, torch.float32) and grouped_mm_supported(x, torch.bfloat16)
-    assert not grouped_mm_supported(x, torch.float64)
 
 
 @pytest.mark.parametrize("gemm", ["loop", "grouped", "padded"])

@@ -53,14 +53,15 @@ def _take(x: Tensor, index: Tensor, valid: Tensor | None) -> Tensor:
 
 
 class ExpertBias(torch.autograd.Function):
-    """``rows + bias[expert]``: each sorted row gets its expert's bias ``[E, H]`` (rows of
-    expert E, dropped, get none). The forward is a gather; the bias gradient is the one-hot
-    GEMM ``onehot(expert)^T @ grad`` instead of the gather's scatter-add (atomics on a GPU)."""
+    """``rows + bias[expert]``: each sorted row gets its expert's bias ``[E, H]``. The forward
+    is a gather; the bias gradient is the one-hot GEMM ``onehot(expert)^T @ grad`` instead of
+    the gather's scatter-add (atomics on a GPU). Rows of expert E (dropped) take the last
+    expert's bias, which the caller masks, and give the bias no gradient."""
 
     @staticmethod
     def forward(rows, bias, expert):  # noqa: D102
-        padded = torch.cat([bias, bias.new_zeros(1, bias.shape[1])])  # row E: no bias
-        return rows + padded.index_select(0, expert).to(rows.dtype)
+        last = bias.shape[0] - 1
+        return rows + bias.index_select(0, expert.clamp(max=last)).to(rows.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # noqa: D102
@@ -152,8 +153,8 @@ class Slots(NamedTuple):
 def slot_rows(sorted_choices: SortedChoices, capacity: int) -> Slots:
     """Expert e's i-th row goes to slot ``e * C + i``; a kept expert never has more than C."""
     s = sorted_choices
-    num_experts = s.offsets.shape[0]
-    starts = s.offsets - s.counts()
+    num_experts, counts = s.offsets.shape[0], s.counts()
+    starts = s.offsets - counts
     expert = s.expert.clamp(max=num_experts - 1)
     rows = torch.arange(s.expert.numel(), device=s.expert.device)
     of_row = expert * capacity + rows - starts[expert]
@@ -161,7 +162,7 @@ def slot_rows(sorted_choices: SortedChoices, capacity: int) -> Slots:
         of_row = torch.where(s.row_kept, of_row, 0)
     slot = torch.arange(capacity, device=starts.device)
     row = starts.unsqueeze(1) + slot
-    valid = slot < s.counts().unsqueeze(1)
+    valid = slot < counts.unsqueeze(1)
     row = torch.where(valid, row, 0).reshape(-1)
     return Slots(of_row, row, valid.reshape(-1))
 

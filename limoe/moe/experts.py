@@ -16,19 +16,11 @@ GEMM_MODES = ("auto", "loop", "grouped", "padded")
 
 
 def grouped_mm_supported(x: Tensor, dtype: torch.dtype, *weights: Tensor) -> bool:
-    """Whether ``F.grouped_mm`` runs here in ``dtype`` without a host synchronisation: on a
-    CUDA GPU, CUDA's grouped-GEMM kernel, bf16 on compute capability 9.0 and up (Hopper,
-    Blackwell) with every row 16-byte aligned (dims a multiple of 8); elsewhere on a GPU
-    PyTorch copies the offsets to the host and loops. On a CPU it runs in eager mode in
-    float32 and bf16 (a loop over host-side offsets, host memory already); compiled, PyTorch
-    takes only bf16."""
-    if not hasattr(F, "grouped_mm"):
-        return False
-    if x.device.type == "cpu":
-        return dtype == torch.bfloat16 or (
-            dtype == torch.float32 and not torch.compiler.is_compiling()
-        )
-    if x.device.type != "cuda" or dtype != torch.bfloat16:
+    """Whether ``F.grouped_mm`` runs on ``x``'s GPU in ``dtype`` without a host
+    synchronisation: CUDA's grouped-GEMM kernel, bf16 on compute capability 9.0 and up
+    (Hopper, Blackwell) with every row 16-byte aligned (dims a multiple of 8); on other GPUs
+    PyTorch copies the offsets to the host and loops. (A CPU takes the loop: ``gemm_path``.)"""
+    if not hasattr(F, "grouped_mm") or x.device.type != "cuda" or dtype != torch.bfloat16:
         return False
     if torch.cuda.get_device_capability(x.device) < (9, 0):
         return False

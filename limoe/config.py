@@ -48,12 +48,44 @@ def _checkout_configs() -> None:
 
 
 _checkout_configs()
-# Nodes without a _target_ that are the keyword arguments of a constructor: their values are
+# Nodes without a _target_ that are the keyword arguments of a constructor (or of several:
+# ``model.moe`` feeds ``moe_mlp``, which passes the rest on to ``MoELayer``): their values are
 # checked against its annotations.
 KEYWORDS_OF = {
-    "model.moe": "limoe.moe.MoELayer",
+    "model.moe": ("limoe.models.limoe.moe_mlp", "limoe.moe.MoELayer"),
     "data.augment": "open_clip.transform.AugmentationCfg",
 }
+
+
+# Keys of ``model.moe`` that moved into the node of the part they configure (the router, the
+# experts, the losses): the old name -> the new one, under ``model.moe``. An override of an
+# old key fails naming the new one; a stored config (a checkpoint's, an export's) is upgraded.
+MOVED_MOE_KEYS = {
+    **{key: f"router.{key}" for key in ("top_k", "batch_priority", "renormalize_gates",
+                                         "noisy_gating", "capacity_multiple", "slots_per_expert")},
+    "router_init_std": "router.init_std",
+    "drop": "experts.drop",
+    "gemm": "experts.gemm",
+    **{key: f"losses.{key}" for key in ("importance_weight", "load_weight", "vmoe_load_weight",
+                                         "z_loss_weight", "local_entropy_weight",
+                                         "global_entropy_weight", "global_entropy_min_experts")},
+    "loss_scope": "losses.scope",
+}  # fmt: skip
+
+
+def check_moved_keys(overrides: Sequence[str]) -> None:
+    """One line naming the new key, for an override of a ``model.moe`` key that moved."""
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        old = key.removeprefix("model.moe.")
+        if key == "model.moe.router" and "=" in override:
+            name = override.split("=", 1)[1]
+            raise ValueError(
+                f"{override}: a router is chosen as a config group now, "
+                f"router@model.moe.router={name} (one of {', '.join(config_options('router'))})"
+            )
+        if key.startswith("model.moe.") and old in MOVED_MOE_KEYS:
+            raise ValueError(f"{key} is now model.moe.{MOVED_MOE_KEYS[old]}")
 
 
 class ConfigTypeError(TypeError, ValueError):
@@ -84,6 +116,7 @@ def compose_config(
     """Compose the primary config ``name`` (``train``, ``eval``, ...) with ``key=value``
     overrides, as the console script of that name would."""
     overrides = list(overrides or [])
+    check_moved_keys(overrides)
     with _initialised():
         cfg = compose(name, overrides=overrides, return_hydra_config=return_hydra_config)
         values = [o for o in overrides if not _is_choice(o)]
@@ -125,7 +158,8 @@ def _typed_values(
 ) -> Iterator[tuple[str, object, object]]:
     """(key, value, expected type) of every value that has one, depth first."""
     target = node.get("_target_") if "_target_" in node else KEYWORDS_OF.get(prefix[:-1])
-    hints = _hints(target) if target else {}
+    targets = (target,) if isinstance(target, str) else target or ()
+    hints = {name: hint for one in targets for name, hint in _hints(one).items()}
     for name in node:
         if name.startswith("_") or name == "hydra":
             continue

@@ -5,7 +5,7 @@ are timed apart (for ``model.compile=true``, the compile time, from a fresh indu
 then the median of 10 steps after 2 more.
 
     python scripts/compare_steps.py MODEL VARIANT [VARIANT ...]
-    python scripts/compare_steps.py limoe model.moe.gemm=loop model.moe.gemm=grouped
+    python scripts/compare_steps.py limoe model.moe.experts.gemm=loop model.moe.experts.gemm=grouped
     python scripts/compare_steps.py dense model.compile=false model.compile=true
 
 A variant is a comma-separated list of limoe-train overrides.

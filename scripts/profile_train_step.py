@@ -18,7 +18,8 @@ from torch.profiler import ProfilerActivity, profile
 from limoe.data.loading import first_pairs
 from limoe.train import build_datamodule, build_module, compose
 
-EXTRA = [a for a in sys.argv[1:] if "=" in a]  # limoe-train overrides, e.g. model.moe.gemm=loop
+# limoe-train overrides, e.g. model.moe.experts.gemm=loop
+EXTRA = [a for a in sys.argv[1:] if "=" in a]
 PARTS = ("forward", "backward", "clip", "step", "zero")
 
 

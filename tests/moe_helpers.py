@@ -3,10 +3,12 @@ decisive router, and a forward/backward that returns every gradient."""
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 import torch.nn.functional as F
 
-from limoe.moe import MoELayer, SoftRouter
+from limoe.moe import ROUTERS, Experts, MoELayer, RouterLosses, SoftRouter, TopKRouter
 
 # The routing mechanics alone, without what LIMoE's defaults add on top: a capacity (factor
 # 1.0, so drops happen), no router noise, no auxiliary losses. A test sets what it examines.
@@ -20,11 +22,36 @@ BARE = {
     "global_entropy_weight": 0.0,
     "global_entropy_min_experts": 1.0,
 }
+LOSS_OPTIONS = {f.name for f in fields(RouterLosses)}
+EXPERT_OPTIONS = {"act_layer", "drop", "gemm"}
+TOPK_OPTIONS = {"top_k", "batch_priority", "renormalize_gates", "noisy_gating",
+                "capacity_multiple", "init_std"}  # fmt: skip
+
+
+def make_layer(
+    dim: int, hidden: int, num_experts: int = 16, router: str = "topk", **options
+) -> MoELayer:
+    """A ``MoELayer`` of its parts from one flat set of options, the tests' shorthand: the
+    router's (by name, ``ROUTERS``), the experts', the losses' and the layer's own."""
+    parts = {"router": {}, "experts": {}, "losses": {}, "layer": {}}
+    for key, value in options.items():
+        part = ("losses" if key in LOSS_OPTIONS else "experts" if key in EXPERT_OPTIONS
+                else "router" if key in TOPK_OPTIONS | {"slots_per_expert"} else "layer")  # fmt: skip
+        parts[part][key] = value
+    cls = ROUTERS[router]
+    if not issubclass(cls, TopKRouter):  # options a top-k router has and this one has not
+        parts["router"] = {k: v for k, v in parts["router"].items() if k not in TOPK_OPTIONS}
+    return MoELayer(
+        cls(dim, num_experts, **parts["router"]),
+        Experts(num_experts, dim, hidden, **parts["experts"]),
+        RouterLosses(**parts["losses"]),
+        **parts["layer"],
+    )
 
 
 def bare_layer(*args, **kwargs) -> MoELayer:
-    """``MoELayer(*args, **kwargs)`` with ``BARE`` under the given keywords."""
-    return MoELayer(*args, **{**BARE, **kwargs})
+    """``make_layer(*args, **kwargs)`` with ``BARE`` under the given keywords."""
+    return make_layer(*args, **{**BARE, **kwargs})
 
 
 def expert_mlp(layer: MoELayer, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -47,7 +74,7 @@ def randomise(layer: MoELayer) -> MoELayer:
 
 def outputs_and_grads(layer: MoELayer, x: torch.Tensor, mode: str, probe: torch.Tensor):
     """Forward in dispatch ``mode``, backward of <y, probe>: output and every gradient."""
-    layer.dispatch_mode = mode
+    layer.path = mode
     layer.zero_grad()
     x = x.clone().requires_grad_(True)
     y, routing = layer(x)

@@ -301,6 +301,25 @@ def test_the_console_script_exits_2_with_one_line(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
+        ("model.moe.top_k=2", "model.moe.top_k is now model.moe.router.top_k"),
+        ("model.moe.gemm=loop", "model.moe.gemm is now model.moe.experts.gemm"),
+        ("model.moe.loss_scope=modality", "model.moe.loss_scope is now model.moe.losses.scope"),
+        ("model.moe.local_entropy_weight=0",
+         "model.moe.local_entropy_weight is now model.moe.losses.local_entropy_weight"),
+        ("model.moe.router=soft", "a router is chosen as a config group now, "
+                                  "router@model.moe.router=soft (one of expert_choice, "
+                                  "modality, soft, topk)"),
+    ],
+)  # fmt: skip
+def test_a_moe_key_that_moved_names_the_new_one(override, message, tmp_path, monkeypatch, capsys):
+    args = ["experiment=smoke", override, f"hydra.run.dir={tmp_path}"]
+    assert_fails("train", args, message, monkeypatch, capsys)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
         ("size.width=33", "model.width=33 (size.width) must be a multiple of model.num_heads=2 "
                           "(size.num_heads)"),
         ("size.num_heads=5", "model.width=32 (size.width) must be a multiple of "

@@ -9,6 +9,7 @@ import math
 import subprocess
 import sys
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ from limoe.models import (
 )
 from limoe.models.build import build_model
 from limoe.models.cost import count_flops, flops_per_pair
+from limoe.moe import TopKRouter
 from limoe.runs import write_metrics
 from limoe.train import compose, plain
 
@@ -59,19 +61,21 @@ def block_flops(n: int, width: int, hidden: int) -> int:
 
 
 def test_parameter_counts_leave_out_the_experts_a_token_does_not_use():
-    moe = dict(num_experts=4, top_k=1, capacity_factor=None)
+    moe = dict(num_experts=4, capacity_factor=None)
     model = LIMoE(**SIZE, moe_layers=[1], moe=moe)
     per_expert = 16 * 64 + 64 + 64 * 16 + 16  # w1, b1, w2, b2
     counts = parameter_counts(model)
     assert counts["params_total"] == sum(p.numel() for p in model.parameters())
     assert counts["params_total"] - counts["params_active_per_token"] == 3 * per_expert
-    top2 = parameter_counts(LIMoE(**SIZE, moe_layers=[0, 1], moe={**moe, "top_k": 2}))
+    top2 = parameter_counts(
+        LIMoE(**SIZE, moe_layers=[0, 1], moe={**moe, "router": partial(TopKRouter, top_k=2)})
+    )
     assert top2["params_total"] - top2["params_active_per_token"] == 2 * 2 * per_expert
 
 
 def test_moe_layer_flops_count_router_and_the_kept_tokens():
     torch.manual_seed(0)
-    layer = bare_layer(dim=16, hidden_dim=64, num_experts=4, top_k=2, capacity_factor=None)
+    layer = bare_layer(dim=16, hidden=64, num_experts=4, top_k=2, capacity_factor=None)
     n = 10
     router = 2 * n * 16 * 4
     experts = 2 * (n * 2) * (16 * 64 + 64 * 16)  # dropless: every one of the 2n choices runs
@@ -100,7 +104,11 @@ def test_clip_flops_match_a_hand_count_with_class_token_and_causal_text():
 
 
 def test_flop_count_leaves_the_model_mode_and_random_stream_alone():
-    model = LIMoE(**SIZE, moe_layers=[1], moe=dict(num_experts=4, noisy_gating=True)).train()
+    model = LIMoE(
+        **SIZE,
+        moe_layers=[1],
+        moe=dict(num_experts=4, router=partial(TopKRouter, noisy_gating=True)),
+    ).train()
     images, tokens = torch.randn(2, 3, 8, 8), torch.randint(1, 100, (2, 6))
     torch.manual_seed(0)
     model_cost(model, images, tokens)

@@ -13,17 +13,33 @@ from omegaconf import OmegaConf
 from limoe.data import ImageTextDataModule, ScenesDataModule, ShapesDataModule
 from limoe.lit import RoutingHistory
 from limoe.models import LIMoE, build_clip, create_model
-from limoe.models.limoe import BLOCK_MOE_KEYS, Block
-from limoe.moe import MoELayer
+from limoe.models.limoe import Block, moe_mlp
+from limoe.moe import (
+    ExpertChoiceRouter,
+    Experts,
+    MoELayer,
+    RouterLosses,
+    SoftRouter,
+    TopKRouter,
+)
 from limoe.train import compose
 
 # (what is built, the config node, the overrides that select it, arguments set elsewhere)
 BUILT = [
-    (LIMoE, "model", [], {"moe"}),  # moe: MoELayer's own defaults, checked below
-    (MoELayer, "model.moe", [], {"dim", "hidden_dim", "modality_names", "act_layer"}),
+    (LIMoE, "model", [], {"moe"}),  # moe: the MoE layer's own defaults, checked below
+    # model.moe holds moe_mlp's arguments and, passed on, MoELayer's (test below)
+    (moe_mlp, "model.moe", [], {"dim", "mlp_ratio", "router", "experts"}),
+    (MoELayer, "model.moe", [], {"router", "experts", "losses", "shared_expert"}),
+    (TopKRouter, "model.moe.router", [], {"dim", "num_experts"}),
+    (ExpertChoiceRouter, "model.moe.router", ["router@model.moe.router=expert_choice"],
+     {"dim", "num_experts", "batch_priority", "renormalize_gates"}),  # read by top-k only
+    (SoftRouter, "model.moe.router", ["router@model.moe.router=soft"],
+     {"dim", "num_experts", "eps"}),  # eps: a numerical guard, not a knob
+    (Experts, "model.moe.experts", [], {"num_experts", "dim", "hidden_dim", "act_layer"}),
+    (RouterLosses, "model.moe.losses", [], {"modality_names"}),
     (
         Block,
-        "model.moe",
+        "model",
         [],
         {
             "dim",
@@ -41,9 +57,9 @@ BUILT = [
     (ScenesDataModule, "data", ["data=scenes"], set()),
     (ImageTextDataModule, "data", ["data=csv"], set()),
     (RoutingHistory, "callbacks.routing_history", [], {"dirpath"}),
-]
+]  # fmt: skip
 # upcycle_from and compile: read by the builders (limoe.models.build), never passed to the model.
-NOT_ARGUMENTS = {"_target_", "_convert_", "upcycle_from", "compile"}
+NOT_ARGUMENTS = {"_target_", "_convert_", "_partial_", "upcycle_from", "compile"}
 
 
 def plain(value):
@@ -62,14 +78,20 @@ def test_constructor_defaults_are_the_yaml(built, node, overrides, elsewhere, tm
     cfg = compose(overrides, output_dir=tmp_path)
     values = OmegaConf.to_container(OmegaConf.select(cfg, node), resolve=True)
     params = inspect.signature(built).parameters
-    if node == "model.moe":  # MoELayer's arguments and the ones the Block reads
-        values = {k: v for k, v in values.items() if (k in BLOCK_MOE_KEYS) == (built is Block)}
+    if built in (moe_mlp, MoELayer, Block):  # each reads its own part of the node
+        values = {k: v for k, v in values.items() if k in params}
     assert set(values) - NOT_ARGUMENTS <= set(params), "a YAML key the constructor does not take"
     for name, param in params.items():
         if name in elsewhere or param.default is inspect.Parameter.empty:
             continue
         assert name in values, f"{node}.{name} is missing: name every knob in the config"
         assert plain(param.default) == plain(values[name]), f"{node}.{name}"
+
+
+def test_every_key_of_the_moe_node_is_read(tmp_path):
+    moe = compose([], output_dir=tmp_path).model.moe
+    taken = inspect.signature(moe_mlp).parameters.keys() | inspect.signature(MoELayer).parameters
+    assert set(moe) <= set(taken)
 
 
 def test_limoe_with_no_arguments_is_the_default_model():

@@ -15,10 +15,10 @@ SCRIPTS = Path(__file__).parent / "scripts"
 # Per-sample independent forward: dropless routing, no gating noise, no auxiliary losses
 # (those are statistics of each process's own batch, as the paper computes them per device).
 SAME_MATH = [
-    "experiment=smoke", "trainer.max_steps=1", "model.moe.noisy_gating=false",
-    "model.moe.importance_weight=0", "model.moe.load_weight=0", "model.moe.vmoe_load_weight=0",
-    "model.moe.local_entropy_weight=0",
-    "model.moe.global_entropy_weight=0", "data.val_size=37", "data.eval_batch_size=8",
+    "experiment=smoke", "trainer.max_steps=1", "model.moe.router.noisy_gating=false",
+    "model.moe.losses.importance_weight=0", "model.moe.losses.load_weight=0", "model.moe.losses.vmoe_load_weight=0",
+    "model.moe.losses.local_entropy_weight=0",
+    "model.moe.losses.global_entropy_weight=0", "data.val_size=37", "data.eval_batch_size=8",
 ]  # fmt: skip
 
 

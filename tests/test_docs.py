@@ -26,7 +26,7 @@ SECTIONS = {
 }  # fmt: skip
 # Keys left to the libraries' own documentation (Lightning's callbacks and loggers take them
 # as they are) or that are entries of a documented mapping.
-UNDOCUMENTED = ("_target_", "_convert_", "logger.", "callbacks.model_checkpoint.",
+UNDOCUMENTED = ("_target_", "_convert_", "_partial_", "logger.", "callbacks.model_checkpoint.",
                 "callbacks.last_checkpoint.", "callbacks.routing_history.dirpath",
                 "cost.against.", "gpu.train.models.")  # fmt: skip
 

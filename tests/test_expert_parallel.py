@@ -121,9 +121,9 @@ def test_sharded_layer_equals_the_single_process_layer(case, tmp_path):
 
 
 def test_expert_parallel_needs_sorted_topk_or_expert_choice():
-    with pytest.raises(ValueError, match="expert_parallel needs dispatch='sorted'"):
+    with pytest.raises(ValueError, match="expert_parallel needs dispatch=sorted"):
         bare_layer(DIM, HIDDEN, EXPERTS, expert_parallel=True, router="soft", capacity_factor=None)
-    with pytest.raises(ValueError, match="expert_parallel needs dispatch='sorted'"):
+    with pytest.raises(ValueError, match="expert_parallel needs dispatch=sorted"):
         bare_layer(DIM, HIDDEN, EXPERTS, expert_parallel=True, dispatch="onehot")
     layer = bare_layer(DIM, HIDDEN, EXPERTS, expert_parallel=True)
     layer.shard(0, 1)  # one process: every expert stays

@@ -147,3 +147,42 @@ def test_model_compile_compiles_in_place_and_keeps_the_state_dict_keys():
     compiled = build_model({**cfg, "compile": True})
     assert eager._compiled_call_impl is None and compiled._compiled_call_impl is not None
     assert list(compiled.state_dict()) == list(eager.state_dict())
+
+
+# A model.moe node as checkpoints and exports of earlier versions stored it: every option flat,
+# the router by name (here Soft MoE, with options of every part set away from the defaults).
+FLAT_MOE = {
+    "router": "soft", "slots_per_expert": 2, "num_experts": 4, "top_k": 1,
+    "capacity_factor": None, "eval_capacity_factor": None, "batch_priority": True,
+    "renormalize_gates": False, "noisy_gating": True, "capacity_multiple": 4,
+    "router_init_std": None, "drop": 0.1, "expert_mlp_ratio": None,
+    "shared_expert_ratio": 0.0, "dispatch": "sorted", "gemm": "loop", "expert_parallel": False,
+    "importance_weight": 0.3, "load_weight": None, "vmoe_load_weight": None,
+    "z_loss_weight": 0.0, "loss_scope": "modality", "local_entropy_weight": 0.02,
+    "global_entropy_weight": 0.0, "global_entropy_min_experts": [2.0, 3.0],
+}  # fmt: skip
+NESTED = [
+    "router@model.moe.router=soft", "model.moe.router.slots_per_expert=2",
+    "model.moe.experts.drop=0.1", "model.moe.experts.gemm=loop",
+    "model.moe.losses.importance_weight=0.3", "model.moe.losses.scope=modality",
+    "model.moe.losses.local_entropy_weight=0.02", "model.moe.losses.global_entropy_weight=0",
+    "model.moe.losses.global_entropy_min_experts=[2.0,3.0]",
+]  # fmt: skip
+
+
+def test_a_stored_config_of_flat_moe_keys_builds_the_model_of_todays_config(tmp_path):
+    """Checkpoints of earlier versions keep loading: their flat ``model.moe`` node builds the
+    same model (parts, options, weights) as today's nested one."""
+    cfg = plain(compose(["experiment=smoke", "size.num_experts=4", *NESTED], tmp_path).model)
+    torch.manual_seed(0)
+    today = build_model(cfg)
+    torch.manual_seed(0)
+    stored = build_model({**cfg, "moe": FLAT_MOE})
+    assert repr(stored) == repr(today)
+    layer = stored.blocks[0].mlp
+    assert (layer.router.slots_per_expert, layer.experts.gemm, layer.losses.scope) == (
+        2, "loop", "modality")  # fmt: skip
+    assert layer.losses.weights["importance"] == 0.3
+    assert layer.losses.min_experts == (2.0, 3.0)
+    for (name, a), (_, b) in zip(stored.state_dict().items(), today.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from limoe import create_model
 from limoe.models import LIMoE, text_padding_mask
-from limoe.models.limoe import token_origin
+from limoe.models.limoe import attention_bias, token_origin
+from limoe.moe import ModalityRouter, TopKRouter
 
 SOT, EOT = 49406, 49407
 
@@ -97,16 +100,19 @@ def test_moe_block_routes_image_and_real_text_tokens_together():
 
 @pytest.mark.parametrize("drop_path_rate", [0.0, 0.3])  # DropPath is identity in eval
 def test_moe_block_updates_real_text_tokens_and_leaves_padding(drop_path_rate):
-    """The block's text update, against the flat token set written with boolean masks: the
-    MoE layer's output added at the real tokens, nothing at the padding."""
+    """The block's text update, against the flat token set written with boolean masks: after
+    attention, the MoE layer's output added at the real tokens, nothing at the padding."""
     model = tiny(drop_path_rate=drop_path_rate)
     block = model.blocks[1]
     assert block.is_moe and (drop_path_rate == 0) == isinstance(block.drop_path, torch.nn.Identity)
     images, tokens = torch.randn(3, 3, 16, 16), tokens_batch()
     image, text = model.embed_images(images), model.embed_text(tokens)
     mask = text_padding_mask(tokens)
+    bias = attention_bias(mask, text.dtype, causal=True)
     with torch.no_grad():
-        _, out, _ = block._moe_mlp(image, text, token_origin(image, mask))
+        _, out, _ = block(image, text, bias, token_origin(image, mask))
+        image = image + block.attn(block.norm1(image))
+        text = text + block.attn(block.norm1(text), attn_mask=bias)
         flat = torch.cat([block.norm2(image).flatten(0, 1), block.norm2(text)[mask]])
         modality = torch.cat([torch.zeros(48, dtype=torch.long), torch.ones(16, dtype=torch.long)])
         y, _ = block.mlp(flat, modality)
@@ -192,7 +198,11 @@ def test_router_init_is_timms_or_vmoes_lecun_normal():
     size = dict(embed_dim=16, image_size=16, patch_size=4, width=64, depth=2, num_heads=2,
                 context_length=8, vocab_size=100, moe_layers=[1])  # fmt: skip
     torch.manual_seed(0)
-    timm = LIMoE(**size, moe={"num_experts": 8, "router_init_std": 0.02}).blocks[1].mlp
+    timm = (
+        LIMoE(**size, moe={"num_experts": 8, "router": partial(TopKRouter, init_std=0.02)})
+        .blocks[1]
+        .mlp
+    )
     torch.manual_seed(0)
     lecun = LIMoE(**size, moe={"num_experts": 8}).blocks[1].mlp
     assert lecun.router.init_std == 64**-0.5 and timm.router.init_std == 0.02
@@ -317,7 +327,7 @@ def test_multiway_tower_is_a_dense_mlp_per_modality(moe_layers):
     tower's MLP into the image expert only leaves image features equal to the dense tower's
     and text features different; copying it into both gives the dense tower exactly."""
     dense = tiny(moe_layers=[])
-    multiway = tiny(moe_layers=moe_layers, moe=dict(router="modality", num_experts=2))
+    multiway = tiny(moe_layers=moe_layers, moe=dict(router=ModalityRouter, num_experts=2))
     images, tokens = torch.randn(3, 3, 16, 16), tokens_batch()
     weights = multiway.state_dict()
     weights.update({k: v for k, v in dense.state_dict().items() if k in weights})
@@ -369,13 +379,14 @@ def test_shared_expert_runs_beside_the_routed_experts():
     experts' outputs zeroed, the block is the dense tower whose MLP is the shared one; with
     copies of it as experts and renormalised gates, it adds the dense MLP twice."""
     dense = tiny(moe_layers=[])
-    shared = tiny(moe=dict(num_experts=4, renormalize_gates=True, shared_expert_ratio=4.0))
-    assert shared.blocks[1].shared_mlp.fc1.weight.shape == (128, 32)
+    router = partial(TopKRouter, renormalize_gates=True)
+    shared = tiny(moe=dict(num_experts=4, router=router, shared_expert_ratio=4.0))
+    assert shared.blocks[1].mlp.shared_expert.fc1.weight.shape == (128, 32)
     images, tokens = torch.randn(3, 3, 16, 16), tokens_batch()
     weights = shared.state_dict()
     weights.update({k: v for k, v in dense.state_dict().items() if k in weights})
-    weights.update({k.replace(".mlp.", ".shared_mlp."): v for k, v in dense.state_dict().items()
-                    if k.startswith("blocks.1.mlp.")})  # fmt: skip
+    weights.update({k.replace(".mlp.", ".mlp.shared_expert."): v
+                    for k, v in dense.state_dict().items() if k.startswith("blocks.1.mlp.")})  # fmt: skip
     shared.load_state_dict(weights)
     experts = shared.blocks[1].mlp.experts
     with torch.no_grad():
@@ -401,7 +412,7 @@ def test_fine_grained_experts_keep_the_dense_flops():
     dense MLP's width, top-2, cost what full-width experts cost at top-1 (same router)."""
     from limoe.models.cost import flops_per_pair
 
-    fine = tiny(moe=dict(num_experts=8, top_k=2, expert_mlp_ratio=2.0))
+    fine = tiny(moe=dict(num_experts=8, router=partial(TopKRouter, top_k=2), expert_mlp_ratio=2.0))
     assert fine.blocks[1].mlp.experts.w1.shape == (8, 32, 64)
     images, tokens = torch.randn(3, 3, 16, 16), tokens_batch()
     base = flops_per_pair(tiny(moe=dict(num_experts=8)), images, tokens)

@@ -9,11 +9,11 @@ from contextlib import ExitStack
 import lightning as L
 import pytest
 import torch
-from moe_helpers import bare_layer, randomise
+from moe_helpers import bare_layer, make_layer, randomise
 from sync_counter import count_syncs
 from torch.profiler import ProfilerActivity, profile
 
-from limoe.models.limoe import Block, token_origin
+from limoe.models.limoe import Block, attention_bias, token_origin
 from limoe.moe import MoELayer
 from limoe.train import build_datamodule, build_module, build_trainer, compose
 
@@ -48,7 +48,7 @@ def test_layer_forward_and_backward_never_wait_on_the_device(
     operation that would synchronise a GPU (the layer before this design made 11)."""
     torch.manual_seed(0)
     top_k = min(top_k, num_experts)
-    layer = MoELayer(DIM, HIDDEN, num_experts, top_k=top_k, capacity_factor=capacity_factor,
+    layer = make_layer(DIM, HIDDEN, num_experts, top_k=top_k, capacity_factor=capacity_factor,
                      gemm=gemm,
                      global_entropy_min_experts=min(2.0, num_experts) if num_experts > 1 else 2.0,
                      global_entropy_weight=0.01 if num_experts > 1 else 0.0,
@@ -63,7 +63,7 @@ def test_layer_forward_and_backward_never_wait_on_the_device(
 def test_the_counter_catches_what_the_old_layer_did():
     """The counter is not blind: the loop path reads the row counts on the host, and the
     boolean mask and ``nonzero`` of the old dispatch are caught too."""
-    layer = MoELayer(DIM, HIDDEN, 4, gemm="loop")
+    layer = make_layer(DIM, HIDDEN, 4, gemm="loop")
     x = torch.randn(20, DIM)
     with count_syncs() as syncs:
         layer(x)
@@ -94,7 +94,7 @@ class StepSyncs(L.Callback):
 
 # What a GPU runs: the grouped GEMM (on a CPU ``auto`` takes the loop, which reads the row
 # counts in host memory).
-GROUPED = ["model.moe.gemm=grouped"]
+GROUPED = ["model.moe.experts.gemm=grouped"]
 TINY_B32 = ["model=limoe_b32", "model.width=32", "model.num_heads=2", "model.depth=4",
             "model.moe_layers=[1,3]", "model.embed_dim=16", "data.image_size=64",
             "data.context_length=16"]  # fmt: skip
@@ -129,7 +129,7 @@ def test_the_layer_compiles_without_a_graph_break_in_bf16(capacity_factor):
     """``torch.compile(fullgraph=True)`` of the layer in bf16, forward and backward, equals
     eager (inductor's random numbers are eager's with ``fallback_random``)."""
     torch.manual_seed(0)
-    layer = randomise(MoELayer(DIM, HIDDEN, 8, top_k=2, capacity_factor=capacity_factor))
+    layer = randomise(make_layer(DIM, HIDDEN, 8, top_k=2, capacity_factor=capacity_factor))
     layer = layer.to(torch.bfloat16)
     x = torch.randn(64, DIM, dtype=torch.bfloat16)
     modality, valid = modality_and_padding(64)
@@ -163,20 +163,20 @@ def test_a_block_compiles_without_a_graph_break_in_bf16():
     image = torch.randn(2, 9, DIM, dtype=torch.bfloat16)
     text = torch.randn(2, 6, DIM, dtype=torch.bfloat16)
     mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
-    origin = token_origin(image, mask)
-    eager = block(image, text, mask, None, origin)
-    compiled = torch.compile(block, fullgraph=True)(image, text, mask, None, origin)
+    origin, bias = token_origin(image, mask), attention_bias(mask, torch.bfloat16, causal=True)
+    eager = block(image, text, bias, origin)
+    compiled = torch.compile(block, fullgraph=True)(image, text, bias, origin)
     for got, want in zip(compiled[:2], eager[:2]):
         assert_close_in_bf16(got, want)
     image.requires_grad_(True)
-    out = torch.compile(block, fullgraph=True)(image, text, mask, None, origin)
+    out = torch.compile(block, fullgraph=True)(image, text, bias, origin)
     out[0].float().sum().backward()
     assert torch.isfinite(image.grad).all()
 
 
 def operator_count(num_experts: int) -> int:
     torch.manual_seed(0)
-    layer = MoELayer(DIM, HIDDEN, num_experts, capacity_factor=1.0, gemm="grouped")
+    layer = make_layer(DIM, HIDDEN, num_experts, capacity_factor=1.0, gemm="grouped")
     x = torch.randn(256, DIM, requires_grad=True)
     modality, valid = modality_and_padding(256)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -216,7 +216,7 @@ def test_two_runs_give_bitwise_equal_weights_under_deterministic_algorithms(gemm
 
     def train() -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
-        layer = MoELayer(DIM, HIDDEN, 8, top_k=2, capacity_factor=capacity_factor, gemm=gemm)
+        layer = make_layer(DIM, HIDDEN, 8, top_k=2, capacity_factor=capacity_factor, gemm=gemm)
         optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2)
         modality, valid = modality_and_padding(128)
         for _ in range(5):

@@ -5,11 +5,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from moe_helpers import bare_layer
+from moe_helpers import bare_layer, make_layer
 
 from limoe.moe import (
     LOSS_NAMES,
-    MoELayer,
     compute_aux_losses,
     global_entropy_loss,
     importance_loss,
@@ -99,7 +98,7 @@ def test_scope_all_balances_every_token_and_keeps_entropy_per_modality():
 
 
 def test_layer_vmoe_load_uses_its_own_noise():
-    layer = bare_layer(8, 16, 4, noisy_gating=True, vmoe_load_weight=1.0, loss_scope="all")
+    layer = bare_layer(8, 16, 4, noisy_gating=True, vmoe_load_weight=1.0, scope="all")
     layer.train()
     x, modality = torch.randn(10, 8), torch.tensor([0] * 7 + [1] * 3)
     torch.manual_seed(3)
@@ -116,9 +115,9 @@ def test_layer_vmoe_load_uses_its_own_noise():
 def test_global_entropy_threshold_outside_one_to_num_experts_fails(s):
     with pytest.raises(ValueError, match=r"global_entropy_min_experts must be in \(1, "
                        r"num_experts=4\] while global_entropy_weight > 0"):  # fmt: skip
-        MoELayer(8, 16, 4, global_entropy_weight=0.01, global_entropy_min_experts=s)
-    MoELayer(8, 16, 4, global_entropy_weight=0.0, global_entropy_min_experts=max(s, 0.5))
-    MoELayer(8, 16, 4, global_entropy_weight=0.01, global_entropy_min_experts=4.0)
+        make_layer(8, 16, 4, global_entropy_weight=0.01, global_entropy_min_experts=s)
+    make_layer(8, 16, 4, global_entropy_weight=0.0, global_entropy_min_experts=max(s, 0.5))
+    make_layer(8, 16, 4, global_entropy_weight=0.01, global_entropy_min_experts=4.0)
 
 
 def test_z_loss_by_hand():
@@ -266,7 +265,7 @@ def test_empty_modality_gives_zero_and_no_nan_grad():
         local_entropy_weight=1,
         global_entropy_weight=1,
         global_entropy_min_experts=3.0,
-        loss_scope="modality",
+        scope="modality",
     )
     x = torch.randn(6, 8)
     _, routing = layer(x, torch.zeros(6, dtype=torch.long))  # no text tokens
@@ -285,7 +284,7 @@ def test_layer_aux_loss_is_weighted_sum():
         16,
         4,
         global_entropy_min_experts=(3.5, 2.0),
-        loss_scope="modality",
+        scope="modality",
         **{f"{n}_weight": w for n, w in weights.items()},
     )
     x = torch.randn(10, 8)

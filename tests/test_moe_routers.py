@@ -9,13 +9,14 @@ import lightning as L
 import pytest
 import torch
 from conftest import FAST_DEV_RUN
-from moe_helpers import bare_layer, expert_mlp, outputs_and_grads, randomise
+from moe_helpers import bare_layer, expert_mlp, make_layer, outputs_and_grads, randomise
 
 from limoe.models import LIMoE
 from limoe.moe import (
+    ROUTERS,
     MoELayer,
+    RouterLosses,
     Routing,
-    default_loss_weights,
     expert_choice,
     layer_summary,
     pack_groups,
@@ -88,8 +89,6 @@ def test_expert_choice_sorted_equals_onehot_reference():
 def test_expert_choice_needs_a_capacity_factor():
     with pytest.raises(ValueError, match="router=expert_choice needs a capacity_factor"):
         bare_layer(DIM, HIDDEN, 4, router="expert_choice", capacity_factor=None)
-    with pytest.raises(ValueError, match="router must be one of"):
-        bare_layer(DIM, HIDDEN, 4, router="hash")
 
 
 def test_pack_groups_by_hand():
@@ -166,7 +165,7 @@ def test_limoe_with_router_keeps_pairs_and_modalities_apart(router):
     on neither its caption nor the other pairs; with expert choice it depends on the batch
     (experts pick among all tokens), as the method is."""
     torch.manual_seed(7)
-    moe = {"num_experts": 4, "router": router, "capacity_factor": 1.0}
+    moe = {"num_experts": 4, "router": ROUTERS[router], "capacity_factor": 1.0}
     model = LIMoE(embed_dim=16, image_size=16, patch_size=8, width=16, depth=2, num_heads=2,
                   context_length=8, vocab_size=100, moe_layers=[1], moe=moe,
                   output_dict=True).eval()  # fmt: skip
@@ -193,9 +192,9 @@ def test_limoe_with_router_keeps_pairs_and_modalities_apart(router):
 
 @pytest.mark.parametrize("router", ["expert_choice", "soft"])
 def test_router_choice_trains_from_the_config(router, tmp_path):
-    """``model.moe.router=...`` through the real configs: one Lightning step moves the router
+    """``router@model.moe.router=...`` through the real configs: one Lightning step moves the router
     and the experts."""
-    cfg = compose(["experiment=smoke", "trainer=cpu", f"model.moe.router={router}",
+    cfg = compose(["experiment=smoke", "trainer=cpu", f"router@model.moe.router={router}",
                    "model.moe.capacity_factor=1.0", *FAST_DEV_RUN], tmp_path)  # fmt: skip
     L.seed_everything(0)
     datamodule = build_datamodule(cfg)
@@ -279,12 +278,13 @@ def test_expert_choice_layer_drops_nothing_it_was_built_to_keep():
 def test_expert_choice_and_soft_train_without_a_balancing_loss_unless_asked():
     classic = ("importance", "load", "vmoe_load")
     for router in ("expert_choice", "soft"):
-        layer = MoELayer(DIM, HIDDEN, 4, router=router, capacity_factor=1.0)
-        assert [layer.loss_weights[name] for name in classic] == [0.0, 0.0, 0.0]
-        asked = MoELayer(DIM, HIDDEN, 4, router=router, capacity_factor=1.0, load_weight=0.02)
-        assert asked.loss_weights["load"] == 0.02
+        layer = make_layer(DIM, HIDDEN, 4, router=router, capacity_factor=1.0)
+        assert [layer.losses.weights[name] for name in classic] == [0.0, 0.0, 0.0]
+        asked = make_layer(DIM, HIDDEN, 4, router=router, capacity_factor=1.0, load_weight=0.02)
+        assert asked.losses.weights["load"] == 0.02
     # top-k routing balances with V-MoE's importance and load losses (at 0.02), no Switch load
-    topk = MoELayer(DIM, HIDDEN, 4).loss_weights
+    topk = make_layer(DIM, HIDDEN, 4).losses.weights
     assert [topk[name] for name in classic] == [0.02, 0.0, 0.02]
-    assert default_loss_weights("topk") == {"importance": 0.02, "load": 0.0, "vmoe_load": 0.02}
-    assert MoELayer(DIM, HIDDEN, 4, importance_weight=0.0).loss_weights["importance"] == 0.0
+    unset = RouterLosses().for_router(0.02).weights
+    assert {k: unset[k] for k in classic} == {"importance": 0.02, "load": 0.0, "vmoe_load": 0.02}
+    assert make_layer(DIM, HIDDEN, 4, importance_weight=0.0).losses.weights["importance"] == 0.0

@@ -46,9 +46,14 @@ def test_limoe_and_dense_presets_have_the_paper_architecture(size):
         width, depth, heads, patch, 4.0, embed)  # fmt: skip
     assert (cfg.image_size, cfg.context_length, list(cfg.moe_layers)) == (224, 77, every_other)
     moe = cfg.moe
-    assert (moe.router, moe.num_experts, moe.top_k, moe.capacity_factor, moe.batch_priority) == (
-        "topk", experts, 1, 1.0, True)  # fmt: skip
-    assert moe.local_entropy_weight > 0 and moe.global_entropy_weight > 0
+    router = moe.router
+    assert (router._target_, router.top_k, router.batch_priority) == (
+        "limoe.moe.TopKRouter",
+        1,
+        True,
+    )
+    assert (moe.num_experts, moe.capacity_factor) == (experts, 1.0)
+    assert moe.losses.local_entropy_weight > 0 and moe.losses.global_entropy_weight > 0
     dense = compose([f"model=dense_{size}", *DATA_224]).model
     assert list(dense.moe_layers) == []
     assert {k: v for k, v in dense.items() if k != "moe_layers"} == {

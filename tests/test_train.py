@@ -112,7 +112,7 @@ def test_limoe_eval_into_the_run_directory_keeps_its_record(trained_run, tmp_pat
     [
         ("model.nope=1", "Could not override 'model.nope'"),
         ("model=nope", "Could not find 'model/nope'"),
-        ("model.moe.top_k=9", "top_k must be in [1, num_experts=4], got 9"),
+        ("model.moe.router.top_k=9", "top_k must be in [1, num_experts=4], got 9"),
         ("data.batch_size=0", "batch_size"),
     ],
 )

@@ -3,6 +3,7 @@ checkpoint whose features it reproduces before any step, while its fresh routers
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -31,11 +32,11 @@ def dense_ckpt(tmp_path_factory) -> Path:
 
 
 # Upcycling needs gates that sum to 1 (renormalised over the top-k).
-UPCYCLE = ["model=limoe", "model.moe.renormalize_gates=true"]
+UPCYCLE = ["model=limoe", "model.moe.router.renormalize_gates=true"]
 
 
-def _upcycled(ckpt: Path, *overrides: str) -> ContrastiveModule:
-    cfg = compose([*RUN, *UPCYCLE, f"model.upcycle_from={ckpt}", *overrides])
+def _upcycled(ckpt: Path, *overrides: str, upcycle: Sequence[str] = UPCYCLE) -> ContrastiveModule:
+    cfg = compose([*RUN, *upcycle, f"model.upcycle_from={ckpt}", *overrides])
     torch.manual_seed(0)
     return build_module(cfg)
 
@@ -52,7 +53,7 @@ def _features(model, images, tokens):
 
 @pytest.mark.parametrize(
     "overrides",
-    [[], ["model.moe.top_k=2"], ["size.num_experts=32", "model.moe.top_k=2"]],
+    [[], ["model.moe.router.top_k=2"], ["size.num_experts=32", "model.moe.router.top_k=2"]],
     ids=["top1", "top2", "e32_top2"],
 )
 def test_upcycled_features_equal_the_dense_checkpoints(dense_ckpt, overrides):
@@ -83,7 +84,7 @@ def test_upcycled_features_stay_the_dense_ones_under_a_sharp_router_at_32_expert
     # Routers as confident as trained ones (top-1 probability near 1): the copied experts'
     # update is still the dense MLP's, where gates that do not sum to 1 would scale it.
     dense = ContrastiveModule.load_from_checkpoint(dense_ckpt, map_location="cpu").model
-    model = _upcycled(dense_ckpt, "size.num_experts=32", f"model.moe.top_k={top_k}").model
+    model = _upcycled(dense_ckpt, "size.num_experts=32", f"model.moe.router.top_k={top_k}").model
     torch.manual_seed(1)
     for i in model.moe_layers:
         torch.nn.init.normal_(model.blocks[i].mlp.router.weight, std=10.0)
@@ -100,7 +101,7 @@ def test_upcycled_features_stay_the_dense_ones_under_a_sharp_router_at_32_expert
 
 def test_upcycled_routers_spread_tokens_and_learn_from_the_contrastive_loss(dense_ckpt):
     # No auxiliary loss: any router gradient comes through the gates, from the contrastive loss.
-    off = [f"model.moe.{w}_weight=0" for w in
+    off = [f"model.moe.losses.{w}_weight=0" for w in
            ("importance", "load", "vmoe_load", "local_entropy", "global_entropy")]  # fmt: skip
     module = _upcycled(dense_ckpt, *off)
     images, tokens = _val_batch()
@@ -148,9 +149,9 @@ def test_checkpoints_that_do_not_fit_fail_with_one_line(dense_ckpt, tmp_path_fac
     with pytest.raises(CheckpointError, match=r"^model\.upcycle_from=.*nope\.ckpt does not exist$"):
         _upcycled(tmp_path / "nope.ckpt")
     with pytest.raises(ValueError, match="router=topk"):
-        _upcycled(dense_ckpt, "model.moe.router=soft")
-    with pytest.raises(ValueError, match=r"needs model\.moe\.renormalize_gates=true"):
-        _upcycled(dense_ckpt, "model.moe.renormalize_gates=false")
+        _upcycled(dense_ckpt, "router@model.moe.router=soft", upcycle=UPCYCLE[:1])
+    with pytest.raises(ValueError, match=r"needs model\.moe\.router\.renormalize_gates=true"):
+        _upcycled(dense_ckpt, "model.moe.router.renormalize_gates=false")
 
 
 def test_every_builder_upcycles_alike(dense_ckpt):

@@ -47,7 +47,7 @@ def synthetic_pairs(
 
 
 def run_gemm_layer_bench(
-    gemms: Sequence[str], layer_kwargs: Mapping, moe_kwargs: Mapping,
+    gemms: Sequence[str], layer_kwargs: Mapping, moe: Mapping,
     compiled: Sequence[bool] = (False,),
 ) -> list[dict]:  # fmt: skip
     """The MoE layer (sorted dispatch) with each expert GEMM path, every case timed next to its
@@ -60,13 +60,19 @@ def run_gemm_layer_bench(
         suffix = "-compiled" if compile else ""
         for i, gemm in enumerate(gemms[:1] if compile else gemms):
             found = run_layer_bench(modes=("dense", "sorted"), compile=compile,
-                                    moe_kwargs={**moe_kwargs, "gemm": gemm}, **layer_kwargs)  # fmt: skip
+                                    moe=_with_gemm(moe, gemm), **layer_kwargs)  # fmt: skip
             for row in found:
                 if row["mode"] == "sorted":
                     rows.append({**row, "mode": f"sorted-{gemm}{suffix}"})
                 elif i == 0:
                     rows.append({**row, "mode": f"dense{suffix}"})
     return rows
+
+
+def _with_gemm(moe: Mapping, gemm: str) -> dict:
+    """The layer options ``moe`` (``router``, ``experts``, ``losses``) with the experts' GEMM
+    path set to ``gemm``."""
+    return {**moe, "experts": {**moe.get("experts", {}), "gemm": gemm}}
 
 
 def time_steps(

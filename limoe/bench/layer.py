@@ -18,7 +18,7 @@ from timm.layers import Mlp
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from limoe.moe import MoELayer
+from limoe.moe import Experts, MoELayer, RouterLosses, TopKRouter
 
 from .timing import time_interleaved
 
@@ -51,20 +51,21 @@ def layer_cases(
     return [LayerCase(e, k, cf, n, d, int(d * mlp_ratio)) for d, n, e, k, cf in grid if k <= e]
 
 
-def build_layer(case: LayerCase, mode: str, moe_kwargs: Mapping | None = None) -> nn.Module:
+def build_layer(case: LayerCase, mode: str, moe: Mapping | None = None) -> nn.Module:
     """``dense``: timm ``Mlp(dim, hidden)``; ``sorted`` / ``onehot``: ``MoELayer`` with that
-    dispatch and ``moe_kwargs`` (loss weights, BPR, GEMM mode) as in the model config."""
+    dispatch, a top-k router, ``moe``'s ``router``, ``experts`` and ``losses`` options (as the
+    model config's ``model.moe`` nodes) and the losses' defaults, which are part of its cost."""
     if mode == "dense":
         return Mlp(case.dim, case.hidden)
     if mode not in MODES:
         raise ValueError(f"layer mode must be one of {MODES}, got {mode!r}")
-    kwargs = dict(moe_kwargs or {})
+    moe = moe or {}
+    losses = dict(moe.get("losses", {}))
     if case.num_experts == 1:  # one expert cannot spread over S = 2: no global entropy loss
-        kwargs["global_entropy_weight"] = 0.0
-    return MoELayer(
-        case.dim, case.hidden, case.num_experts, top_k=case.top_k,
-        capacity_factor=case.capacity_factor, dispatch=mode, **kwargs,
-    )  # fmt: skip
+        losses["global_entropy_weight"] = 0.0
+    router = TopKRouter(case.dim, case.num_experts, top_k=case.top_k, **moe.get("router", {}))
+    experts = Experts(case.num_experts, case.dim, case.hidden, **moe.get("experts", {}))
+    return MoELayer(router, experts, RouterLosses(**losses), case.capacity_factor, dispatch=mode)
 
 
 def _forward(module: nn.Module, x: Tensor, modality: Tensor) -> tuple[Tensor, Tensor | float]:
@@ -122,7 +123,7 @@ def run_layer_bench(
     repeats: int = 5,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-    moe_kwargs: Mapping | None = None,
+    moe: Mapping | None = None,
     image_fraction: float = 0.5,
     seed: int = 0,
     progress: bool = True,
@@ -138,7 +139,7 @@ def run_layer_bench(
     rows = []
     for case in tqdm(cases, desc="limoe-bench layer", disable=not progress):
         torch.manual_seed(seed)
-        modules = {mode: build_layer(case, mode, moe_kwargs).to(device) for mode in modes}
+        modules = {mode: build_layer(case, mode, moe).to(device) for mode in modes}
         for module in modules.values() if compile else ():
             module.compile()
         x, modality, probe = _inputs(case, image_fraction, device, seed)

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from limoe.models import create_model
-from limoe.moe import MoELayer
+from limoe.models.limoe import moe_mlp
 from limoe.train import build_datamodule, build_module, build_trainer, compose, plain
 
 from .cost import run_cost_bench
@@ -203,7 +203,7 @@ def graph_check(lay: DictConfig, device: torch.device, dtype: torch.dtype, seed:
     padding routed) captured in a CUDA graph, forward and backward (``cuda_graph_layer``)."""
     torch.manual_seed(seed)
     tokens, dim = lay.tokens[0], lay.dim[0]
-    layer = MoELayer(dim, int(dim * lay.mlp_ratio), lay.num_experts[0], capacity_factor=1.0)
+    layer = moe_mlp(dim, lay.mlp_ratio, lay.num_experts[0], capacity_factor=1.0)
     layer = layer.to(device, dtype)
     x = torch.randn(tokens, dim, device=device, dtype=dtype)
     modality = (torch.arange(tokens, device=device) >= int(lay.image_fraction * tokens)).long()

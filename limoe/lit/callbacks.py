@@ -117,9 +117,9 @@ class RoutingHistory(L.Callback):
             return
         norms = {}
         for layer in model.moe_layers:
-            weight = getattr(model.blocks[layer].mlp.router, "weight", None)  # None: no router
-            if weight is not None and weight.grad is not None:
-                norms[f"router/layer{layer}_grad_norm"] = weight.grad.norm().float()
+            norm = model.blocks[layer].mlp.router_grad_norm()
+            if norm is not None:
+                norms[f"router/layer{layer}_grad_norm"] = norm
         if norms:  # to the host in one transfer
             values = torch.stack(list(norms.values())).tolist()
             pl_module.log_dict(dict(zip(norms, values)), on_step=True)

@@ -25,8 +25,8 @@ from limoe.moe import ExpertShard, MoELayer, gather_blocks
 def expert_shard(model: nn.Module) -> ExpertShard | None:
     """Where this process's experts sit (the same for every layer), None when unsharded."""
     return next(
-        (m.experts.parallel for m in model.modules()
-         if isinstance(m, MoELayer) and m.experts.parallel is not None),
+        (m.expert_shard for m in model.modules()
+         if isinstance(m, MoELayer) and m.expert_shard is not None),
         None,
     )  # fmt: skip
 
@@ -36,7 +36,7 @@ def sharded_expert_params(model: nn.Module) -> list[Tensor]:
     return [
         p
         for layer in model.modules()
-        if isinstance(layer, MoELayer) and layer.experts.parallel is not None
+        if isinstance(layer, MoELayer) and layer.expert_shard is not None
         for p in layer.experts.parameters()
     ]
 

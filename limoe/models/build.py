@@ -6,6 +6,7 @@ checkpoint where the config names one (``upcycle_from``) and loads trained weigh
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -14,7 +15,9 @@ from safetensors.torch import load_model
 from torch import Tensor, nn
 
 from limoe.checkpoint import model_weights, read_checkpoint
+from limoe.config import MOVED_MOE_KEYS
 from limoe.models.upcycle import pop_upcycle, upcycle
+from limoe.moe import ROUTERS
 
 # Where each shape argument of the model config comes from in conf/: size/ (every arm
 # reads the same tower size) or data/ (what the images and captions are).
@@ -62,6 +65,28 @@ def check_tower(cfg: Mapping) -> None:
         )
 
 
+def upgrade_moe(moe: Mapping) -> dict:
+    """A ``model.moe`` node stored before the router, experts and losses had nodes of their
+    own (flat keys, ``router`` a name: checkpoints and exports of earlier versions), in
+    today's form; a node in today's form comes back as it is."""
+    moe = dict(moe)
+    if not isinstance(moe.get("router"), str) and not set(moe) & set(MOVED_MOE_KEYS):
+        return moe
+    router = ROUTERS[moe.pop("router", "topk")]
+    options = set(inspect.signature(router.__init__).parameters) - {"self", "dim", "num_experts"}
+    parts = {
+        "router": {"_target_": f"limoe.moe.{router.__name__}", "_partial_": True},
+        "experts": {"_target_": "limoe.moe.Experts", "_partial_": True},
+        "losses": {"_target_": "limoe.moe.RouterLosses"},
+    }
+    for old, new in MOVED_MOE_KEYS.items():
+        part, key = new.split(".")
+        if old in moe and (part != "router" or key in options):
+            parts[part][key] = moe.pop(old)
+        moe.pop(old, None)
+    return {**moe, **parts}
+
+
 # ``model.compile``: read here, never passed to the model. True compiles the model's forward
 # with ``torch.compile`` (``nn.Module.compile``, in place) once the weights are in.
 COMPILE_KEY = "compile"
@@ -80,6 +105,8 @@ def build_model(
         raise ValueError(f"a model config needs a _target_, got keys {sorted(cfg)}")
     cfg, upcycle_from = pop_upcycle({**cfg, **kwargs})
     compiled = cfg.pop(COMPILE_KEY, False)
+    if isinstance(cfg.get("moe"), Mapping):
+        cfg["moe"] = upgrade_moe(cfg["moe"])
     check_tower(cfg)
     model = instantiate(cfg, _convert_="all")
     if isinstance(weights, str | Path):

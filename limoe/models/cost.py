@@ -34,7 +34,7 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     for layer in model.modules():
         if isinstance(layer, MoELayer):
             here = sum(p.numel() for p in layer.experts.parameters())
-            shard = layer.experts.parallel  # expert parallelism: this process holds 1 / W
+            shard = layer.expert_shard  # expert parallelism: this process holds 1 / W
             expert_params = here * (shard.world_size if shard else 1)
             total += expert_params - here
             unused += expert_params * (layer.num_experts - layer.top_k) // layer.num_experts

@@ -9,7 +9,7 @@ With ``moe_layers=[]`` the same class is the dense one-tower baseline.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from timm.layers import Attention, AttentionPoolLatent, DropPath, Mlp, PatchEmbe
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from torch import Tensor, nn
 
-from limoe.moe import MODALITY_NAMES, MoELayer, Routing, TokenOrigin, TopKRouter
+from limoe.moe import Experts, MoELayer, Router, Routing, TokenOrigin, TopKRouter
 
 IMAGE, TEXT = 0, 1  # modality ids given to the MoE layers (MODALITY_NAMES' order)
 
@@ -46,21 +46,38 @@ def attention_bias(text_mask: Tensor, dtype: torch.dtype, causal: bool = False) 
     return bias
 
 
-# Keys of the model's ``moe`` config that ``Block`` reads, not ``MoELayer``.
-BLOCK_MOE_KEYS = ("expert_mlp_ratio", "shared_expert_ratio")
+def moe_mlp(
+    dim: int,
+    mlp_ratio: float,
+    num_experts: int = 16,
+    router: Callable[[int, int], Router] = TopKRouter,
+    experts: Callable[..., Experts] = Experts,
+    expert_mlp_ratio: float | None = None,
+    shared_expert_ratio: float = 0.0,
+    **layer,
+) -> MoELayer:
+    """A block's sparse MLP from the config's ``model.moe`` node: ``router(dim, num_experts)``
+    and ``experts(num_experts, dim, hidden)`` (the ``router`` and ``experts`` nodes, Hydra
+    partials), the losses and the rest of ``layer`` as ``MoELayer`` takes them.
+
+    ``expert_mlp_ratio`` is each expert's hidden width over ``dim`` (None: ``mlp_ratio``), for
+    fine-grained experts (DeepSeekMoE: more, narrower experts, several per token, at the same
+    FLOPs); ``shared_expert_ratio`` the hidden width over ``dim`` of a dense timm ``Mlp`` every
+    token runs beside its routed experts (DeepSeekMoE's shared expert; 0: none)."""
+    ratio = mlp_ratio if expert_mlp_ratio is None else expert_mlp_ratio
+    hidden = _hidden_width(dim, ratio, "model.moe.expert_mlp_ratio")
+    shared = None
+    if shared_expert_ratio:
+        shared = Mlp(dim, _hidden_width(dim, shared_expert_ratio, "model.moe.shared_expert_ratio"))
+    return MoELayer(
+        router(dim, num_experts), experts(num_experts, dim, hidden), shared_expert=shared, **layer
+    )
 
 
 class Block(nn.Module):
     """Pre-LN transformer block; the MLP is a dense timm ``Mlp`` or a sparse ``MoELayer``
-    (``moe``: its arguments).
-
-    Two arguments shape the sparse MLP beyond ``MoELayer``'s own (the config keeps them in
-    ``model.moe`` beside those): ``expert_mlp_ratio``, each expert's hidden width over ``dim``
-    (``None``: ``mlp_ratio``), for fine-grained experts (DeepSeekMoE: more, narrower experts,
-    several per token, at the same FLOPs), and ``shared_expert_ratio``, the hidden width over
-    ``dim`` of a dense timm ``Mlp`` every token runs beside its routed experts (DeepSeekMoE's
-    shared expert; 0: none).
-    """
+    (``moe``: the config's ``model.moe`` node, see ``moe_mlp``). Both MLPs take the image and
+    text tokens as one flat set, so the block has one path."""
 
     def __init__(
         self,
@@ -72,11 +89,8 @@ class Block(nn.Module):
         moe: dict | None = None,
         modality_norms: bool = False,
         modality_attention: bool = False,
-        expert_mlp_ratio: float | None = None,
-        shared_expert_ratio: float = 0.0,
     ) -> None:
         super().__init__()
-        hidden_dim = int(dim * mlp_ratio)
         # norm1/norm2 and attn serve both modalities, or with modality_norms /
         # modality_attention the image tokens only and text_norm1/text_norm2 / text_attn the
         # text tokens (as each of CLIP's towers has its own).
@@ -88,74 +102,46 @@ class Block(nn.Module):
         self.text_attn = None
         if modality_attention:
             self.text_attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
-        self.shared_mlp = None
-        if moe is None:
-            self.mlp = Mlp(dim, hidden_dim)
-        else:
-            if expert_mlp_ratio is not None:
-                hidden_dim = _hidden_width(dim, expert_mlp_ratio, "model.moe.expert_mlp_ratio")
-            if shared_expert_ratio:
-                shared = _hidden_width(dim, shared_expert_ratio, "model.moe.shared_expert_ratio")
-                self.shared_mlp = Mlp(dim, shared)
-            self.mlp = MoELayer(dim, hidden_dim, modality_names=MODALITY_NAMES, **moe)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio)) if moe is None else moe_mlp(dim, mlp_ratio, **moe)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     @property
     def is_moe(self) -> bool:
         return isinstance(self.mlp, MoELayer)
 
-    def text_norms(self) -> tuple[nn.LayerNorm, nn.LayerNorm]:
-        """The two LayerNorms text tokens go through (the shared ones by default)."""
-        if self.text_norm1 is None:
-            return self.norm1, self.norm2
-        return self.text_norm1, self.text_norm2
-
     def forward(
         self,
         image: Tensor | None,
         text: Tensor | None,
-        text_mask: Tensor | None,
-        text_bias: Tensor | None = None,
-        origin: TokenOrigin | None = None,
+        text_bias: Tensor | None,
+        origin: TokenOrigin | None,
     ) -> tuple[Tensor | None, Tensor | None, Routing | None]:
-        """``text_bias`` is ``attention_bias(text_mask)`` and ``origin`` where each routed token
-        came from (``token_origin``); the tower builds them once for all blocks."""
-        text_norm1, text_norm2 = self.text_norms()
+        """``text_bias`` is the text's ``attention_bias`` and ``origin`` where each token of
+        the MLP came from (``token_origin``; None in a tower without MoE blocks); the tower
+        builds both once for all blocks. Image patches and every text position go through the
+        MLP as one flat token set, images first: in a MoE block they compete for the same
+        experts, capacity and Batch Priority Routing. The text padding is routed too
+        (``origin.valid`` False): it takes no expert, capacity, loss or statistic, and every
+        shape is known before the call, so nothing waits on the device to count real tokens."""
+        text_norm1, text_norm2 = (
+            (self.norm1, self.norm2) if self.text_norm1 is None else
+            (self.text_norm1, self.text_norm2)
+        )  # fmt: skip
         text_attn = self.attn if self.text_attn is None else self.text_attn
-        if image is not None:
-            image = image + self.drop_path(self.attn(self.norm1(image)))
-        if text is not None:
-            if text_bias is None:
-                text_bias = attention_bias(text_mask, text.dtype)
-            text = text + self.drop_path(text_attn(text_norm1(text), attn_mask=text_bias))
-        if not self.is_moe:
-            image = None if image is None else image + self.drop_path(self.mlp(self.norm2(image)))
-            text = None if text is None else text + self.drop_path(self.mlp(text_norm2(text)))
-            return image, text, None
-        if origin is None:
-            origin = token_origin(image, text_mask if text is not None else None)
-        return self._moe_mlp(image, text, origin)
-
-    def _moe_mlp(self, image, text, origin):
-        """Route image patches and every text position together as one flat token set. The
-        text padding is routed too (``origin.valid`` False): it takes no expert, capacity, loss
-        or statistic and gets no update, and every shape is known before the call, so nothing
-        waits on the device to count the real tokens."""
         parts = []
         if image is not None:
+            image = image + self.drop_path(self.attn(self.norm1(image)))
             parts.append(self.norm2(image).flatten(0, 1))
         if text is not None:
-            parts.append(self.text_norms()[1](text).flatten(0, 1))
-        tokens = torch.cat(parts) if len(parts) == 2 else parts[0]
-        y, routing = self.mlp(tokens, *origin)
-        if self.shared_mlp is not None:
-            shared = self.shared_mlp(tokens).to(y.dtype)
-            y = y + (shared if origin.valid is None else shared * origin.valid.unsqueeze(1))
-        y_image, y_text = y.split([p.shape[0] for p in parts]) if len(parts) == 2 else (y, y)
+            text = text + self.drop_path(text_attn(text_norm1(text), attn_mask=text_bias))
+            parts.append(text_norm2(text).flatten(0, 1))
+        tokens = torch.cat(parts) if len(parts) > 1 else parts[0]
+        y, routing = self.mlp(tokens, *origin) if self.is_moe else (self.mlp(tokens), None)
+        outs = iter(y.split([p.shape[0] for p in parts]))
         if image is not None:
-            image = image + self.drop_path(y_image.view_as(image))
+            image = image + self.drop_path(next(outs).to(image.dtype).view_as(image))
         if text is not None:
-            text = text + self.drop_path(y_text.to(text.dtype).view_as(text))
+            text = text + self.drop_path(next(outs).to(text.dtype).view_as(text))
         return image, text, routing
 
 
@@ -256,12 +242,10 @@ class LIMoE(nn.Module):
         self.modality_embed = nn.Parameter(torch.zeros(2, width))
 
         drop_path = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
-        moe = dict(moe or {})
-        shape = {k: moe.pop(k) for k in BLOCK_MOE_KEYS if k in moe}
         self.blocks = nn.ModuleList(
             Block(width, num_heads, mlp_ratio, drop_path=drop_path[i],
-                  moe=dict(moe) if i in moe_layers else None,
-                  modality_norms=modality_norms, modality_attention=modality_attention, **shape)
+                  moe=dict(moe or {}) if i in moe_layers else None,
+                  modality_norms=modality_norms, modality_attention=modality_attention)
             for i in range(depth)
         )  # fmt: skip
         self.image_norm = nn.LayerNorm(width)
@@ -283,7 +267,7 @@ class LIMoE(nn.Module):
                 trunc_normal_(p, std=0.02)
         nn.init.normal_(self.token_embed.weight, std=0.02)
         for m in self.modules():
-            if isinstance(m, TopKRouter):  # keeps its own std (model.moe.router_init_std)
+            if isinstance(m, TopKRouter):  # keeps its own std (model.moe.router.init_std)
                 trunc_normal_(m.weight, std=m.init_std)
             elif isinstance(m, nn.Linear):
                 trunc_normal_(m.weight, std=0.02)
@@ -308,9 +292,10 @@ class LIMoE(nn.Module):
             )
             nn.init.normal_(fc1, std=fc_std)
             nn.init.normal_(fc2, std=proj_std)
-            if block.shared_mlp is not None:
-                nn.init.normal_(block.shared_mlp.fc1.weight, std=fc_std)
-                nn.init.normal_(block.shared_mlp.fc2.weight, std=proj_std)
+            shared = block.mlp.shared_expert if block.is_moe else None
+            if shared is not None:
+                nn.init.normal_(shared.fc1.weight, std=fc_std)
+                nn.init.normal_(shared.fc2.weight, std=proj_std)
         for proj in (self.image_proj, self.text_proj):
             nn.init.normal_(proj.weight, std=width**-0.5)
 
@@ -347,7 +332,7 @@ class LIMoE(nn.Module):
         origin = token_origin(image, text_mask) if self.moe_layers else None
         routings = []
         for block in self.blocks:
-            image, text, routing = block(image, text, text_mask, text_bias, origin)
+            image, text, routing = block(image, text, text_bias, origin)
             if routing is not None:
                 routings.append(routing)
         return image, text, routings

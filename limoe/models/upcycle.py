@@ -3,7 +3,7 @@ one-tower model of the same size. Every weight outside the MoE layers is copied;
 of a MoE layer starts as a copy of that block's dense MLP; the routers start fresh.
 
 A token's update is ``sum_k gate_k * expert_k(x)``. Upcycling needs gates that sum to 1
-(``model.moe.renormalize_gates=true``): with copied experts the update is then the dense
+(``model.moe.router.renormalize_gates=true``): with copied experts the update is then the dense
 MLP's whatever the gates are, at the start and at any router sharpness, so nothing can scale
 an expert's output past its dense MLP's. (Plain softmax gates sum to between 1/E and 1, so a
 start equal to the dense model would need experts scaled by E / k, and any gate that grew
@@ -65,10 +65,10 @@ def _in_moe_layer(name: str, moe_layers: list[int]) -> bool:
 
 def _upcycled_layer(layer, dense: Mapping[str, Tensor], prefix: str, generator) -> dict:
     if type(layer.router) is not TopKRouter:
-        raise ValueError(f"model.upcycle_from needs model.moe.router=topk (its gates are known "
+        raise ValueError(f"model.upcycle_from needs router@model.moe.router=topk (its gates are known "
                          f"at the start), got {layer.router.name!r}")  # fmt: skip
     if not layer.router.renormalize_gates:
-        raise ValueError("model.upcycle_from needs model.moe.renormalize_gates=true: gates that "
+        raise ValueError("model.upcycle_from needs model.moe.router.renormalize_gates=true: gates that "
                          "sum to 1 keep the copied experts at the dense MLP's output")  # fmt: skip
     names = [f"{prefix}{n}" for n in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")]
     missing = [n for n in names if n not in dense]

@@ -10,18 +10,20 @@ the host before the call (N * k rows; padding is routed and masked), so no step 
 device, and no step scatter-adds, so two runs are bitwise equal. ``reference`` holds GShard's one-hot einsum
 dispatch, which the sorted path must equal. Each router is a class behind one interface
 (``routing.Router``, returning a ``Routing``): top-k, expert choice (experts pick tokens),
-Soft MoE (weighted slots, ``soft``) and the modality router (``routers``).
+Soft MoE (weighted slots, ``soft``) and the modality router (``routers``). A ``MoELayer`` is
+built from a router, the ``Experts`` and the ``RouterLosses``.
 ``parallel`` spreads the experts over processes (expert parallelism, all-to-all);
 ``statistics`` turns routing records into counts, shares, entropies and expert kinds.
 """
 
 from .dispatch import MatchedGather, SortedChoices, combine, gather_tokens, sort_by_expert
 from .experts import Experts, ExpertShard
-from .layer import MoELayer, default_loss_weights
+from .layer import MoELayer
 from .losses import (
     CLASSIC_LOSSES,
     LOSS_NAMES,
     LOSS_SCOPES,
+    RouterLosses,
     compute_aux_losses,
     global_entropy_loss,
     importance_loss,
@@ -38,11 +40,12 @@ from .routers import (
     ExpertChoiceRouter,
     ModalityRouter,
     TopKRouter,
-    make_router,
 )
 from .routing import (
     MODALITY_NAMES,
     Router,
+    RouterOutput,
+    RouterScores,
     Routing,
     TokenOrigin,
     add_gating_noise,
@@ -77,11 +80,13 @@ __all__ = [
     "ExpertChoiceRouter",
     "ModalityRouter",
     "Router",
+    "RouterLosses",
+    "RouterOutput",
+    "RouterScores",
     "Routing",
     "SoftMixing",
     "TokenOrigin",
     "TopKRouter",
-    "make_router",
     "soft_apply",
     "soft_weights",
     "add_gating_noise",
@@ -91,7 +96,6 @@ __all__ = [
     "compute_capacity",
     "choice_totals",
     "concat_routings",
-    "default_loss_weights",
     "dropped_share",
     "SoftRouter",
     "expert_counts",

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-from .routing import one_hot, top_choices
+from .routing import MODALITY_NAMES, RouterScores, one_hot, top_choices
 
 LOSS_NAMES = ("importance", "load", "vmoe_load", "z_loss", "local_entropy", "global_entropy")
 CLASSIC_LOSSES = ("importance", "load", "vmoe_load", "z_loss")
@@ -123,21 +123,6 @@ def global_entropy_loss(probs: Tensor, min_experts: float, weight: Tensor | None
     return torch.where(weight.any(), loss, 0.0)
 
 
-class RouterScores(NamedTuple):
-    """What the losses read of one routing: ``logits`` and ``probs`` [N, E] as routed (noisy
-    while training), ``clean_logits`` before the noise, the k choices ``expert_index``
-    [N, k] and the noise's std (0 without noise). A router without per-expert logits (Soft
-    MoE's probabilities are shares of each token's output) gives None for both logits: its
-    importance loss reads ``probs``, and the z-loss and V-MoE load loss, defined on logits,
-    are 0."""
-
-    logits: Tensor | None
-    probs: Tensor
-    clean_logits: Tensor | None
-    expert_index: Tensor
-    noise_std: float = 0.0
-
-
 def classic_losses(scores: RouterScores, weight: Tensor | None = None) -> dict[str, Tensor]:
     """The balancing losses of one token group (``weight``, see ``group_mean``), keyed by
     ``CLASSIC_LOSSES``."""
@@ -228,3 +213,85 @@ def weighted_sum(aux_losses: Mapping[str, Tensor], weights: Mapping[str, float])
         if weight != 0:  # skip, so a zero-weighted loss adds no graph and no NaN risk
             total = total + weight * value
     return total
+
+
+@dataclass(frozen=True)
+class RouterLosses:
+    """The auxiliary losses of a MoE layer and their weights: the config's
+    ``model.moe.losses`` node. A weight >= 0; 0 switches a loss off.
+
+    ``importance_weight``, ``load_weight`` and ``vmoe_load_weight`` may be None: the router's
+    ``balance_weight`` then applies to V-MoE's importance and load losses and 0 to Switch's
+    load loss (``for_router``). ``scope`` is the group the classic losses balance: ``all``
+    routed tokens (V-MoE, the LIMoE paper) or each ``modality`` alone; LIMoE's entropy losses
+    are always per modality, the global one with S = ``global_entropy_min_experts`` (one
+    number, or one per modality of ``modality_names``).
+    """
+
+    importance_weight: float | None = None
+    load_weight: float | None = None
+    vmoe_load_weight: float | None = None
+    z_loss_weight: float = 0.0
+    local_entropy_weight: float = 0.01
+    global_entropy_weight: float = 0.01
+    global_entropy_min_experts: float | Sequence[float] = (2.0, 2.0)
+    scope: str = "all"
+    modality_names: Sequence[str] = MODALITY_NAMES
+
+    def __post_init__(self) -> None:
+        if self.scope not in LOSS_SCOPES:
+            raise ValueError(f"model.moe.losses.scope must be one of {LOSS_SCOPES}, got "
+                             f"{self.scope!r}")  # fmt: skip
+        for name in LOSS_NAMES:
+            weight = getattr(self, f"{name}_weight")
+            if weight is not None and (isinstance(weight, bool) or not weight >= 0):
+                raise ValueError(f"model.moe.losses.{name}_weight must be >= 0, got {weight!r}")
+        object.__setattr__(self, "modality_names", tuple(self.modality_names))
+        object.__setattr__(self, "global_entropy_min_experts", self.min_experts)
+
+    @property
+    def min_experts(self) -> tuple[float, ...]:
+        """S per modality id: a scalar applies to all; a sequence has one entry per modality."""
+        given = self.global_entropy_min_experts
+        values = (float(given),) if isinstance(given, int | float) else tuple(given)
+        if len(values) not in (1, len(self.modality_names)) or any(s <= 0 for s in values):
+            raise ValueError(
+                f"model.moe.losses.global_entropy_min_experts must be a number > 0 or one per "
+                f"modality {self.modality_names}, got {given}"
+            )
+        return values
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Each loss's weight by ``LOSS_NAMES`` (None where the router's default applies)."""
+        return {name: getattr(self, f"{name}_weight") for name in LOSS_NAMES}
+
+    def for_router(self, balance_weight: float) -> RouterLosses:
+        """These losses with the unset balancing weights filled in: ``balance_weight`` (the
+        router's) for V-MoE's importance and load losses, 0 for Switch's load loss."""
+        unset = {"importance": balance_weight, "load": 0.0, "vmoe_load": balance_weight}
+        filled = {f"{n}_weight": w for n, w in unset.items() if self.weights[n] is None}
+        return replace(self, **filled)
+
+    def check(self, num_experts: int) -> None:
+        """With the global entropy loss on, S <= 1 never fires (log S <= 0 <= H) and
+        S > num_experts can never be met (H <= log E): either is a config mistake."""
+        if self.global_entropy_weight > 0 and any(
+            not 1 < s <= num_experts for s in self.min_experts
+        ):
+            raise ValueError(
+                f"model.moe.losses.global_entropy_min_experts must be in (1, num_experts="
+                f"{num_experts}] while global_entropy_weight > 0, got {list(self.min_experts)}"
+            )
+
+    def __call__(
+        self, scores: RouterScores, modality: Tensor | None, valid: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """The raw losses of one routing (``router_losses``), keyed ``<loss>[/<modality>]``."""
+        return router_losses(
+            scores, modality, self.modality_names, self.min_experts, self.scope, valid
+        )
+
+    def total(self, aux_losses: Mapping[str, Tensor]) -> Tensor:
+        """The weighted sum the trainer adds to its loss (``weighted_sum``)."""
+        return weighted_sum(aux_losses, self.weights)

@@ -1,6 +1,7 @@
 """The routers, one class each behind ``Router``'s interface: top-k (LIMoE, V-MoE), expert
 choice (Zhou et al., 2022), Soft MoE (``soft.SoftRouter``) and the modality router (the
-multiway MLP of VLMo and BEiT-3). ``make_router`` turns the config's name into one; nothing
+multiway MLP of VLMo and BEiT-3). Each is made as ``Router(dim, num_experts, **options)``: the
+config's ``model.moe.router`` node (``conf/router/``) names the class and its options. Nothing
 outside this module switches on a router's name.
 """
 
@@ -13,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .losses import RouterScores
 from .routing import (
     Router,
-    Routing,
+    RouterOutput,
+    RouterScores,
     add_gating_noise,
     assign_slots,
     capacity_of_real,
@@ -58,6 +59,8 @@ class TopKRouter(Router):
         init_std: float | None = None,
     ) -> None:
         super().__init__(num_experts)
+        _check_int("top_k", top_k, 1, num_experts)
+        _check_int("capacity_multiple", capacity_multiple, 1)
         self.top_k = top_k
         self.batch_priority = batch_priority
         self.renormalize_gates = renormalize_gates
@@ -108,7 +111,7 @@ class TopKRouter(Router):
     def forward(
         self, x: Tensor, modality: Tensor | None, sequence: Tensor | None,
         capacity_factor: float | None, valid: Tensor | None = None,
-    ) -> Routing:  # fmt: skip
+    ) -> RouterOutput:  # fmt: skip
         logits, clean, noise_std = self.noisy_logits(x)
         capacity = self.capacity_of(x.shape[0], capacity_factor)
         probs, gates, expert_index = route(logits, self.top_k, self.renormalize_gates)
@@ -126,10 +129,9 @@ class TopKRouter(Router):
                 expert_index, self.num_experts, capacity if limit is None else limit, priority,
                 valid,
             )  # fmt: skip
-        return Routing(
+        return RouterOutput(
             expert_index=expert_index, gates=gates, dropped=dropped, probs=probs,
-            capacity=capacity, limit=limit, router=self.name,
-            slot=slot,
+            capacity=capacity, limit=limit, slot=slot,
             scores=RouterScores(logits, probs, clean, expert_index, noise_std),
         )  # fmt: skip
 
@@ -142,20 +144,21 @@ class ExpertChoiceRouter(TopKRouter):
     name = "expert_choice"
     balance_weight = 0.0
     capacity = "required"
+    experts_choose = True
 
     def forward(
         self, x: Tensor, modality: Tensor | None, sequence: Tensor | None,
         capacity_factor: float | None, valid: Tensor | None = None,
-    ) -> Routing:  # fmt: skip
+    ) -> RouterOutput:  # fmt: skip
         logits, clean, noise_std = self.noisy_logits(x)
         capacity = self.capacity_of(x.shape[0], capacity_factor)
         probs = torch.softmax(logits, dim=-1)
         limit = self.limit_of(valid, capacity_factor)
         expert_index, gates, slot, dropped = expert_choice(probs, capacity, valid, limit)
-        return Routing(
+        return RouterOutput(
             expert_index=expert_index, gates=gates, dropped=dropped, probs=probs,
-            capacity=capacity, limit=limit, router=self.name, experts_choose=True,
-            slot=slot, scores=RouterScores(logits, probs, clean, expert_index, noise_std),
+            capacity=capacity, limit=limit, slot=slot,
+            scores=RouterScores(logits, probs, clean, expert_index, noise_std),
         )  # fmt: skip
 
 
@@ -166,31 +169,31 @@ class ModalityRouter(Router):
     name = "modality"
     capacity = "none"
 
-    def check(
-        self, top_k: int, capacity_factor: float | None, modality_names: Sequence[str]
-    ) -> None:
-        super().check(top_k, capacity_factor, modality_names)
-        if self.num_experts != len(modality_names) or top_k != 1:
+    def __init__(self, dim: int, num_experts: int) -> None:
+        super().__init__(num_experts)  # ``dim``: every router is made alike; this one reads none
+
+    def check(self, capacity_factor: float | None, modality_names: Sequence[str]) -> None:
+        super().check(capacity_factor, modality_names)
+        if self.num_experts != len(modality_names):
             raise ValueError(
-                f"router='modality' sends each token to its modality's expert: num_experts "
-                f"must be {len(modality_names)} (one per modality {tuple(modality_names)}) and "
-                f"top_k 1, got num_experts={self.num_experts}, top_k={top_k}"
+                f"router=modality sends each token to its modality's expert: num_experts "
+                f"must be {len(modality_names)} (one per modality {tuple(modality_names)}), "
+                f"got {self.num_experts}"
             )
 
     def forward(
         self, x: Tensor, modality: Tensor | None, sequence: Tensor | None,
         capacity_factor: float | None, valid: Tensor | None = None,
-    ) -> Routing:  # fmt: skip
+    ) -> RouterOutput:  # fmt: skip
         if modality is None:
             raise ValueError("router='modality' needs each token's modality id")
         expert_index = modality.long().unsqueeze(1)
-        return Routing(
+        return RouterOutput(
             expert_index=expert_index,
             gates=torch.ones(expert_index.shape, dtype=torch.float32, device=x.device),
             dropped=torch.zeros_like(expert_index, dtype=torch.bool),
             probs=one_hot(modality.long(), self.num_experts),
-            router=self.name,
-        )  # fmt: skip
+        )
 
 
 ROUTERS: dict[str, type[Router]] = {
@@ -198,16 +201,10 @@ ROUTERS: dict[str, type[Router]] = {
 }
 
 
-def make_router(
-    name: str, dim: int, num_experts: int, slots_per_expert: int = 1, **topk_options
-) -> Router:
-    """The router a config names (``ROUTERS``): top-k and expert choice take
-    ``topk_options`` (``TopKRouter``'s keywords), Soft MoE ``slots_per_expert``."""
-    if name not in ROUTERS:
-        raise ValueError(f"router must be one of {tuple(ROUTERS)}, got {name!r}")
-    cls = ROUTERS[name]
-    if issubclass(cls, TopKRouter):
-        return cls(dim, num_experts, **topk_options)
-    if cls is SoftRouter:
-        return SoftRouter(dim, num_experts, slots_per_expert)
-    return cls(num_experts)
+def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    """One line naming the router option, for a value that is not an integer in range."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"model.moe.router.{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        span = f"in [{low}, num_experts={high}]" if high is not None else f">= {low}"
+        raise ValueError(f"model.moe.router.{name} must be {span}, got {value}")

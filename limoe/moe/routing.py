@@ -10,13 +10,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
-
-if TYPE_CHECKING:
-    from .losses import RouterScores
 
 # The modalities LIMoE routes together, in the order of their ids (image 0, text 1).
 MODALITY_NAMES: tuple[str, ...] = ("image", "text")
@@ -31,22 +28,52 @@ class TokenOrigin(NamedTuple):
     valid: Tensor | None = None  # [N] bool: a real token, not text padding (None: all real)
 
 
+class RouterScores(NamedTuple):
+    """What the auxiliary losses read of one routing: ``logits`` and ``probs`` [N, E] as routed
+    (noisy while training), ``clean_logits`` before the noise, the k choices ``expert_index``
+    [N, k] and the noise's std (0 without noise). A router without per-expert logits (Soft
+    MoE's probabilities are shares of each token's output) gives None for both logits: its
+    importance loss reads ``probs``, and the z-loss and V-MoE load loss, defined on logits,
+    are 0."""
+
+    logits: Tensor | None
+    probs: Tensor
+    clean_logits: Tensor | None
+    expert_index: Tensor
+    noise_std: float = 0.0
+
+
+class RouterOutput(NamedTuple):
+    """What a router decided for one call: the working state the layer runs the experts on.
+    ``gates`` are the combine weights (raw softmax probabilities of the chosen experts, or
+    those renormalised over the top-k); a dropped choice keeps its gate but adds nothing."""
+
+    expert_index: Tensor  # [N, k] long, choice 0 = top-1
+    gates: Tensor  # [N, k] float32
+    dropped: Tensor  # [N, k] bool: past its expert's capacity (or not picked by it)
+    probs: Tensor  # [N, E] float32 router softmax (after noise when noisy gating was on)
+    capacity: int | None = None  # per-expert capacity (the buffer's size); None: dropless
+    # 0-d tensor: the capacity of the real tokens where padding is routed too (the drop
+    # threshold; ``capacity`` then sizes the buffer). None: ``capacity`` is the threshold.
+    limit: Tensor | None = None
+    slot: Tensor | None = None  # [N, k] each choice's slot in its expert's buffer (None: dropless)
+    scores: RouterScores | None = None  # what the auxiliary losses read; None: no losses
+    mixing: object | None = None  # Soft MoE's dispatch and combine weights (``soft``)
+
+
 @dataclass
 class Routing:
-    """What the router decided for one MoE layer call; the trainer logs and sums it.
-
-    ``gates`` are the combine weights actually used (raw softmax probabilities of
-    the chosen experts, or those renormalised over the top-k); dropped choices
-    keep their gate here but contribute nothing to the output. ``sequence`` and
-    ``position`` say where each token came from (``TokenOrigin``), so an analysis reads a
-    token's pair and patch off the record instead of re-deriving the tower's token order.
-    """
+    """The record of one MoE layer call, for the trainer (``aux_loss``), the logs and the
+    analyses: what each token chose, where it came from (``sequence``, ``position``: see
+    ``TokenOrigin``, so an analysis reads a token's pair and patch off the record instead of
+    re-deriving the tower's token order) and the raw auxiliary losses. ``MoELayer`` makes it
+    once per call from the router's ``RouterOutput``."""
 
     expert_index: Tensor  # [N, k] long, choice 0 = top-1
     gates: Tensor  # [N, k] float32
     dropped: Tensor  # [N, k] bool, True where the choice exceeded its expert's capacity
     probs: Tensor  # [N, E] float32 router softmax (after noise when noisy gating was on)
-    modality: Tensor | None = None  # [N] long (the layer fills it in), or None
+    modality: Tensor | None = None  # [N] long, or None
     capacity: int | None = None  # per-expert capacity (the buffer's size); None = dropless
     aux_losses: dict[str, Tensor] = field(default_factory=dict)  # raw: "<loss>/<modality>"
     aux_loss: Tensor | None = None  # scalar: weighted sum of aux_losses (the trainer adds it)
@@ -59,18 +86,11 @@ class Routing:
     # [N] bool: the real tokens; the others (text padding, routed to keep shapes fixed) are
     # dropped and left out of losses and statistics. None: every token is real.
     valid: Tensor | None = None
-    # 0-d tensor: the capacity of the real tokens where padding is routed too (the drop
-    # threshold; ``capacity`` then sizes the buffer). None: ``capacity`` is the threshold.
-    limit: Tensor | None = None
-    # Working state of the call, not kept in stored records (``Routing.record``):
-    slot: Tensor | None = None  # [N, k] each choice's slot in its expert's buffer
-    scores: RouterScores | None = None  # what the auxiliary losses read; None: no losses
-    mixing: object | None = None  # Soft MoE's dispatch and combine weights (``soft``)
+    limit: Tensor | None = None  # see RouterOutput
 
     def record(self, device: torch.device | str = "cpu", sequence_offset: int = 0) -> Routing:
-        """A detached copy to keep (on ``device``) of the real tokens only (``real``), without
-        the call's working state; the sequence ids shifted by ``sequence_offset`` (records of
-        several batches)."""
+        """A detached copy to keep (on ``device``) of the real tokens only (``real``); the
+        sequence ids shifted by ``sequence_offset`` (records of several batches)."""
 
         def move(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.detach().to(device)
@@ -88,9 +108,6 @@ class Routing:
             aux_loss=move(routing.aux_loss),
             sequence=move(sequence),
             position=move(routing.position),
-            slot=None,
-            scores=None,
-            mixing=None,
         )
 
     def real(self) -> Routing:
@@ -106,9 +123,9 @@ class Routing:
         return replace(
             self, expert_index=pick(self.expert_index), gates=pick(self.gates),
             dropped=pick(self.dropped), probs=pick(self.probs), modality=pick(self.modality),
-            sequence=pick(self.sequence), position=pick(self.position), slot=pick(self.slot),
+            sequence=pick(self.sequence), position=pick(self.position),
             capacity=self.capacity if self.limit is None else int(self.limit), limit=None,
-            valid=None, scores=None, mixing=None,
+            valid=None,
         )  # fmt: skip
 
 
@@ -120,29 +137,36 @@ def one_hot(index: Tensor, num_classes: int, dtype: torch.dtype = torch.float32)
 
 
 class Router(nn.Module):
-    """What every router is: ``router(x [N, dim], modality, sequence, capacity_factor,
-    valid)`` returns the ``Routing`` of the N tokens (``valid``: the real ones, None: all) (choices, gates, drops, and the scores the
-    auxiliary losses read). ``MoELayer`` runs the experts on it and adds the losses.
+    """What every router is: made as ``Router(dim, num_experts, **options)`` (the config's
+    ``model.moe.router`` node), called as ``router(x [N, dim], modality, sequence,
+    capacity_factor, valid)`` it returns the ``RouterOutput`` of the N tokens (``valid``: the
+    real ones, None: all): choices, gates, drops, and the scores the auxiliary losses read.
+    ``MoELayer`` runs the experts on it and adds the losses.
 
     Class attributes say what a layer needs to know about a router, so no code outside this
     module asks for a router by name: ``balance_weight`` is the classic balancing losses'
     weight where none is given; ``capacity`` is ``"optional"`` (a factor, or dropless),
     ``"required"`` (expert choice), ``"none"`` (dropless only) or ``"ignored"`` (Soft MoE
-    has no drops); ``shards`` says whether expert parallelism can serve it.
+    has no drops); ``shards`` says whether expert parallelism can serve it; ``mixes`` that its
+    experts run on weighted slots (Soft MoE), not on chosen tokens; ``experts_choose`` that
+    experts pick tokens (a token's choices are requests, see ``Routing``).
     """
 
     name: ClassVar[str] = ""
     balance_weight: ClassVar[float] = 0.0
     capacity: ClassVar[str] = "optional"
     shards: ClassVar[bool] = False
+    mixes: ClassVar[bool] = False
+    experts_choose: ClassVar[bool] = False
+    top_k: int = 1  # experts per token (a top-k router's own; it sizes expert choice's capacity)
 
     def __init__(self, num_experts: int) -> None:
         super().__init__()
+        if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
+            raise ValueError(f"model.moe.num_experts must be an integer >= 1, got {num_experts!r}")
         self.num_experts = num_experts
 
-    def check(
-        self, top_k: int, capacity_factor: float | None, modality_names: Sequence[str]
-    ) -> None:
+    def check(self, capacity_factor: float | None, modality_names: Sequence[str]) -> None:
         """Raise a one-line ValueError where the layer's options do not fit this router."""
         if self.capacity == "required" and capacity_factor is None:
             raise ValueError(

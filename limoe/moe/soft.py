@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .experts import Experts
-from .losses import RouterScores
-from .routing import Router, Routing
+from .routing import Router, RouterOutput, RouterScores
 
 
 class SoftRouter(Router):
@@ -38,11 +37,17 @@ class SoftRouter(Router):
 
     name = "soft"
     capacity = "ignored"
+    mixes = True
 
     def __init__(
         self, dim: int, num_experts: int, slots_per_expert: int = 1, eps: float = 1e-6
     ) -> None:
         super().__init__(num_experts)
+        if not isinstance(slots_per_expert, int) or slots_per_expert < 1:
+            raise ValueError(
+                f"model.moe.router.slots_per_expert must be an integer >= 1, got "
+                f"{slots_per_expert!r}"
+            )
         self.slots_per_expert = slots_per_expert
         self.weight = nn.Parameter(torch.empty(num_experts * slots_per_expert, dim))
         self.scale = nn.Parameter(torch.ones(()))
@@ -63,7 +68,7 @@ class SoftRouter(Router):
     def forward(
         self, x: Tensor, modality: Tensor | None, sequence: Tensor | None,
         capacity_factor: float | None, valid: Tensor | None = None,
-    ) -> Routing:  # fmt: skip
+    ) -> RouterOutput:  # fmt: skip
         group = sequence
         if sequence is not None and modality is not None:  # an image and its caption differ
             group = modality * x.shape[0] + sequence  # sequence < N: no two keys collide
@@ -73,11 +78,10 @@ class SoftRouter(Router):
         mixing = soft_weights(logits, group, self.slots_per_expert)
         probs = mixing.expert_probs()
         gates, expert_index = probs.max(dim=-1, keepdim=True)
-        return Routing(
+        return RouterOutput(
             expert_index=expert_index, gates=gates,
             dropped=torch.zeros_like(expert_index, dtype=torch.bool), probs=probs,
-            router=self.name, mixing=mixing,
-            scores=RouterScores(None, probs, None, expert_index),
+            mixing=mixing, scores=RouterScores(None, probs, None, expert_index),
         )  # fmt: skip
 
 

@@ -46,10 +46,22 @@ def read_checkpoint(path: str | Path, key: str = "ckpt") -> dict:
     return ckpt
 
 
+# Weights that moved inside the model since earlier versions wrote checkpoints: the part of a
+# key that changed, then and now (a block's shared expert is part of its MoE layer now).
+MOVED_WEIGHTS = {".shared_mlp.": ".mlp.shared_expert."}
+
+
 def model_weights(ckpt: Mapping) -> dict:
-    """The model's state dict from a checkpoint's (``ContrastiveModule`` keeps it as ``model``)."""
+    """The model's state dict from a checkpoint's (``ContrastiveModule`` keeps it as ``model``),
+    with the keys of weights that moved (``MOVED_WEIGHTS``) as the model has them now."""
     prefix = "model."
-    return {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    weights = {}
+    for key, value in ckpt["state_dict"].items():
+        if key.startswith(prefix):
+            for then, now in MOVED_WEIGHTS.items():
+                key = key.replace(then, now)
+            weights[key[len(prefix) :]] = value
+    return weights
 
 
 def check_fits(ckpt: Mapping, module: nn.Module, model: Mapping, key: str = "ckpt") -> None:

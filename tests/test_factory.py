@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 import limoe
 from limoe import cli
+from limoe.checkpoint import model_weights
 from limoe.data.preprocess import Preprocess
 from limoe.factory import export_model
 from limoe.lit import ContrastiveModule
@@ -185,4 +186,17 @@ def test_a_stored_config_of_flat_moe_keys_builds_the_model_of_todays_config(tmp_
     assert layer.losses.weights["importance"] == 0.3
     assert layer.losses.min_experts == (2.0, 3.0)
     for (name, a), (_, b) in zip(stored.state_dict().items(), today.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_a_checkpoint_from_before_the_shared_expert_moved_loads(tmp_path):
+    """Earlier versions kept a block's shared expert beside its MoE layer (``shared_mlp``);
+    their weights load into the layer's ``shared_expert``."""
+    cfg = plain(compose(["experiment=smoke", "model.moe.shared_expert_ratio=1.0"], tmp_path).model)
+    model = build_model(cfg)
+    then = {f"model.{k}".replace(".mlp.shared_expert.", ".shared_mlp."): v
+            for k, v in model.state_dict().items()}  # fmt: skip
+    assert "model.blocks.0.shared_mlp.fc1.weight" in then
+    fresh = build_model(cfg, model_weights({"state_dict": then}))
+    for (name, a), (_, b) in zip(fresh.state_dict().items(), model.state_dict().items()):
         assert torch.equal(a, b), name

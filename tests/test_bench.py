@@ -331,7 +331,8 @@ def test_gpu_layer_rows_compiled_are_timed_against_the_compiled_dense_mlp():
 def test_cost_suite_counts_one_full_pair_and_the_ratio_to_its_baseline(tmp_path):
     from limoe.bench.cost import full_caption
     from limoe.bench.gpu import synthetic_pairs
-    from limoe.models import create_model, model_cost
+    from limoe.factory import create_model
+    from limoe.models import model_cost
 
     against = ["~cost.against", "+cost.against={limoe: clip, dense: clip}",
                "cost.overrides=['experiment=smoke']"]  # fmt: skip

@@ -31,16 +31,15 @@ from limoe.analysis.compare import (
     summarise,
 )
 from limoe.analysis.compare import main as compare_main
+from limoe.factory import build_model, create_model
 from limoe.lit.callbacks import read_history, routing_metrics
 from limoe.models import (
     LIMoE,
     build_clip,
     build_open_clip,
-    create_model,
     model_cost,
     parameter_counts,
 )
-from limoe.models.build import build_model
 from limoe.models.cost import count_flops, flops_per_pair
 from limoe.moe import TopKRouter
 from limoe.runs import write_metrics

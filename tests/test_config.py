@@ -11,8 +11,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from limoe.data import ImageTextDataModule, ScenesDataModule, ShapesDataModule
+from limoe.factory import create_model
 from limoe.lit import RoutingHistory
-from limoe.models import LIMoE, build_clip, create_model
+from limoe.models import LIMoE, build_clip
 from limoe.models.limoe import Block, moe_mlp
 from limoe.moe import (
     ExpertChoiceRouter,
@@ -58,7 +59,7 @@ BUILT = [
     (ImageTextDataModule, "data", ["data=csv"], set()),
     (RoutingHistory, "callbacks.routing_history", [], {"dirpath"}),
 ]  # fmt: skip
-# upcycle_from and compile: read by the builders (limoe.models.build), never passed to the model.
+# upcycle_from and compile: read by the builders (limoe.factory), never passed to the model.
 NOT_ARGUMENTS = {"_target_", "_convert_", "_partial_", "upcycle_from", "compile"}
 
 

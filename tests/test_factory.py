@@ -20,9 +20,8 @@ import limoe
 from limoe import cli
 from limoe.checkpoint import model_weights
 from limoe.data.preprocess import Preprocess
-from limoe.factory import export_model
+from limoe.factory import build_model, export_model
 from limoe.lit import ContrastiveModule
-from limoe.models.build import build_model
 from limoe.train import build_datamodule, compose, plain, train
 
 RUN = ["experiment=smoke", "data.train_size=64", "data.batch_size=16", "trainer.max_steps=2",

@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from limoe.models import create_model
+from limoe.factory import create_model
 from limoe.models.limoe import moe_mlp
 from limoe.train import build_datamodule, build_module, build_trainer, compose, plain
 

@@ -21,8 +21,8 @@ from torch import Tensor
 
 from limoe.eval import Evaluation
 from limoe.eval.plan import EvalPlan
+from limoe.factory import build_model
 from limoe.lit.parallel import ExpertParallel, grad_norm
-from limoe.models.build import build_model
 from limoe.models.upcycle import pop_upcycle
 from limoe.moe.statistics import routing_stats
 

@@ -1,9 +1,8 @@
 """Models: the one-tower LIMoE encoder (dense when it has no MoE blocks), the open_clip CLIP
-arm, what each costs (parameters, FLOPs) and the factory that builds them by name."""
+arm and what each costs (parameters, FLOPs). ``limoe.factory`` builds them from their configs."""
 
 from limoe.models.clip import build_clip, build_open_clip
 from limoe.models.cost import model_cost, parameter_counts
-from limoe.models.factory import create_model
 from limoe.models.limoe import LIMoE, text_padding_mask
 from limoe.models.upcycle import upcycle
 
@@ -11,7 +10,6 @@ __all__ = [
     "LIMoE",
     "build_clip",
     "build_open_clip",
-    "create_model",
     "model_cost",
     "parameter_counts",
     "text_padding_mask",

@@ -46,10 +46,9 @@ def build_clip(
     """Build ``open_clip.model.CLIP`` with both towers ``depth`` blocks of ``width``.
 
     open_clip's text tower has no mean pooling: the arm pools the end-of-text token
-    (``argmax`` of the token ids) behind a causal mask, as CLIP does.
+    (``argmax`` of the token ids) behind a causal mask, as CLIP does. The tower's shape is
+    checked by the factory (``check_tower``) before this runs.
     """
-    if width % num_heads:
-        raise ValueError(f"model.width={width} is not a multiple of model.num_heads={num_heads}")
     vision_cfg = {
         "image_size": image_size,
         "patch_size": patch_size,

@@ -153,7 +153,7 @@ def _hidden_width(dim: int, ratio: float, key: str) -> int:
 
 
 def token_origin(image: Tensor | None, text_mask: Tensor | None) -> TokenOrigin:
-    """Where each token an MoE block routes came from, in the order ``Block._moe_mlp``
+    """Where each token an MoE block routes came from, in the order ``Block.forward``
     concatenates them: every image's patches (pair-major, patch order), then every text
     position (pair-major, position order), with ``valid`` False at the text padding (None
     without text: every token is real). The sequence is the pair's index in the batch. Built

@@ -21,21 +21,20 @@ from PIL import Image
 from torchvision import transforms
 
 from limoe.data import ImageTextDataModule, pairs
-from limoe.data.csv import read_csv
+from limoe.data.csv import CsvSource, read_csv
 from limoe.data.export import main as limoe_data
 from limoe.data.imagefolder import DEFAULT_TEMPLATES, classname, imagefolder_task
-from limoe.data.pairs import (
-    PairDataset,
+from limoe.data.images import open_image, to_rgb
+from limoe.data.pairs import PairDataset
+from limoe.data.shapes import render, sample_attributes
+from limoe.data.skips import SkipCounts
+from limoe.data.transforms import (
     RandomResizedCrop,
     build_transform,
     normalize_images,
-    open_image,
     split_normalize,
-    to_rgb,
 )
-from limoe.data.shapes import render, sample_attributes
-from limoe.data.skips import SkipCounts
-from limoe.data.webdataset import ShardStream, expand_urls, index_shards
+from limoe.data.webdataset import ShardSource, ShardStream, expand_urls, index_shards
 from limoe.lit import ContrastiveModule
 from limoe.train import compose, train
 
@@ -429,12 +428,14 @@ def test_imagefolder_test_loader_marks_the_broken_image_invalid(folder):
 def test_data_configs_compose_and_instantiate(csv_dir, shards):
     cfg = compose(["data=csv", f"data.train_data={csv_dir / 'pairs.csv'}"])
     dm = instantiate(cfg.data)
-    assert isinstance(dm, ImageTextDataModule) and dm.kinds == {"train": "csv"}
+    assert isinstance(dm, ImageTextDataModule)
+    assert dm.sources == {"train": CsvSource(str(csv_dir / "pairs.csv"))}
     assert cfg.model.image_size == cfg.data.image_size
     pattern = str(shards / "{000000..000001}.tar")
     cfg = compose(["data=webdataset", f"data.train_data='{pattern}'"])
     dm = instantiate(cfg.data)
-    assert dm.kinds == {"train": "webdataset"} and dm.train_num_samples == 256000
+    assert dm.sources == {"train": ShardSource(pattern)} and dm.train_num_samples == 256000
+    assert dm.sources["train"].urls == [str(shards / f"00000{i}.tar") for i in (0, 1)]
     with pytest.raises(ValueError, match="cannot tell its format"):
         ImageTextDataModule(train_data="pairs.parquet")
     with pytest.raises(ValueError, match="train_num_samples must be set"):

@@ -4,10 +4,30 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from limoe.data.pairs import keep_readable
+from limoe.data.images import keep_readable
 from limoe.data.skips import SkipCounts
+
+
+@dataclass(frozen=True)
+class CsvSource:
+    """A split in open_clip's CSV format (``read_csv``): map-style rows, which training
+    shuffles per epoch."""
+
+    path: str
+    img_key: str = "filepath"
+    caption_key: str = "title"
+    separator: str = "\t"
+    streams: ClassVar[bool] = False  # training reads the rows, it streams nothing
+
+    def items(self, counts: SkipCounts, check_images: bool = True) -> list[tuple[str, str]]:
+        """The usable ``(image path, caption)`` rows, the others counted in ``counts``."""
+        return read_csv(
+            self.path, self.img_key, self.caption_key, self.separator, counts, check_images
+        )
 
 
 def read_csv(

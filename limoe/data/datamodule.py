@@ -21,9 +21,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from limoe.data.imagefolder import imagefolder_eval_set
 from limoe.data.loading import ResumableLoader, ResumableSampler, WorkerPolicy
-from limoe.data.pairs import build_transform
 from limoe.data.preprocess import Preprocess
 from limoe.data.skips import SkipCounts
+from limoe.data.transforms import build_transform
 from limoe.eval.plan import EvalPlan, EvalSet, check_stage
 
 

@@ -22,8 +22,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from limoe.data.csv import read_csv
+from limoe.data.images import IMAGE_EXTENSIONS
 from limoe.data.openclipart import prepare_openclipart
-from limoe.data.pairs import IMAGE_EXTENSIONS
 from limoe.data.shapes import ATTRIBUTE_VALUES, SPLITS, export_csv, rendered_samples
 from limoe.data.tabler import prepare_tabler
 from limoe.data.webdataset import encode_image, write_shards

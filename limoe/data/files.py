@@ -9,20 +9,14 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch.utils.data import DataLoader
 
-from limoe.data.csv import read_csv
+from limoe.data.csv import CsvSource
 from limoe.data.datamodule import PairDataModule, _check_positive
+from limoe.data.images import WHITE
 from limoe.data.loading import ResumableLoader
-from limoe.data.pairs import (
-    WHITE,
-    IndexedSamples,
-    PairDataset,
-    build_transform,
-    normalize_images,
-    split_normalize,
-)
+from limoe.data.pairs import IndexedSamples, PairDataset
 from limoe.data.preprocess import Preprocess
-from limoe.data.skips import SkipCounts
-from limoe.data.webdataset import ShardStream, check_tars, expand_urls, index_shards
+from limoe.data.transforms import build_transform, normalize_images, split_normalize
+from limoe.data.webdataset import ShardSource, ShardStream
 from limoe.eval.plan import EvalSet
 
 
@@ -85,14 +79,14 @@ class ImageTextDataModule(PairDataModule):
             if not path:
                 raise ValueError(f"data.extra_test.{name} needs a path (a .csv or .tar)")
             self.paths[f"test_{name}"] = path
-        self.kinds = {
-            split: _data_kind(path, dataset_type, split)
+        csv_keys = (csv_img_key, csv_caption_key, csv_separator)
+        self.sources = {
+            split: _source(path, dataset_type, split, csv_keys)
             for split, path in self.paths.items()
             if path
         }
-        if self.kinds.get("train") == "webdataset" and not train_num_samples:
+        if self._streams_training and not train_num_samples:
             raise ValueError("data.train_num_samples must be set to stream WebDataset shards")
-        self.csv_keys = (csv_img_key, csv_caption_key, csv_separator)
         self.train_num_samples = train_num_samples
         self.shuffle_buffer = shuffle_buffer
         self.batch_size = batch_size
@@ -115,10 +109,7 @@ class ImageTextDataModule(PairDataModule):
         """The usable rows of a split; stops when too few are usable."""
         path = self.paths[split]
         counts = self._counts(split, f"{_data_key(split)}={path}")
-        if self.kinds[split] == "csv":
-            items = read_csv(path, *self.csv_keys, counts=counts, check_images=self.check_images)
-        else:
-            items = index_shards(expand_urls(path), counts, self.check_images)
+        items = self.sources[split].items(counts, self.check_images)
         counts.check(self.max_skipped_fraction)
         return items
 
@@ -128,7 +119,7 @@ class ImageTextDataModule(PairDataModule):
             raise ValueError(f"unknown split {split!r}; expected one of {tuple(self.paths)}")
         if not self.paths[split]:
             raise ValueError(f"{_data_key(split)} is not set")
-        if split == "train" and self.kinds[split] == "webdataset":
+        if split == "train" and self._streams_training:
             raise ValueError("training shards are streamed: there is no map-style train split")
         if split not in self._datasets:
             self._datasets[split] = PairDataset(
@@ -157,23 +148,20 @@ class ImageTextDataModule(PairDataModule):
                 raise ValueError("nothing to test on: set data.test_data or "
                                  "+data.zeroshot.NAME.root (or test=false)")  # fmt: skip
             self.setup(stage)
-            if stage == "fit" and self.kinds["train"] == "webdataset":
-                self._check_train_shards()
+            if stage == "fit" and self._streams_training:
+                train = self.sources["train"]
+                train.check_stream("data.train_data", self.max_skipped_fraction, self.check_images)
         super().check(stages)
 
-    def _check_train_shards(self) -> None:
-        """Streamed shards are not read up front: each must be a tar, and the first must
-        hold usable samples (a stream of bad ones would draw shards for ever)."""
-        urls = expand_urls(self.paths["train"])
-        check_tars(urls, f"data.train_data={self.paths['train']}")
-        first = SkipCounts(f"data.train_data={urls[0]}")
-        index_shards(urls[:1], first, self.check_images)
-        first.check(self.max_skipped_fraction)
+    @property
+    def _streams_training(self) -> bool:
+        """Whether training streams its split (shards) rather than reading rows (CSV)."""
+        return "train" in self.sources and self.sources["train"].streams
 
     def setup(self, stage: str | None = None) -> None:
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": self._test_splits()}
         for split in needed.get(stage, tuple(self.paths)):
-            if self.paths[split] and not (split == "train" and self.kinds[split] == "webdataset"):
+            if self.paths[split] and not (split == "train" and self._streams_training):
                 self.dataset(split)
         if stage == "fit" and not self.paths["train"]:
             raise ValueError("data.train_data is not set: nothing to train on")
@@ -187,12 +175,12 @@ class ImageTextDataModule(PairDataModule):
         return [EvalSet(s, IndexedSamples(self.dataset(s)), ()) for s in splits]
 
     def train_dataloader(self) -> DataLoader:
-        if self.kinds["train"] == "csv":
+        if not self._streams_training:
             pairs = self.dataset("train").with_transform(self._train_transform)
             return self._train_loader(pairs, self.batch_size, True, self.seed)
         rank, world_size = self._world()
         stream = ShardStream(
-            expand_urls(self.paths["train"]), self._train_transform, self.tokenizer,
+            self.sources["train"].urls, self._train_transform, self.tokenizer,
             self.batch_size, self.train_num_samples, rank, world_size,
             self.workers.num_workers, self.seed, self.shuffle_buffer, self.background,
             self._counts("train", f"data.train_data={self.paths['train']}"),
@@ -212,15 +200,16 @@ def _data_key(split: str) -> str:
     return f"data.{split}_data"
 
 
-def _data_kind(path: str, dataset_type: str, split: str) -> str:
-    """``csv`` or ``webdataset``: as given, or from the file extension for ``auto``."""
-    if dataset_type != "auto":
-        return dataset_type
+def _source(
+    path: str, dataset_type: str, split: str, csv_keys: tuple[str, str, str]
+) -> CsvSource | ShardSource:
+    """The split's source: of the format ``dataset_type`` names, or for ``auto`` the one its
+    file extension tells (``.csv``/``.tsv``, ``.tar``)."""
     name = str(path).split("::")[0].lower()
-    if name.endswith((".csv", ".tsv")):
-        return "csv"
-    if name.endswith(".tar"):
-        return "webdataset"
+    if dataset_type == "csv" or (dataset_type == "auto" and name.endswith((".csv", ".tsv"))):
+        return CsvSource(path, *csv_keys)
+    if dataset_type == "webdataset" or (dataset_type == "auto" and name.endswith(".tar")):
+        return ShardSource(path)
     raise ValueError(
         f"{_data_key(split)}={path}: cannot tell its format from the extension (.csv, .tsv or "
         ".tar); set data.dataset_type=csv or webdataset"

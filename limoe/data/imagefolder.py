@@ -7,7 +7,8 @@ from pathlib import Path
 
 from torchvision.datasets.folder import find_classes, make_dataset
 
-from limoe.data.pairs import IMAGE_EXTENSIONS, IndexedSamples, PairDataset, keep_readable
+from limoe.data.images import IMAGE_EXTENSIONS, keep_readable
+from limoe.data.pairs import IndexedSamples, PairDataset
 from limoe.data.skips import SkipCounts
 from limoe.eval.plan import EvalSet, ZeroShotTask
 

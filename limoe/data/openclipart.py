@@ -53,7 +53,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from limoe.data.csv import write_csv
-from limoe.data.pairs import write_image
+from limoe.data.images import write_image
 
 DC = "{http://purl.org/dc/elements/1.1/}"
 RDF = "{http://www.w3.org/1999/02/22-rdf-syntax-ns#}"

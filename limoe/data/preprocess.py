@@ -15,7 +15,8 @@ from hydra.utils import get_object
 from open_clip.tokenizer import SimpleTokenizer
 from torchvision.transforms import Compose
 
-from limoe.data.pairs import WHITE, build_transform, to_rgb
+from limoe.data.images import WHITE, to_rgb
+from limoe.data.transforms import build_transform
 
 
 @dataclass(frozen=True)

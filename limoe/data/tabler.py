@@ -29,7 +29,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from limoe.data.csv import write_csv
-from limoe.data.pairs import write_image
+from limoe.data.images import write_image
 
 STYLES = ("outline", "filled")
 # Pairs written per output file: (csv name, style, held-out concepts?).

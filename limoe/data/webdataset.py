@@ -18,15 +18,17 @@ import multiprocessing as mp
 import random
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import ClassVar
 
 import braceexpand
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from limoe.data.pairs import IMAGE_EXTENSIONS, WHITE, TarMember, keep_readable, open_image
+from limoe.data.images import IMAGE_EXTENSIONS, WHITE, TarMember, keep_readable, open_image
 from limoe.data.skips import SkipCounts, UnusableDataError
 
 log = logging.getLogger("limoe.data")
@@ -67,6 +69,32 @@ def _split_key(name: str) -> tuple[str, str]:
     folder, _, base = name.rpartition("/")
     stem, _, ext = base.partition(".")
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """A split in WebDataset tar shards (``shards/{000000..000099}.tar``): indexed for random
+    access in evaluation (``items``), streamed in training (``ShardStream`` over ``urls``)."""
+
+    path: str
+    streams: ClassVar[bool] = True  # training streams the shards
+
+    @property
+    def urls(self) -> list[str]:
+        return expand_urls(self.path)
+
+    def items(self, counts: SkipCounts, check_images: bool = True) -> list[tuple[TarMember, str]]:
+        """The usable ``(image member, caption)`` samples, the others counted in ``counts``."""
+        return index_shards(self.urls, counts, check_images)
+
+    def check_stream(self, key: str, max_skipped_fraction: float, check_images: bool) -> None:
+        """Streamed shards are not read up front: each must be a tar, and the first must
+        hold usable samples (a stream of bad ones would draw shards for ever)."""
+        urls = self.urls
+        check_tars(urls, f"{key}={self.path}")
+        first = SkipCounts(f"{key}={urls[0]}")
+        index_shards(urls[:1], first, check_images)
+        first.check(max_skipped_fraction)
 
 
 def check_tars(urls: Sequence[str], key: str) -> None:

@@ -8,12 +8,14 @@ a non-finite loss) ends the command with one line naming it and exit status 2.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import hydra
 from hydra.errors import InstantiationException
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
@@ -29,8 +31,9 @@ from limoe.lit import NonFiniteLossError
 # The project raises ValueError (and its subclasses) for bad input of every kind.
 USER_ERRORS = (OmegaConfBaseException, ValueError, NonFiniteLossError)
 # What a constructor called by Hydra's instantiate raises for a bad config: a wrong argument
-# (TypeError), a wrong value, or a _target_ that cannot be imported.
-INSTANTIATE_ERRORS = (*USER_ERRORS, TypeError, ImportError)
+# (TypeError), a wrong value (Lightning's own: MisconfigurationException), or a _target_ that
+# cannot be imported.
+INSTANTIATE_ERRORS = (*USER_ERRORS, TypeError, ImportError, MisconfigurationException)
 
 
 def _root_cause(error: BaseException) -> BaseException:
@@ -59,8 +62,17 @@ def _message(error: BaseException) -> str:
 
 
 def _fail(error: BaseException) -> None:
-    print(f"limoe: error: {_message(_root_cause(error))}", file=sys.stderr)
+    print(f"limoe: error: {_node(error)}{_message(_root_cause(error))}", file=sys.stderr)
     sys.exit(2)
+
+
+def _node(error: BaseException) -> str:
+    """``trainer: `` where a config node's constructor rejected a value (Hydra's message
+    names the node as ``full_key``), so the line names the key."""
+    if not isinstance(error, InstantiationException):
+        return ""
+    found = re.search(r"^full_key: (\S+)$", str(error), re.MULTILINE)
+    return f"{found.group(1)}: " if found else ""
 
 
 def _one_line(message: str) -> str:

@@ -1,9 +1,11 @@
 """Where limoe's Hydra configs are, and composing them outside a Hydra app.
 
 The configs are the package ``limoe.conf`` (``conf/`` in the repository, mapped by
-``setup.py``), so an editable install, a wheel and a checkout all find them the same way,
-from any working directory: Hydra apps through ``pkg://limoe.conf``, the compose API through
-``initialize_config_module``, listings through ``importlib.resources``.
+``setup.py``), so an editable install and a wheel find them the same way, from any working
+directory: Hydra apps through ``pkg://limoe.conf``, the compose API through
+``initialize_config_module``, listings through ``importlib.resources``. A checkout run from
+``PYTHONPATH`` with no install (as on a machine with its own torch) has no such package: there
+the same three read the ``conf/`` folder beside the package.
 """
 
 from __future__ import annotations
@@ -12,42 +14,23 @@ import contextlib
 import functools
 import importlib.util
 import os
-import sys
 import types
 import typing
 from collections.abc import Iterator, Mapping, Sequence
 from importlib.resources import files
 from pathlib import Path, PurePath
 
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_MODULE = "limoe.conf"
-CONFIG_PATH = f"pkg://{CONFIG_MODULE}"  # for hydra.main
-
-
-def _checkout_configs() -> None:
-    """A checkout run from ``PYTHONPATH`` (no install, as on a machine with its own torch)
-    has nothing that maps ``conf/`` into the package: register the ``conf/`` beside the
-    package as ``limoe.conf`` so Hydra and ``importlib.resources`` find it as installed."""
-    if importlib.util.find_spec(CONFIG_MODULE) is not None:
-        return
-    conf = Path(__file__).resolve().parent.parent / "conf"
-    if not (conf / "__init__.py").is_file():
-        return
-    spec = importlib.util.spec_from_file_location(
-        CONFIG_MODULE, conf / "__init__.py", submodule_search_locations=[str(conf)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[CONFIG_MODULE] = module
-    spec.loader.exec_module(module)
-    sys.modules["limoe"].conf = module
-
-
-_checkout_configs()
+INSTALLED = importlib.util.find_spec(CONFIG_MODULE) is not None
+# The configs' folder, and where hydra.main searches them.
+CONFIG_DIR = files(CONFIG_MODULE) if INSTALLED else Path(__file__).resolve().parent.parent / "conf"
+CONFIG_PATH = f"pkg://{CONFIG_MODULE}" if INSTALLED else str(CONFIG_DIR)
 # Nodes without a _target_ that are the keyword arguments of a constructor (or of several:
 # ``model.moe`` feeds ``moe_mlp``, which passes the rest on to ``MoELayer``): their values are
 # checked against its annotations.
@@ -94,7 +77,7 @@ class ConfigTypeError(TypeError, ValueError):
 
 def config_options(group: str) -> list[str]:
     """The configs of one group, e.g. ``config_options("model") == ["clip", "dense", ...]``."""
-    folder = files(CONFIG_MODULE).joinpath(group)
+    folder = CONFIG_DIR.joinpath(group)
     if not folder.is_dir():
         return []
     return sorted(
@@ -107,7 +90,9 @@ def _initialised() -> contextlib.AbstractContextManager:
     training configs) it already is, on the same search path."""
     if GlobalHydra.instance().is_initialized():
         return contextlib.nullcontext()
-    return initialize_config_module(CONFIG_MODULE, version_base="1.3")
+    if INSTALLED:
+        return initialize_config_module(CONFIG_MODULE, version_base="1.3")
+    return initialize_config_dir(str(CONFIG_DIR), version_base="1.3")
 
 
 def compose_config(

@@ -10,13 +10,14 @@ and ``load_checkpoint`` for a trained module with the data it was trained on.
 
 from __future__ import annotations
 
-import re
+import contextlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -42,16 +43,26 @@ def compose(
     ``paths.output_dir``, which becomes ``output_dir``.
     """
     cfg = compose_config(name, list(overrides or []), return_hydra_config=True)
-    choices = cfg.hydra.runtime.choices
-    with open_dict(cfg):
-        if "arm" in cfg and OmegaConf.is_interpolation(cfg, "arm"):
-            raw = OmegaConf.to_container(cfg, resolve=False)["arm"]
-            group = re.fullmatch(r"\$\{hydra:runtime\.choices\.([\w/]+)\}", raw)
-            cfg.arm = choices.get(group.group(1) if group else "model")
+    with open_dict(cfg), _hydra_config(cfg):
+        if "arm" in cfg:
+            cfg.arm = cfg.arm  # resolves ${hydra:runtime.choices.<group>} as the app would
         del cfg["hydra"]
         if output_dir is not None:
             cfg.paths.output_dir = str(output_dir)
     return cfg
+
+
+@contextlib.contextmanager
+def _hydra_config(cfg: DictConfig) -> Iterator[None]:
+    """Hydra's runtime config set from ``cfg`` (as a Hydra app sets it), so ``${hydra:...}``
+    resolves; the one before is back afterwards."""
+    holder = HydraConfig.instance()
+    before = holder.cfg
+    holder.set_config(cfg)
+    try:
+        yield
+    finally:
+        holder.cfg = before
 
 
 def plain(node: DictConfig) -> dict:

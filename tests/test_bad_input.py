@@ -317,6 +317,16 @@ def test_a_moe_key_that_moved_names_the_new_one(override, message, tmp_path, mon
     assert not any(tmp_path.iterdir())
 
 
+def test_a_value_a_librarys_own_target_rejects_is_one_line_naming_the_node(
+    tmp_path, monkeypatch, capsys
+):
+    """Lightning's Trainer rejects a negative step count itself; the line names its node."""
+    args = ["experiment=smoke", "trainer.max_steps=-5", f"hydra.run.dir={tmp_path}"]
+    message = "trainer: `max_steps` must be a non-negative integer or -1"
+    assert_fails("train", args, message, monkeypatch, capsys)
+    assert_no_run(tmp_path)
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

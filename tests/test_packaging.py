@@ -81,17 +81,30 @@ def test_limoe_train_from_another_directory(installed, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
 
+CHECKOUT_ONLY = (
+    "import sys\n"
+    "sys.meta_path = [f for f in sys.meta_path if 'editable' not in f.__module__]\n"
+    f"sys.path.insert(0, {str(REPO)!r})\n"
+)
+
+
 def test_a_checkout_on_pythonpath_finds_its_configs(tmp_path):
     """Without an install (a machine with its own torch runs the checkout from PYTHONPATH),
-    ``conf/`` still composes as ``limoe.conf``. The editable install's finder is taken off
-    the import path first, so only the checkout can provide the package."""
-    code = (
-        "import sys\n"
-        "sys.meta_path = [f for f in sys.meta_path if 'editable' not in f.__module__]\n"
-        f"sys.path.insert(0, {str(REPO)!r})\n"
+    the compose API, the listings and the Hydra apps read the ``conf/`` beside the package.
+    The editable install's finder is taken off the import path first, so only the checkout
+    can provide the package."""
+    code = CHECKOUT_ONLY + (
+        "from limoe.config import CONFIG_DIR, INSTALLED, config_options\n"
         "from limoe.train import compose\n"
-        "import limoe.conf\n"
-        "print(limoe.conf.__file__, compose(['model=dense']).model.moe_layers)\n"
+        "print(INSTALLED, CONFIG_DIR, ','.join(config_options('router')),"
+        " compose(['model=dense']).model.moe_layers)\n"
     )
     out = run([sys.executable, "-c", code], cwd=tmp_path).stdout.split()
-    assert out == [str(REPO / "conf" / "__init__.py"), "[]"]
+    assert out == ["False", str(REPO / "conf"), "expert_choice,modality,soft,topk", "[]"]
+    app = CHECKOUT_ONLY + (
+        "sys.argv = ['limoe-train', '--cfg', 'job', 'model=multiway']\n"
+        "from limoe import cli\n"
+        "cli.train()\n"
+    )
+    shown = run([sys.executable, "-c", app], cwd=tmp_path).stdout
+    assert "_target_: limoe.moe.ModalityRouter" in shown

@@ -35,7 +35,7 @@ def wheel(tmp_path_factory) -> Path:
     shutil.copytree(REPO, source, ignore=top_level)
     pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
     run([*pip, "-w", str(root / "dist"), str(source)], cwd=root)
-    (path,) = (root / "dist").glob("limoe-*.whl")
+    (path,) = (root / "dist").glob("limoe_torch-*.whl")
     return path
 
 
@@ -108,3 +108,24 @@ def test_a_checkout_on_pythonpath_finds_its_configs(tmp_path):
     )
     shown = run([sys.executable, "-c", app], cwd=tmp_path).stdout
     assert "_target_: limoe.moe.ModalityRouter" in shown
+
+
+def test_the_sdist_and_wheel_a_release_would_upload_pass_twine_check(tmp_path):
+    """``python -m build`` makes the sdist, then the wheel from it (so the sdist holds all the
+    wheel needs, the configs included); ``twine check`` passes both. The distribution is
+    ``limoe-torch`` (``limoe`` on the index is another project); the import stays ``limoe``."""
+    source = tmp_path / "source"
+    top_level = lambda folder, names: NOT_SHIPPED & set(names) if folder == str(REPO) else []  # noqa: E731
+    shutil.copytree(REPO, source, ignore=top_level)
+    out = tmp_path / "dist"
+    run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(source)],
+        cwd=tmp_path)  # fmt: skip
+    sdist, wheel = sorted(out.glob("limoe_torch-*.tar.gz")), sorted(out.glob("limoe_torch-*.whl"))
+    assert len(sdist) == 1 and len(wheel) == 1, sorted(p.name for p in out.iterdir())
+    run([sys.executable, "-m", "twine", "check", "--strict", str(sdist[0]), str(wheel[0])],
+        cwd=tmp_path)  # fmt: skip
+    names = zipfile.ZipFile(wheel[0]).namelist()
+    assert "limoe/conf/model/limoe.yaml" in names and "limoe/conf/router/topk.yaml" in names
+    assert any(n.endswith(".dist-info/METADATA") for n in names)
+    metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    assert "Name: limoe-torch" in zipfile.ZipFile(wheel[0]).read(metadata).decode()

@@ -3,7 +3,7 @@ each patch and caption token coloured by its expert, its gate, and that expert's
 It draws with ``limoe-analyze``'s figure functions (``report.pair_routing_figure``), so what
 it shows is what the report would.
 
-ipywidgets comes with ``pip install 'limoe[notebooks]'`` (``make`` installs it); the rest of
+ipywidgets comes with ``pip install '.[notebooks]'`` (``make`` installs it); the rest of
 the library does not need it.
 """
 
@@ -18,7 +18,7 @@ def _widgets():
         import ipywidgets
     except ImportError:  # pragma: no cover - the test environment has the extra
         raise ValueError(
-            "the routing explorer needs ipywidgets: pip install 'limoe[notebooks]'"
+            "the routing explorer needs ipywidgets: pip install 'limoe-torch[notebooks]'"
         ) from None
     return ipywidgets
 

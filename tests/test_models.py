@@ -7,6 +7,7 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import TextTransformer
 
 from limoe import create_model
 from limoe.models import LIMoE, text_padding_mask
@@ -170,22 +171,27 @@ def test_create_model_builds_arms_from_the_same_size_config():
         create_model({"name": "limoe", "depth": 2})  # would otherwise come back as a dict
 
 
-def test_clip_weight_init_scales_with_width_and_depth():
+def test_clip_weight_init_is_open_clips_text_tower_init():
+    """``weight_init=clip``: each weight drawn as open_clip's own text tower of the same width
+    and depth draws its counterpart (``TextTransformer.init_parameters``), the experts as the
+    dense MLP they replace."""
     width, depth = 256, 4
     model = tiny(width=width, depth=depth, num_heads=4, moe_layers=[1], weight_init="clip")
-    expect = {
-        "qkv": width**-0.5,
-        "proj": width**-0.5 * (2 * depth) ** -0.5,
-        "fc": (2 * width) ** -0.5,
-    }
+    text = TextTransformer(context_length=8, vocab_size=100, width=width, heads=4, layers=depth)
+    theirs = text.transformer.resblocks[0]
     dense, moe = model.blocks[0], model.blocks[1]
-    measured = {
-        "qkv": dense.attn.qkv.weight, "proj": moe.attn.proj.weight,
-        "fc": torch.cat([dense.mlp.fc1.weight.flatten(), moe.mlp.experts.w1.flatten()]),
-    }  # fmt: skip
-    for name, weight in measured.items():
-        assert weight.std().item() == pytest.approx(expect[name], rel=0.03), name
-    assert moe.mlp.experts.w2.std().item() == pytest.approx(expect["proj"], rel=0.03)
+    pairs = {
+        "qkv": (dense.attn.qkv.weight, theirs.attn.in_proj_weight),
+        "proj": (moe.attn.proj.weight, theirs.attn.out_proj.weight),
+        "fc1": (dense.mlp.fc1.weight, theirs.mlp.c_fc.weight),
+        "fc2": (dense.mlp.fc2.weight, theirs.mlp.c_proj.weight),
+        "expert fc1": (moe.mlp.experts.w1, theirs.mlp.c_fc.weight),
+        "expert fc2": (moe.mlp.experts.w2, theirs.mlp.c_proj.weight),
+        "text projection": (model.text_proj.weight, text.text_projection),
+    }
+    for name, (ours, reference) in pairs.items():
+        want = reference.detach().std().item()
+        assert ours.detach().std().item() == pytest.approx(want, rel=0.06), name
     vit = tiny(width=width, depth=depth, num_heads=4, weight_init="vit")
     assert vit.blocks[0].attn.qkv.weight.std() < 0.021
     with pytest.raises(ValueError, match="weight_init must be 'vit' or 'clip', got 'xavier'"):

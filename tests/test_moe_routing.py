@@ -1,6 +1,6 @@
 """Routing pipeline pieces: capacity, route, slot assignment (BPR, rank order), dispatch."""
 
-import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -192,8 +192,14 @@ def test_combine_hand_example():
     )
 
 
-def test_capacity_formula_is_ceil_of_expected_load():
-    for n, e, k, cf in [(13, 3, 2, 0.7), (50, 7, 1, 1.5), (9, 9, 3, 2.0)]:
-        expected = math.ceil(k * cf * n / e)
-        assert compute_capacity(n, e, k, cf, multiple_of=1) == expected
-        assert compute_capacity(n, e, k, cf, multiple_of=4) == -(-expected // 4) * 4
+def test_capacity_is_the_exact_ceiling_of_the_expected_load():
+    """Against exact rational arithmetic (the capacity factor as the decimal a config writes):
+    float noise such as 1.1 * 10 = 11.000000000000002 must not add a slot."""
+    cases = [(13, 3, 2, "0.7"), (50, 7, 1, "1.5"), (9, 9, 3, "2.0"), (10, 1, 1, "1.1"),
+             (100, 3, 1, "0.3"), (7, 7, 1, "1.05"), (1000, 16, 2, "1.25")]  # fmt: skip
+    for n, e, k, cf in cases:
+        load = Fraction(k) * Fraction(cf) * n / e
+        exact = load.numerator // load.denominator + (load.denominator != 1)  # the ceiling
+        assert compute_capacity(n, e, k, float(cf), multiple_of=1) == exact, (n, e, k, cf)
+        multiple = next(c for c in range(exact, exact + 4) if c % 4 == 0)
+        assert compute_capacity(n, e, k, float(cf), multiple_of=4) == multiple

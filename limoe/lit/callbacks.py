@@ -93,7 +93,10 @@ class RoutingHistory(L.Callback):
         layers = {}
         for layer, routing in zip(model.moe_layers, routings):
             summary = layer_summary(routing, MODALITY_NAMES, self.threshold, self.min_share)
-            summary.update(self._switched(str(layer), routing), **_norms(model.blocks[layer].mlp))
+            summary.update(
+                self._switched(str(layer), routing),
+                expert_norm=model.blocks[layer].mlp.weight_norms(),
+            )
             layers[str(layer)] = summary
         self.last = layers
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,16 +126,6 @@ class RoutingHistory(L.Callback):
         if norms:  # to the host in one transfer
             values = torch.stack(list(norms.values())).tolist()
             pl_module.log_dict(dict(zip(norms, values)), on_step=True)
-
-
-def _norms(mlp) -> dict:
-    """Each expert's weight norms and the router's (this process's experts)."""
-    experts, router = mlp.experts, getattr(mlp, "router", None)
-    with torch.no_grad():
-        norms = {w: getattr(experts, w).flatten(1).norm(dim=1).tolist() for w in ("w1", "w2")}
-        if isinstance(getattr(router, "weight", None), torch.Tensor):
-            norms["router"] = float(router.weight.norm())
-    return {"expert_norm": norms}
 
 
 def routing_metrics(layers: dict[str, dict], names: tuple[str, ...] = MODALITY_NAMES) -> dict:

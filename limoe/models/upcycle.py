@@ -65,11 +65,12 @@ def _in_moe_layer(name: str, moe_layers: list[int]) -> bool:
 
 def _upcycled_layer(layer, dense: Mapping[str, Tensor], prefix: str, generator) -> dict:
     if type(layer.router) is not TopKRouter:
-        raise ValueError(f"model.upcycle_from needs router@model.moe.router=topk (its gates are known "
-                         f"at the start), got {layer.router.name!r}")  # fmt: skip
+        raise ValueError(f"model.upcycle_from needs router@model.moe.router=topk (its gates "
+                         f"are known at the start), got {layer.router.name!r}")  # fmt: skip
     if not layer.router.renormalize_gates:
-        raise ValueError("model.upcycle_from needs model.moe.router.renormalize_gates=true: gates that "
-                         "sum to 1 keep the copied experts at the dense MLP's output")  # fmt: skip
+        raise ValueError("model.upcycle_from needs model.moe.router.renormalize_gates=true: "
+                         "gates that sum to 1 keep the copied experts at the dense MLP's "
+                         "output")  # fmt: skip
     names = [f"{prefix}{n}" for n in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")]
     missing = [n for n in names if n not in dense]
     if missing:

@@ -175,6 +175,16 @@ class MoELayer(nn.Module):
         """Which block of the experts this process holds (``shard``); None: all of them."""
         return self.experts.parallel
 
+    @torch.no_grad()
+    def weight_norms(self) -> dict[str, list[float] | float]:
+        """Each expert's ``w1`` and ``w2`` norms (this process's experts) and the router's
+        weight norm where it learns one: what a routing history records per layer."""
+        norms = {w: getattr(self.experts, w).flatten(1).norm(dim=1).tolist() for w in ("w1", "w2")}
+        weight = getattr(self.router, "weight", None)
+        if isinstance(weight, Tensor):
+            norms["router"] = float(weight.norm())
+        return norms
+
     def router_grad_norm(self) -> Tensor | None:
         """The norm of the router weights' gradient (None: no learned router, or no gradient)."""
         weight = getattr(self.router, "weight", None)
@@ -260,8 +270,8 @@ def _check_eval_capacity(value: float | str | None, router: Router) -> float | s
         return value
     if value == "dropless" and router.capacity != "required":
         return value
+    not_here = f" (not with router={router.name})" if router.capacity == "required" else ""
     raise ValueError(
-        f"model.moe.eval_capacity_factor must be null (the training value), a number > 0 or 'dropless'"
-        f"{f' (not with router={router.name})' if router.capacity == 'required' else ''}, "
-        f"got {value!r}"
+        "model.moe.eval_capacity_factor must be null (the training value), a number > 0 or "
+        f"'dropless'{not_here}, got {value!r}"
     )

@@ -257,27 +257,31 @@ class LIMoE(nn.Module):
         self.image_proj = nn.Linear(width, embed_dim, bias=False)
         self.text_proj = nn.Linear(width, embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
-        self._init_weights()
-        if weight_init == "clip":
-            self._init_weights_clip(width, depth)
+        self.init_weights(weight_init)
 
-    def _init_weights(self) -> None:
+    def init_weights(self, mode: str = "clip") -> None:
+        """The model's one initialisation. timm's ViT init first: trunc normal of std 0.02 for
+        the embeddings, positions and every ``nn.Linear`` (zero biases), each router with its own std
+        (``model.moe.router.init_std``). Then, for ``clip``, open_clip's
+        text-tower init of the shared tower: stds that shrink with width (and depth, for the
+        residual projections) instead of timm's fixed 0.02, which at width 96 leaves the tower
+        learning several times more slowly; experts are drawn as the dense MLP they replace."""
         for p in (self.image_pos, self.text_pos, self.modality_embed):
             if p.requires_grad:
                 trunc_normal_(p, std=0.02)
         nn.init.normal_(self.token_embed.weight, std=0.02)
         for m in self.modules():
-            if isinstance(m, TopKRouter):  # keeps its own std (model.moe.router.init_std)
+            if isinstance(m, TopKRouter):  # its own std (model.moe.router.init_std)
                 trunc_normal_(m.weight, std=m.init_std)
             elif isinstance(m, nn.Linear):
                 trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        if mode == "clip":
+            self._init_clip_stds()
 
-    def _init_weights_clip(self, width: int, depth: int) -> None:
-        """open_clip's text-tower init, applied to the shared tower: standard deviations that
-        shrink with width (and depth, for the residual projections) instead of timm's fixed
-        0.02, which at width 96 leaves the tower learning several times more slowly."""
+    def _init_clip_stds(self) -> None:
+        width, depth = self.token_embed.embedding_dim, len(self.blocks)
         attn_std = width**-0.5
         proj_std = width**-0.5 * (2 * depth) ** -0.5
         fc_std = (2 * width) ** -0.5
@@ -285,17 +289,14 @@ class LIMoE(nn.Module):
             for attn in filter(None, (block.attn, block.text_attn)):
                 nn.init.normal_(attn.qkv.weight, std=attn_std)
                 nn.init.normal_(attn.proj.weight, std=proj_std)
-            fc1, fc2 = (
-                (block.mlp.experts.w1, block.mlp.experts.w2)
-                if block.is_moe
-                else (block.mlp.fc1.weight, block.mlp.fc2.weight)
-            )
-            nn.init.normal_(fc1, std=fc_std)
-            nn.init.normal_(fc2, std=proj_std)
-            shared = block.mlp.shared_expert if block.is_moe else None
-            if shared is not None:
-                nn.init.normal_(shared.fc1.weight, std=fc_std)
-                nn.init.normal_(shared.fc2.weight, std=proj_std)
+            if not block.is_moe:
+                nn.init.normal_(block.mlp.fc1.weight, std=fc_std)
+                nn.init.normal_(block.mlp.fc2.weight, std=proj_std)
+                continue
+            block.mlp.experts.reset_parameters(fc_std, proj_std, truncated=False)
+            if block.mlp.shared_expert is not None:
+                nn.init.normal_(block.mlp.shared_expert.fc1.weight, std=fc_std)
+                nn.init.normal_(block.mlp.shared_expert.fc2.weight, std=proj_std)
         for proj in (self.image_proj, self.text_proj):
             nn.init.normal_(proj.weight, std=width**-0.5)
 

@@ -84,14 +84,16 @@ class Experts(nn.Module):
         self.parallel: ExpertShard | None = None
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """timm ViT init (trunc normal std .02, zero bias), the same for every expert.
-
-        Done here because model-level ``init_weights`` hooks that visit
-        ``nn.Linear`` modules never see these batched parameters.
-        """
-        for w in (self.w1, self.w2):
-            nn.init.trunc_normal_(w, std=0.02)
+    def reset_parameters(
+        self, std_in: float = 0.02, std_out: float = 0.02, truncated: bool = True
+    ) -> None:
+        """Every expert's weights drawn as one ``nn.Linear``'s would be: ``w1`` with std
+        ``std_in``, ``w2`` with ``std_out`` (timm's ViT init by default: trunc normal of std
+        0.02), zero biases. A model's own init calls it with its stds: model-level hooks that
+        visit ``nn.Linear`` modules never see these batched parameters."""
+        draw = nn.init.trunc_normal_ if truncated else nn.init.normal_
+        draw(self.w1, std=std_in)
+        draw(self.w2, std=std_out)
         for b in (self.b1, self.b2):
             nn.init.zeros_(b)
 

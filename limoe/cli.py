@@ -2,19 +2,22 @@
 analysis, the benchmarks and the export: ``limoe-train``, ``limoe-eval``, ``limoe-analyze``,
 ``limoe-bench``, ``limoe-export``.
 
-All take ``key=value`` overrides. A user error (a wrong key, group or value, a missing file,
-a non-finite loss) ends the command with one line naming it and exit status 2.
+All take ``key=value`` overrides. Hydra composes the config once, in the app, which checks
+the overrides' types there. A user error (a wrong key, group or value, a missing file, a
+non-finite loss) ends the command with one line naming it and exit status 2: Hydra is asked to
+raise its errors (``HYDRA_FULL_ERROR``) rather than print them, and ``_command`` reports them.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import hydra
-from hydra.errors import InstantiationException
+from hydra.errors import HydraException, InstantiationException
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
@@ -22,14 +25,15 @@ from omegaconf.errors import OmegaConfBaseException
 from limoe import train as runs
 from limoe.analysis.analyze import analyze as analyze_run
 from limoe.bench.run import run_bench
-from limoe.config import CONFIG_PATH, compose_config
+from limoe.config import CONFIG_PATH, check_app_config, check_moved_keys
 from limoe.console import log, log_metrics, metrics_table, quiet_libraries, train_summary
 from limoe.factory import export_model
 from limoe.lit import NonFiniteLossError
 
 # A user error ends a command with one line; anything else is a bug and keeps its traceback.
-# The project raises ValueError (and its subclasses) for bad input of every kind.
-USER_ERRORS = (OmegaConfBaseException, ValueError, NonFiniteLossError)
+# The project raises ValueError (and its subclasses) for bad input of every kind; Hydra's own
+# errors (a key, group or override it cannot compose) are the user's too.
+USER_ERRORS = (OmegaConfBaseException, ValueError, NonFiniteLossError, HydraException)
 # What a constructor called by Hydra's instantiate raises for a bad config: a wrong argument
 # (TypeError), a wrong value (Lightning's own: MisconfigurationException), or a _target_ that
 # cannot be imported.
@@ -62,7 +66,11 @@ def _message(error: BaseException) -> str:
 
 
 def _fail(error: BaseException) -> None:
-    print(f"limoe: error: {_node(error)}{_message(_root_cause(error))}", file=sys.stderr)
+    if isinstance(error, HydraException) and not isinstance(error, InstantiationException):
+        line = _one_line(str(error))  # composition: Hydra's message spans several lines
+    else:
+        line = f"{_node(error)}{_message(_root_cause(error))}"
+    print(f"limoe: error: {line}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -82,22 +90,31 @@ def _one_line(message: str) -> str:
     return " ".join(line for line in lines if not line.startswith(noise))
 
 
-def _check_overrides(config_name: str, argv: list[str]) -> None:
-    """Compose the config once before Hydra runs, so that a wrong key, group or value fails
-    with one line naming it (multirun sweeps and Hydra's own flags are left to Hydra)."""
-    if any(a in ("-m", "--multirun") or a.startswith("-") for a in argv):
-        return
-    overrides = [a for a in argv if not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))]
+def _command(app: Callable[[], None]) -> None:
+    """Run a Hydra app (which composes the config once); a user error, Hydra's included, ends
+    the command with one line naming it, any other error keeps its traceback."""
+    before = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing them
     try:
-        compose_config(config_name, overrides)
-    except Exception as error:  # Hydra raises several unrelated exception types here
-        print(f"limoe: error: {_one_line(str(error))}", file=sys.stderr)
-        sys.exit(2)
+        check_moved_keys(sys.argv[1:])
+        app()
+    except Exception as error:
+        if not _is_user_error(error):
+            raise
+        _fail(error)
+    finally:
+        if before is None:
+            del os.environ["HYDRA_FULL_ERROR"]
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = before
 
 
-def _run_or_fail(run: Callable, cfg: DictConfig):
-    """Run a command body; a user error ends the command with one line naming it."""
+def _in_app(name: str, run: Callable[[DictConfig], object], cfg: DictConfig) -> object:
+    """A command's body in its Hydra app: the overrides' types checked on the config Hydra
+    composed, then ``run``. A user error ends it here, in one line (a job that raises would
+    have Hydra add a line of its own)."""
     try:
+        check_app_config(cfg, name)
         return run(cfg)
     except Exception as error:
         if not _is_user_error(error):
@@ -105,8 +122,7 @@ def _run_or_fail(run: Callable, cfg: DictConfig):
         _fail(error)
 
 
-def _run_and_print(run: Callable, cfg: DictConfig) -> None:
-    metrics = _run_or_fail(run, cfg)
+def _print_metrics(metrics: dict) -> None:
     for key in sorted(metrics):
         print(f"{key}: {metrics[key]:.4f}")
 
@@ -114,7 +130,7 @@ def _run_and_print(run: Callable, cfg: DictConfig) -> None:
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
 def _train(cfg: DictConfig) -> None:
     quiet_libraries()
-    metrics = _run_or_fail(runs.train, cfg)
+    metrics = _in_app("train", runs.train, cfg)
     if metrics:  # global rank 0 of a run that tested
         log_metrics(metrics)
         log.info(train_summary(metrics, cfg.paths.output_dir))
@@ -123,7 +139,7 @@ def _train(cfg: DictConfig) -> None:
 @hydra.main(config_path=CONFIG_PATH, config_name="eval", version_base="1.3")
 def _evaluate(cfg: DictConfig) -> None:
     quiet_libraries()
-    metrics = _run_or_fail(runs.evaluate, cfg)
+    metrics = _in_app("eval", runs.evaluate, cfg)
     print("\n".join(metrics_table(metrics)))
     out = cfg.get("out") or Path(cfg.ckpt).resolve().parent.parent
     print(f"every metric in {Path(out) / 'metrics.json'}")
@@ -132,7 +148,7 @@ def _evaluate(cfg: DictConfig) -> None:
 @hydra.main(config_path=CONFIG_PATH, config_name="analyze", version_base="1.3")
 def _analyze(cfg: DictConfig) -> None:
     quiet_libraries()
-    _run_and_print(analyze_run, cfg)
+    _print_metrics(_in_app("analyze", analyze_run, cfg))
 
 
 def _export_run(cfg: DictConfig) -> None:
@@ -142,37 +158,33 @@ def _export_run(cfg: DictConfig) -> None:
 
 @hydra.main(config_path=CONFIG_PATH, config_name="export", version_base="1.3")
 def _export(cfg: DictConfig) -> None:
-    _run_or_fail(_export_run, cfg)
+    _in_app("export", _export_run, cfg)
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="bench", version_base="1.3")
 def _bench(cfg: DictConfig) -> None:
     quiet_libraries()
-    _run_or_fail(run_bench, cfg)
+    _in_app("bench", run_bench, cfg)
 
 
 def train() -> None:
     """``limoe-train key=value ...``"""
-    _check_overrides("train", sys.argv[1:])
-    _train()
+    _command(_train)
 
 
 def evaluate() -> None:
     """``limoe-eval ckpt=PATH [out=DIR] [+data.test_size=...]``"""
-    _check_overrides("eval", sys.argv[1:])
-    _evaluate()
+    _command(_evaluate)
 
 
 def analyze() -> None:
     """``limoe-analyze ckpt=PATH [out=DIR] [split=test] [num_pairs=1000] ...``"""
-    _check_overrides("analyze", sys.argv[1:])
-    _analyze()
+    _command(_analyze)
 
 
 def export() -> None:
     """``limoe-export ckpt=PATH out=DIR``"""
-    _check_overrides("export", sys.argv[1:])
-    _export()
+    _command(_export)
 
 
 def flags_to_overrides(argv: list[str]) -> list[str]:
@@ -197,5 +209,4 @@ def flags_to_overrides(argv: list[str]) -> list[str]:
 def bench() -> None:
     """``limoe-bench [suite=layer|train|all] [device=cpu|cuda] [layer.num_experts=[8,32]] ...``"""
     sys.argv[1:] = flags_to_overrides(sys.argv[1:])
-    _check_overrides("bench", sys.argv[1:])
-    _bench()
+    _command(_bench)

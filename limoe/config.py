@@ -22,6 +22,7 @@ from pathlib import Path, PurePath
 
 from hydra import compose, initialize_config_dir, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -93,6 +94,16 @@ def _initialised() -> contextlib.AbstractContextManager:
     if INSTALLED:
         return initialize_config_module(CONFIG_MODULE, version_base="1.3")
     return initialize_config_dir(str(CONFIG_DIR), version_base="1.3")
+
+
+def check_app_config(cfg: DictConfig, name: str) -> None:
+    """Inside a Hydra app, on the config it composed: ``compose_config``'s type check of the
+    command line's value overrides (``check_types``)."""
+    overrides = list(HydraConfig.get().overrides.task)
+    if any(not _is_choice(o) for o in overrides):
+        choices = tuple(o for o in overrides if _is_choice(o))
+        with _initialised():
+            check_types(cfg, _reference(name, choices))
 
 
 def compose_config(

@@ -274,12 +274,18 @@ def test_values_of_the_right_type_pass_the_check():
 # ---------------------------------------------------------------------------- bugs
 
 
-def test_a_bug_keeps_its_traceback():
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    """An error that is not the user's passes through Hydra and the command as it is."""
+
     def broken(cfg):
         raise AttributeError("a bug")
 
+    monkeypatch.setattr(cli.runs, "train", broken)
+    monkeypatch.setattr(
+        sys, "argv", ["limoe-train", "experiment=smoke", f"hydra.run.dir={tmp_path}"]
+    )
     with pytest.raises(AttributeError, match="a bug"):
-        cli._run_or_fail(broken, None)
+        cli.train()
 
 
 def test_an_error_from_a_loader_worker_is_told_in_its_own_words():

@@ -10,7 +10,7 @@ from moe_helpers import bare_layer, make_layer
 from limoe.moe import (
     LOSS_NAMES,
     RouterLosses,
-    compute_aux_losses,
+    RouterScores,
     global_entropy_loss,
     importance_loss,
     load_loss,
@@ -23,6 +23,15 @@ from limoe.moe.losses import entropy
 # Four tokens, three experts; top-1 choices are experts 0, 1, 0, 2.
 PROBS = [[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1], [0.25, 0.25, 0.5]]
 SHIFTS = [0.0, 1.0, 2.0, -1.0]  # logits = log(probs) + shift, so logsumexp = shift
+
+
+def losses_of(logits, probs, index, modality=None, min_experts=(1.0,), clean=None,
+              noise_std=0.0, scope="modality"):  # fmt: skip
+    """A layer's raw losses (``RouterLosses``) of router scores given by hand; ``clean``: the
+    logits before gating noise of std ``noise_std`` (None: no noise)."""
+    scores = RouterScores(logits, probs, logits if clean is None else clean, index, noise_std)
+    losses = RouterLosses(global_entropy_min_experts=min_experts, scope=scope)
+    return losses(scores, modality)
 
 
 def hand_probs():
@@ -67,8 +76,8 @@ def test_vmoe_load_by_hand():
 def test_importance_reads_the_clean_probabilities():
     logits, probs, top1 = hand_probs()
     noisy = logits + torch.tensor([[3.0, 0.0, 0.0]])  # the noise makes expert 0 win everywhere
-    losses = compute_aux_losses(noisy, noisy.softmax(-1), noisy.argmax(-1, keepdim=True),
-                                clean_logits=logits, noise_std=1.0)  # fmt: skip
+    losses = losses_of(noisy, noisy.softmax(-1), noisy.argmax(-1, keepdim=True),
+                       clean=logits, noise_std=1.0)  # fmt: skip
     assert losses["importance"].item() == pytest.approx(0.0809375, rel=1e-5)  # the clean value
     ref = loop_losses(noisy.tolist(), noisy.softmax(-1).tolist(), 1.0, logits.tolist(), 1.0)
     for name in LOSS_NAMES:
@@ -81,8 +90,8 @@ def test_scope_all_balances_every_token_and_keeps_entropy_per_modality():
     noisy = clean + 0.25 * torch.randn(12, 4, generator=gen)
     probs, index = noisy.softmax(-1), noisy.topk(2).indices
     modality = torch.tensor([0] * 9 + [1] * 3)  # image tokens outnumber text 3 to 1
-    losses = compute_aux_losses(noisy, probs, index, modality, ("image", "text"), (2.0, 1.5),
-                                clean_logits=clean, noise_std=0.25, scope="all")  # fmt: skip
+    losses = losses_of(noisy, probs, index, modality, (2.0, 1.5), clean=clean, noise_std=0.25,
+                       scope="all")  # fmt: skip
     classic = ("importance", "load", "vmoe_load", "z_loss")
     entropies = ("local_entropy", "global_entropy")
     assert set(losses) == set(classic) | {f"{n}/{m}" for n in entropies for m in ("image", "text")}
@@ -94,8 +103,8 @@ def test_scope_all_balances_every_token_and_keeps_entropy_per_modality():
         own = loop_losses(noisy[rows].tolist(), probs[rows].tolist(), (2.0, 1.5)[m])
         for loss in entropies:
             assert losses[f"{loss}/{name}"].item() == pytest.approx(own[loss], rel=1e-4)
-    with pytest.raises(ValueError, match="loss_scope must be one of"):
-        compute_aux_losses(noisy, probs, index, modality, scope="batch")
+    with pytest.raises(ValueError, match="scope must be one of"):
+        losses_of(noisy, probs, index, modality, scope="batch")
 
 
 def test_layer_vmoe_load_uses_its_own_noise():
@@ -237,9 +246,7 @@ def test_per_modality_matches_loop_reference():
     probs = logits.softmax(-1)
     modality = torch.randint(0, 2, (20,), generator=gen)
     min_experts = (4.5, 2.0)
-    losses = compute_aux_losses(
-        logits, probs, probs.topk(2).indices, modality, ("image", "text"), min_experts
-    )
+    losses = losses_of(logits, probs, probs.topk(2).indices, modality, min_experts)
     assert set(losses) == {f"{n}/{m}" for n in LOSS_NAMES for m in ("image", "text")}
     for m, name in enumerate(("image", "text")):
         rows = [i for i in range(20) if modality[i] == m]
@@ -252,7 +259,7 @@ def test_per_modality_matches_loop_reference():
 
 def test_without_modality_one_group_and_plain_keys():
     logits, probs, top1 = hand_probs()
-    losses = compute_aux_losses(logits, probs, top1.unsqueeze(-1), min_experts=(3.0,))
+    losses = losses_of(logits, probs, top1.unsqueeze(-1), min_experts=(3.0,))
     assert set(losses) == set(LOSS_NAMES)
     ref = loop_losses(logits.tolist(), probs.tolist(), 3.0)
     for name in LOSS_NAMES:

@@ -151,31 +151,6 @@ def entropy_losses(
     }
 
 
-def compute_aux_losses(
-    logits: Tensor | None,
-    probs: Tensor,
-    expert_index: Tensor,
-    modality: Tensor | None = None,
-    modality_names: Sequence[str] = ("image", "text"),
-    min_experts: Sequence[float] = (1.0,),
-    clean_logits: Tensor | None = None,
-    noise_std: float = 0.0,
-    scope: str = "modality",
-) -> dict[str, Tensor]:
-    """Raw aux losses: the classic ones over ``scope`` (``all`` tokens, key ``"<loss>"``, or
-    each ``modality``, key ``"<loss>/<modality_names[m]>"``), the entropy ones per modality.
-
-    ``clean_logits`` are the logits before gating noise of std ``noise_std`` (None: no
-    noise). ``min_experts`` holds S for each modality id (one entry applies to all); without
-    a modality the tokens form one group that uses ``min_experts[0]`` and plain keys.
-    """
-    if logits is not None:
-        logits = logits.float()
-        clean_logits = logits if clean_logits is None else clean_logits.float()
-    scores = RouterScores(logits, probs.float(), clean_logits, expert_index, noise_std)
-    return router_losses(scores, modality, modality_names, min_experts, scope)
-
-
 def router_losses(
     scores: RouterScores,
     modality: Tensor | None,
@@ -184,8 +159,12 @@ def router_losses(
     scope: str,
     valid: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """``compute_aux_losses`` of a router's ``RouterScores``; tokens not ``valid`` (padding)
-    belong to no group. Groups are masks, so no step waits on the device."""
+    """Raw aux losses of a router's ``RouterScores``: the classic ones over ``scope`` (``all``
+    tokens, key ``"<loss>"``, or each ``modality``, key ``"<loss>/<modality_names[m]>"``), the
+    entropy ones per modality, with S = ``min_experts[m]`` (one entry applies to all; without
+    a modality the tokens form one group that uses ``min_experts[0]`` and plain keys). Tokens
+    not ``valid`` (padding) belong to no group. Groups are masks, so no step waits on the
+    device."""
     if scope not in LOSS_SCOPES:
         raise ValueError(f"loss_scope must be one of {LOSS_SCOPES}, got {scope!r}")
     probs = scores.probs

@@ -174,6 +174,15 @@ def token_origin(image: Tensor | None, text_mask: Tensor | None) -> TokenOrigin:
     return TokenOrigin(*origin[:3], origin[3] if text_mask is not None else None)
 
 
+# The options of LIMoE's string-valued arguments.
+CHOICES = {
+    "image_pos_embed": ("learned", "sincos"),
+    "image_pool": ("attn", "mean"),
+    "text_pool": ("eot", "mean"),
+    "weight_init": ("vit", "clip"),
+}
+
+
 class LIMoE(nn.Module):
     """One transformer tower for images and text with the open_clip model surface.
 
@@ -212,16 +221,12 @@ class LIMoE(nn.Module):
         moe_layers = sorted(int(i) for i in moe_layers)
         if any(not 0 <= i < depth for i in moe_layers):
             raise ValueError(f"moe_layers must be block indices in [0, {depth}), got {moe_layers}")
-        if image_pos_embed not in ("learned", "sincos"):
-            raise ValueError(
-                f"image_pos_embed must be 'learned' or 'sincos', got {image_pos_embed!r}"
-            )
-        if image_pool not in ("attn", "mean"):
-            raise ValueError(f"image_pool must be 'attn' or 'mean', got {image_pool!r}")
-        if weight_init not in ("vit", "clip"):
-            raise ValueError(f"weight_init must be 'vit' or 'clip', got {weight_init!r}")
-        if text_pool not in ("eot", "mean"):
-            raise ValueError(f"text_pool must be 'eot' or 'mean', got {text_pool!r}")
+        given = {"image_pos_embed": image_pos_embed, "image_pool": image_pool,
+                 "text_pool": text_pool, "weight_init": weight_init}  # fmt: skip
+        for name, value in given.items():
+            if value not in CHOICES[name]:
+                raise ValueError(f"{name} must be {' or '.join(map(repr, CHOICES[name]))}, "
+                                 f"got {value!r}")  # fmt: skip
         if image_size % patch_size:
             raise ValueError(
                 f"image_size {image_size} is not a multiple of patch_size {patch_size}"

@@ -1,9 +1,9 @@
 """The one-tower LIMoE encoder: image patches and text tokens share every block.
 
-Attention runs per modality (each has its own sequence length and, for text, a padding
-mask and by default CLIP's causal mask); in MoE blocks the MLP sees the tokens of both modalities as one flat set, so image
-and text tokens compete for the same experts, capacity and Batch Priority Routing.
-With ``moe_layers=[]`` the same class is the dense one-tower baseline.
+Attention runs per modality (each has its own sequence length and, for text, a padding mask
+and by default CLIP's causal mask); the MLP sees the tokens of both modalities as one flat
+set, so in MoE blocks image and text tokens compete for the same experts, capacity and Batch
+Priority Routing. With ``moe_layers=[]`` the same class is the dense one-tower baseline.
 """
 
 from __future__ import annotations

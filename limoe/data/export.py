@@ -6,6 +6,8 @@ open_clip itself) read: ``export`` the shapes data or any open_clip CSV, or prep
     limoe-data export shapes --split train --size 10000 --format webdataset --out data/shards
     limoe-data export shapes --split test --size 500 --format imagefolder --task shape --out data/zs
     limoe-data export data/train.csv --format webdataset --out data/shards
+    limoe-data export data/test.csv --format clip_benchmark --out data/cb/test_retrieval
+    limoe-data export data/zs/shape --format clip_benchmark --out data/cb/shape
     limoe-data tabler --icons tabler/icons --png tabler/png --out data/tabler
     limoe-data openclipart --src openclipart --out data/openclipart
 """
@@ -21,14 +23,16 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
+from limoe.data.clip_benchmark import write_classification, write_retrieval
 from limoe.data.csv import read_csv
+from limoe.data.imagefolder import check_templates, imagefolder_task
 from limoe.data.images import IMAGE_EXTENSIONS
 from limoe.data.openclipart import prepare_openclipart
 from limoe.data.shapes import ATTRIBUTE_VALUES, SPLITS, export_csv, rendered_samples
 from limoe.data.tabler import prepare_tabler
 from limoe.data.webdataset import encode_image, write_shards
 
-FORMATS = ("webdataset", "csv", "imagefolder")
+FORMATS = ("webdataset", "csv", "imagefolder", "clip_benchmark")
 
 
 def shapes_pairs(
@@ -39,8 +43,9 @@ def shapes_pairs(
         yield encode_image(Image.fromarray(image)), "png", attrs.caption()
 
 
-def csv_pairs(rows: list[tuple[str, str]]) -> Iterator[tuple[bytes, str, str]]:
-    """``read_csv`` rows as image file bytes (formats other than jpg/png/webp as png)."""
+def csv_pairs(rows: list[tuple[str, object]]) -> Iterator[tuple[bytes, str, object]]:
+    """``(image path, caption or label)`` rows (``read_csv``'s, an ImageFolder's) as image file
+    bytes, the extension and the caption or label (formats other than jpg/png/webp as png)."""
     for image_path, caption in rows:
         ext = Path(image_path).suffix.lower().lstrip(".").replace("jpeg", "jpg")
         if ext in IMAGE_EXTENSIONS:
@@ -65,7 +70,46 @@ def export_imagefolder(
     return out
 
 
+def source_pairs(args: argparse.Namespace) -> tuple[Iterator[tuple[bytes, str, str]], int]:
+    """The image-caption pairs of the ``shapes`` split or the CSV the command names, and how
+    many there are."""
+    if args.source == "shapes":
+        return shapes_pairs(args.split, args.size, args.image_size, args.seed), args.size
+    rows = read_csv(args.source, args.csv_img_key, args.csv_caption_key, args.csv_separator)
+    return csv_pairs(rows), len(rows)
+
+
+def export_clip_benchmark(args: argparse.Namespace) -> str:
+    """An ImageFolder tree as a zero-shot classification set, or the shapes data or a CSV as a
+    retrieval set, in CLIP_benchmark's layout (``limoe.data.clip_benchmark``)."""
+    source = Path(args.source)
+    if args.source != "shapes" and source.is_dir():
+        templates = None
+        if args.templates:
+            lines = Path(args.templates).read_text(encoding="utf-8").splitlines()
+            templates = check_templates(
+                [t for t in lines if t.strip()], f"--templates {args.templates}"
+            )
+        try:
+            task, items, labels = imagefolder_task(source.name, source, templates)
+        except (ValueError, FileNotFoundError):  # torchvision: no class folder at all
+            raise ValueError(f"{source} holds no class folders of .jpg, .jpeg, .png or .webp "
+                             "images (an ImageFolder tree)") from None  # fmt: skip
+        rows = [(path, label) for (path, _), label in zip(items, labels)]
+        samples = tqdm(csv_pairs(rows), total=len(rows), desc="export classes", unit="image")
+        n = write_classification(
+            samples, task.classnames, task.templates, args.out, args.samples_per_shard
+        )
+        return f"wrote {n} images of {len(task.classnames)} classes to {args.out}"
+    pairs, total = source_pairs(args)
+    pairs = tqdm(pairs, total=total, desc="export pairs", unit="pair")
+    n = write_retrieval(pairs, args.out, args.samples_per_shard)
+    return f"wrote {n} image-caption pairs to {args.out}"
+
+
 def export(args: argparse.Namespace) -> str:
+    if args.format == "clip_benchmark":
+        return export_clip_benchmark(args)
     if args.format == "imagefolder":
         if args.source != "shapes":
             raise ValueError("--format imagefolder exports the shapes data only")
@@ -78,11 +122,7 @@ def export(args: argparse.Namespace) -> str:
             raise ValueError("a CSV source is a CSV already; export it with --format webdataset")
         path = export_csv(args.split, args.size, args.out, args.image_size, args.seed)
         return f"wrote {args.size} samples to {path}"
-    if args.source == "shapes":
-        pairs, total = shapes_pairs(args.split, args.size, args.image_size, args.seed), args.size
-    else:
-        rows = read_csv(args.source, args.csv_img_key, args.csv_caption_key, args.csv_separator)
-        pairs, total = csv_pairs(rows), len(rows)
+    pairs, total = source_pairs(args)
     pattern = str(Path(args.out) / f"{args.prefix}%06d.tar")
     pairs = tqdm(pairs, total=total, desc="export shards", unit="pair")
     shards = write_shards(pairs, pattern, args.samples_per_shard)
@@ -122,7 +162,8 @@ def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="limoe-data", description=__doc__.split("\n\n")[0])
     commands = main.add_subparsers(dest="command", required=True)
     p = commands.add_parser("export", help="write shapes or a CSV as shards, CSV or folders")
-    p.add_argument("source", help="'shapes' or the path of an open_clip CSV")
+    p.add_argument("source", help="'shapes', the path of an open_clip CSV, or (clip_benchmark) "
+                   "an ImageFolder tree of class folders")  # fmt: skip
     p.add_argument("--format", choices=FORMATS, default="webdataset")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--split", choices=SPLITS, default="train", help="shapes split")
@@ -135,6 +176,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--csv-img-key", default="filepath")
     p.add_argument("--csv-caption-key", default="title")
     p.add_argument("--csv-separator", default="\t")
+    p.add_argument("--templates", help="clip_benchmark classes: a file of prompts, one per "
+                   "line, each with one '{}' (default: limoe's zero-shot templates)")  # fmt: skip
     t = commands.add_parser("tabler", help="Tabler Icons as train/test/novel CSVs + zero-shot")
     t.add_argument("--icons", required=True, help="the unpacked @tabler/icons package")
     t.add_argument("--png", required=True, help="the unpacked @tabler/icons-png package")

@@ -32,6 +32,16 @@ def classname(folder: str) -> str:
     return " ".join(folder.replace("_", " ").replace("-", " ").split())
 
 
+def check_templates(templates: Sequence[str] | None, key: str) -> list[str]:
+    """The prompt templates (None: ``DEFAULT_TEMPLATES``), each with one ``{}`` for the class
+    name; ``key`` names them in the error."""
+    templates = list(templates or DEFAULT_TEMPLATES)
+    bad = [t for t in templates if t.count("{}") != 1]
+    if bad:
+        raise ValueError(f"{key}: {bad[0]!r} must hold one '{{}}'")
+    return templates
+
+
 def imagefolder_task(
     name: str,
     root: str | Path,
@@ -45,10 +55,7 @@ def imagefolder_task(
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"data.zeroshot.{name}.root={root} is not a directory")
-    templates = list(templates or DEFAULT_TEMPLATES)
-    bad = [t for t in templates if t.count("{}") != 1]
-    if bad:
-        raise ValueError(f"data.zeroshot.{name}.templates: {bad[0]!r} must hold one '{{}}'")
+    templates = check_templates(templates, f"data.zeroshot.{name}.templates")
     folders, class_to_idx = find_classes(str(root))
     extensions = tuple("." + e for e in IMAGE_EXTENSIONS)
     samples = make_dataset(str(root), class_to_idx, extensions=extensions, allow_empty=True)

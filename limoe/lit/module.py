@@ -127,7 +127,8 @@ class ContrastiveModule(L.LightningModule):
 
     def _to_host(self, values: dict[str, Tensor]) -> dict[str, float]:
         """The logged values as floats in one transfer, with the finite check read in the same
-        one: the only host synchronisation of a training step, on logging steps alone."""
+        one: on logging steps alone, with the gradient norm's (``on_before_optimizer_step``)
+        the only host reads of a training step."""
         flat = [v.detach().double().reshape(()) for v in values.values()]
         record = self._nonfinite if self._nonfinite is not None else flat[0].new_full((3,), -1)
         *floats, step, kind, value = torch.cat([torch.stack(flat), record]).tolist()

@@ -249,7 +249,7 @@ class LIMoE(nn.Module):
         drop_path = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             Block(width, num_heads, mlp_ratio, drop_path=drop_path[i],
-                  moe=dict(moe or {}) if i in moe_layers else None,
+                  moe=(moe or {}) if i in moe_layers else None,
                   modality_norms=modality_norms, modality_attention=modality_attention)
             for i in range(depth)
         )  # fmt: skip

@@ -98,18 +98,21 @@ class Experts(nn.Module):
             nn.init.zeros_(b)
 
     def forward(
-        self, rows: Tensor, offsets: Tensor, path: str = "loop", every_row_kept: bool = False
-    ) -> Tensor:
+        self, rows: Tensor, offsets: Tensor, path: str = "loop", every_row_kept: bool = False,
+        row_expert: Tensor | None = None,
+    ) -> Tensor:  # fmt: skip
         """Run expert e on rows ``offsets[e - 1]:offsets[e]`` of ``rows [M, dim]`` (sorted by
         expert; rows past ``offsets[-1]`` belong to no expert and come out unspecified, for
         the caller to mask). ``path`` is ``loop`` or ``grouped`` (``gemm_path``);
-        ``every_row_kept``: no row lies past the last offset (dropless routing).
+        ``every_row_kept``: no row lies past the last offset (dropless routing);
+        ``row_expert [M]``: each row's expert (E past the last offset) where the caller has it
+        already (the sort's keys), else the grouped path finds it from the offsets.
 
         Outside autocast the input is cast to the weight dtype (e.g. bf16 tokens
         into float32 experts); under autocast the GEMMs pick their own dtype.
         """
         if path == "grouped":
-            return self.forward_grouped(rows, offsets, every_row_kept)
+            return self.forward_grouped(rows, offsets, every_row_kept, row_expert)
         return self.forward_loop(rows, offsets)
 
     def gemm_path(self, x: Tensor, capacity: int | None) -> str:
@@ -176,8 +179,9 @@ class Experts(nn.Module):
         return self.drop(torch.baddbmm(self.b2.unsqueeze(1), self.drop(self.act(h)), self.w2))
 
     def forward_grouped(
-        self, rows: Tensor, offsets: Tensor, every_row_kept: bool = False
-    ) -> Tensor:
+        self, rows: Tensor, offsets: Tensor, every_row_kept: bool = False,
+        row_expert: Tensor | None = None,
+    ) -> Tensor:  # fmt: skip
         """Both layers as ``F.grouped_mm`` over the slices (int32 offsets), no host sync.
 
         Under autocast, operands take the autocast dtype (``grouped_mm`` is not on the
@@ -189,8 +193,10 @@ class Experts(nn.Module):
         """
         dtype = self.compute_dtype(rows)
         offs = offsets.to(torch.int32)
-        positions = torch.arange(rows.shape[0], device=rows.device)
-        expert = torch.searchsorted(offsets, positions, right=True)  # E past the last offset
+        expert = row_expert
+        if expert is None:  # E past the last offset
+            positions = torch.arange(rows.shape[0], device=rows.device)
+            expert = torch.searchsorted(offsets, positions, right=True)
         w1, b1, w2, b2 = (p.to(dtype) for p in (self.w1, self.b1, self.w2, self.b2))
         with torch.autocast(device_type=rows.device.type, enabled=False):
             h = ExpertBias.apply(F.grouped_mm(rows.to(dtype), w1, offs=offs), b1, expert)

@@ -204,7 +204,8 @@ class MoELayer(nn.Module):
         if path == "loop":  # it gives the dropped rows zeros, both ways: nothing to mask
             choices = choices._replace(kept=None)
         if path != "padded":
-            out = self.experts(rows, choices.offsets, path, every_row_kept=dropped is None)
+            out = self.experts(rows, choices.offsets, path, every_row_kept=dropped is None,
+                               row_expert=choices.expert)  # fmt: skip
             return combine(out, choices, gates)
         if capacity is None:  # dropless: the largest slice sizes the buffer (read on the host)
             capacity = int(choices.counts().max()) if rows.shape[0] else 0

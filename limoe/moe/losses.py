@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -225,22 +226,23 @@ class RouterLosses:
             weight = getattr(self, f"{name}_weight")
             if weight is not None and (isinstance(weight, bool) or not weight >= 0):
                 raise ValueError(f"model.moe.losses.{name}_weight must be >= 0, got {weight!r}")
-        object.__setattr__(self, "modality_names", tuple(self.modality_names))
-        object.__setattr__(self, "global_entropy_min_experts", self.min_experts)
+        names = tuple(self.modality_names)
+        given = self.global_entropy_min_experts
+        values = (float(given),) if isinstance(given, int | float) else tuple(given)
+        if len(values) not in (1, len(names)) or any(s <= 0 for s in values):
+            raise ValueError(
+                f"model.moe.losses.global_entropy_min_experts must be a number > 0 or one per "
+                f"modality {names}, got {given}"
+            )
+        object.__setattr__(self, "modality_names", names)
+        object.__setattr__(self, "global_entropy_min_experts", values)
 
     @property
     def min_experts(self) -> tuple[float, ...]:
-        """S per modality id: a scalar applies to all; a sequence has one entry per modality."""
-        given = self.global_entropy_min_experts
-        values = (float(given),) if isinstance(given, int | float) else tuple(given)
-        if len(values) not in (1, len(self.modality_names)) or any(s <= 0 for s in values):
-            raise ValueError(
-                f"model.moe.losses.global_entropy_min_experts must be a number > 0 or one per "
-                f"modality {self.modality_names}, got {given}"
-            )
-        return values
+        """S per modality id (one entry: the same S for all), as checked when built."""
+        return self.global_entropy_min_experts
 
-    @property
+    @cached_property
     def weights(self) -> dict[str, float]:
         """Each loss's weight by ``LOSS_NAMES`` (None where the router's default applies)."""
         return {name: getattr(self, f"{name}_weight") for name in LOSS_NAMES}

@@ -3,12 +3,12 @@ decisive router, and a forward/backward that returns every gradient."""
 
 from __future__ import annotations
 
-from dataclasses import fields
+import inspect
 
 import torch
 import torch.nn.functional as F
 
-from limoe.moe import ROUTERS, Experts, MoELayer, RouterLosses, SoftRouter, TopKRouter
+from limoe.moe import ROUTERS, Experts, MoELayer, RouterLosses, SoftRouter
 
 # The routing mechanics alone, without what LIMoE's defaults add on top: a capacity (factor
 # 1.0, so drops happen), no router noise, no auxiliary losses. A test sets what it examines.
@@ -22,31 +22,31 @@ BARE = {
     "global_entropy_weight": 0.0,
     "global_entropy_min_experts": 1.0,
 }
-LOSS_OPTIONS = {f.name for f in fields(RouterLosses)}
-EXPERT_OPTIONS = {"act_layer", "drop", "gemm"}
-TOPK_OPTIONS = {"top_k", "batch_priority", "renormalize_gates", "noisy_gating",
-                "capacity_multiple", "init_std"}  # fmt: skip
+
+
+def _options(cls: type) -> set[str]:
+    return set(inspect.signature(cls).parameters)
+
+
+# Every router's options: a router is given those it takes (BARE's noisy_gating is top-k's).
+ROUTER_OPTIONS = set().union(*(_options(cls) for cls in ROUTERS.values())) - {"dim", "num_experts"}
 
 
 def make_layer(
     dim: int, hidden: int, num_experts: int = 16, router: str = "topk", **options
 ) -> MoELayer:
-    """A ``MoELayer`` of its parts from one flat set of options, the tests' shorthand: the
-    router's (by name, ``ROUTERS``), the experts', the losses' and the layer's own."""
-    parts = {"router": {}, "experts": {}, "losses": {}, "layer": {}}
-    for key, value in options.items():
-        part = ("losses" if key in LOSS_OPTIONS else "experts" if key in EXPERT_OPTIONS
-                else "router" if key in TOPK_OPTIONS | {"slots_per_expert"} else "layer")  # fmt: skip
-        parts[part][key] = value
+    """A ``MoELayer`` of its parts from one flat set of options, the tests' shorthand: each
+    part (the router, by name in ``ROUTERS``; the experts; the losses) takes the options its
+    constructor names, the layer the rest."""
     cls = ROUTERS[router]
-    if not issubclass(cls, TopKRouter):  # options a top-k router has and this one has not
-        parts["router"] = {k: v for k, v in parts["router"].items() if k not in TOPK_OPTIONS}
-    return MoELayer(
-        cls(dim, num_experts, **parts["router"]),
-        Experts(num_experts, dim, hidden, **parts["experts"]),
-        RouterLosses(**parts["losses"]),
-        **parts["layer"],
-    )
+
+    def take(names: set[str]) -> dict:
+        return {k: options.pop(k) for k in list(options) if k in names}
+
+    router_options = {k: v for k, v in take(ROUTER_OPTIONS).items() if k in _options(cls)}
+    experts = Experts(num_experts, dim, hidden, **take(_options(Experts)))
+    losses = RouterLosses(**take(_options(RouterLosses)))
+    return MoELayer(cls(dim, num_experts, **router_options), experts, losses, **options)
 
 
 def bare_layer(*args, **kwargs) -> MoELayer:

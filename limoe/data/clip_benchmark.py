@@ -16,22 +16,20 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import webdataset as wds
-
 from limoe.data.imagefolder import check_templates
+from limoe.data.webdataset import write_shards
 
 SPLIT = "test"  # the split CLIP_benchmark evaluates by default
 
 
 def write_retrieval(
     pairs: Iterable[tuple[bytes, str, str]], out: str | Path, samples_per_shard: int = 1000
-) -> int:
-    """``(image bytes, extension, caption)`` pairs as a retrieval set; returns their number."""
+) -> list[str]:
+    """``(image bytes, extension, caption)`` pairs as a retrieval set; returns its shards."""
     out = Path(out)
-    count = _write_samples((_sample(image, ext, txt=caption) for image, ext, caption in pairs),
-                           out, samples_per_shard)  # fmt: skip
+    shards = _write_split(pairs, out, samples_per_shard, "txt")
     (out / "dataset_type.txt").write_text("retrieval\n", encoding="utf-8")
-    return count
+    return shards
 
 
 def write_classification(
@@ -40,38 +38,29 @@ def write_classification(
     templates: Sequence[str],
     out: str | Path,
     samples_per_shard: int = 1000,
-) -> int:
+) -> list[str]:
     """``(image bytes, extension, class index)`` samples as a zero-shot classification set,
     with its class names and prompt templates (limoe's ``{}`` written as CLIP_benchmark's
-    ``{c}``); returns their number."""
+    ``{c}``); returns its shards."""
     templates = check_templates(templates, "templates")
     if not classnames:
         raise ValueError("a classification set needs at least one class")
     out = Path(out)
-    count = _write_samples((_sample(image, ext, cls=label) for image, ext, label in samples),
-                           out, samples_per_shard)  # fmt: skip
+    shards = _write_split(samples, out, samples_per_shard, "cls")
     (out / "classnames.txt").write_text("".join(f"{c}\n" for c in classnames), encoding="utf-8")
     prompts = "".join(t.replace("{}", "{c}") + "\n" for t in templates)
     (out / "zeroshot_classification_templates.txt").write_text(prompts, encoding="utf-8")
-    return count
+    return shards
 
 
-def _sample(image: bytes, ext: str, **label: object) -> dict:
-    return {ext: image, **label}
-
-
-def _write_samples(samples: Iterable[dict], out: Path, samples_per_shard: int) -> int:
-    """Shards ``out/test/0.tar ...`` (keys ``s0000000`` ..., as CLIP_benchmark's converter
-    names them) and ``out/test/nshards.txt``; stops, writing no count, when there is no
-    sample."""
+def _write_split(
+    samples: Iterable[tuple[bytes, str, object]], out: Path, samples_per_shard: int, label: str
+) -> list[str]:
+    """Shards ``out/test/0.tar ...`` (``write_shards``, the label under ``label``) and
+    ``out/test/nshards.txt``; stops when there is no sample."""
     folder = out / SPLIT
-    folder.mkdir(parents=True, exist_ok=True)
-    count = 0
-    with wds.ShardWriter(str(folder / "%d.tar"), maxcount=samples_per_shard, verbose=0) as sink:
-        for count, sample in enumerate(samples, start=1):
-            sink.write({"__key__": f"s{count - 1:07d}", **sample})
-        shards = sink.shard
-    if not count:
+    shards = write_shards(samples, str(folder / "%d.tar"), samples_per_shard, label)
+    if not shards:
         raise ValueError(f"nothing to write to {folder}: the source holds no usable samples")
-    (folder / "nshards.txt").write_text(f"{shards}\n", encoding="utf-8")
-    return count
+    (folder / "nshards.txt").write_text(f"{len(shards)}\n", encoding="utf-8")
+    return shards

@@ -97,14 +97,14 @@ def export_clip_benchmark(args: argparse.Namespace) -> str:
                              "images (an ImageFolder tree)") from None  # fmt: skip
         rows = [(path, label) for (path, _), label in zip(items, labels)]
         samples = tqdm(csv_pairs(rows), total=len(rows), desc="export classes", unit="image")
-        n = write_classification(
+        write_classification(
             samples, task.classnames, task.templates, args.out, args.samples_per_shard
         )
-        return f"wrote {n} images of {len(task.classnames)} classes to {args.out}"
+        return f"wrote {samples.n} images of {len(task.classnames)} classes to {args.out}"
     pairs, total = source_pairs(args)
     pairs = tqdm(pairs, total=total, desc="export pairs", unit="pair")
-    n = write_retrieval(pairs, args.out, args.samples_per_shard)
-    return f"wrote {n} image-caption pairs to {args.out}"
+    write_retrieval(pairs, args.out, args.samples_per_shard)
+    return f"wrote {pairs.n} image-caption pairs to {args.out}"
 
 
 def export(args: argparse.Namespace) -> str:

@@ -251,15 +251,25 @@ class ShardStream(IterableDataset):
 
 
 def write_shards(
-    pairs: Iterable[tuple[bytes, str, str]], pattern: str, samples_per_shard: int = 1000
+    pairs: Iterable[tuple[bytes, str, object]],
+    pattern: str,
+    samples_per_shard: int = 1000,
+    label: str = "txt",
 ) -> list[str]:
     """Write ``(image bytes, extension, caption)`` pairs as shards with webdataset's
-    ShardWriter; ``pattern`` is a printf pattern such as ``out/%06d.tar``."""
+    ShardWriter, the caption (or another label, such as a class index) under the member
+    extension ``label``; ``pattern`` is a printf pattern such as ``out/%06d.tar``. Returns
+    the shards written, none (and no empty file left) when there is no pair."""
     Path(pattern).parent.mkdir(parents=True, exist_ok=True)
+    written = 0
     with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0) as sink:
-        for i, (image, ext, caption) in enumerate(pairs):
-            sink.write({"__key__": f"{i:09d}", ext: image, "txt": caption})
-        return [pattern % n for n in range(sink.shard)]  # numbered from 0; gone once closed
+        for written, (image, ext, caption) in enumerate(pairs, start=1):
+            sink.write({"__key__": f"{written - 1:09d}", ext: image, label: caption})
+        shards = [pattern % n for n in range(sink.shard)]  # numbered from 0; gone once closed
+    if not written:  # the writer opens its first shard before any pair comes
+        Path(shards[0]).unlink(missing_ok=True)
+        return []
+    return shards
 
 
 def encode_image(image, ext: str = "png") -> bytes:

@@ -10,11 +10,13 @@ raise its errors (``HYDRA_FULL_ERROR``) rather than print them, and ``_command``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from unittest.mock import patch
 
 import hydra
 from hydra.errors import HydraException, InstantiationException
@@ -93,29 +95,27 @@ def _one_line(message: str) -> str:
 def _command(app: Callable[[], None]) -> None:
     """Run a Hydra app (which composes the config once); a user error, Hydra's included, ends
     the command with one line naming it, any other error keeps its traceback."""
-    before = os.environ.get("HYDRA_FULL_ERROR")
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing them
-    try:
+    # Hydra raises its errors instead of printing them while HYDRA_FULL_ERROR is set
+    with patch.dict(os.environ, {"HYDRA_FULL_ERROR": "1"}), _one_line_errors():
         check_moved_keys(sys.argv[1:])
         app()
-    except Exception as error:
-        if not _is_user_error(error):
-            raise
-        _fail(error)
-    finally:
-        if before is None:
-            del os.environ["HYDRA_FULL_ERROR"]
-        else:
-            os.environ["HYDRA_FULL_ERROR"] = before
 
 
 def _in_app(name: str, run: Callable[[DictConfig], object], cfg: DictConfig) -> object:
     """A command's body in its Hydra app: the overrides' types checked on the config Hydra
     composed, then ``run``. A user error ends it here, in one line (a job that raises would
     have Hydra add a line of its own)."""
-    try:
+    with _one_line_errors():
         check_app_config(cfg, name)
         return run(cfg)
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """A user error ends the command with one line naming it (``_fail``); any other error
+    keeps its traceback."""
+    try:
+        yield
     except Exception as error:
         if not _is_user_error(error):
             raise

@@ -99,11 +99,8 @@ def _initialised() -> contextlib.AbstractContextManager:
 def check_app_config(cfg: DictConfig, name: str) -> None:
     """Inside a Hydra app, on the config it composed: ``compose_config``'s type check of the
     command line's value overrides (``check_types``)."""
-    overrides = list(HydraConfig.get().overrides.task)
-    if any(not _is_choice(o) for o in overrides):
-        choices = tuple(o for o in overrides if _is_choice(o))
-        with _initialised():
-            check_types(cfg, _reference(name, choices))
+    with _initialised():
+        check_override_types(cfg, name, list(HydraConfig.get().overrides.task))
 
 
 def compose_config(
@@ -115,10 +112,16 @@ def compose_config(
     check_moved_keys(overrides)
     with _initialised():
         cfg = compose(name, overrides=overrides, return_hydra_config=return_hydra_config)
-        values = [o for o in overrides if not _is_choice(o)]
-        if values:  # the YAML's own values, with the same groups chosen, give the types
-            check_types(cfg, _reference(name, tuple(o for o in overrides if _is_choice(o))))
+        check_override_types(cfg, name, overrides)
     return cfg
+
+
+def check_override_types(cfg: DictConfig, name: str, overrides: Sequence[str]) -> None:
+    """``check_types`` of ``cfg`` (config ``name`` composed with ``overrides``) where a value
+    is overridden: the YAML's own values, with the same groups chosen, give the types (Hydra
+    initialised)."""
+    if any(not _is_choice(o) for o in overrides):
+        check_types(cfg, _reference(name, tuple(o for o in overrides if _is_choice(o))))
 
 
 @functools.lru_cache(maxsize=16)

@@ -28,7 +28,14 @@ from limoe import train as runs
 from limoe.analysis.analyze import analyze as analyze_run
 from limoe.bench.run import run_bench
 from limoe.config import CONFIG_PATH, check_app_config, check_moved_keys
-from limoe.console import log, log_metrics, metrics_table, quiet_libraries, train_summary
+from limoe.console import (
+    log,
+    log_metrics,
+    metrics_table,
+    probe_lines,
+    quiet_libraries,
+    train_summary,
+)
 from limoe.factory import export_model
 from limoe.lit import NonFiniteLossError
 
@@ -55,7 +62,7 @@ def _is_user_error(error: BaseException) -> bool:
     return isinstance(error, USER_ERRORS)
 
 
-def _message(error: BaseException) -> str:
+def error_line(error: BaseException) -> str:
     """The line that names the problem. An error raised in a DataLoader worker comes back as
     ``Caught X in DataLoader worker process 0.`` + the worker's traceback, whose last line is
     ``module.X: message``."""
@@ -71,7 +78,7 @@ def _fail(error: BaseException) -> None:
     if isinstance(error, HydraException) and not isinstance(error, InstantiationException):
         line = _one_line(str(error))  # composition: Hydra's message spans several lines
     else:
-        line = f"{_node(error)}{_message(_root_cause(error))}"
+        line = f"{_node(error)}{error_line(_root_cause(error))}"
     print(f"limoe: error: {line}", file=sys.stderr)
     sys.exit(2)
 
@@ -140,7 +147,7 @@ def _train(cfg: DictConfig) -> None:
 def _evaluate(cfg: DictConfig) -> None:
     quiet_libraries()
     metrics = _in_app("eval", runs.evaluate, cfg)
-    print("\n".join(metrics_table(metrics)))
+    print("\n".join(metrics_table(metrics) + probe_lines(metrics)))
     out = cfg.get("out") or Path(cfg.ckpt).resolve().parent.parent
     print(f"every metric in {Path(out) / 'metrics.json'}")
 

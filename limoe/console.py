@@ -106,6 +106,19 @@ def metrics_table(metrics: Mapping[str, float]) -> list[str]:
     return lines
 
 
+def probe_lines(metrics: Mapping[str, float]) -> list[str]:
+    """One line per linear probe (``probe/NAME_acc1``, ...)."""
+    names = [k.removeprefix("probe/").removesuffix("_acc1") for k in metrics
+             if k.startswith("probe/") and k.endswith("_acc1")]  # fmt: skip
+    return [
+        f"linear probe {name}: top-1 {metrics[f'probe/{name}_acc1']:.3f}, top-5 "
+        f"{metrics[f'probe/{name}_acc5']:.3f}, mean per-class recall "
+        f"{metrics[f'probe/{name}_mean_per_class_recall']:.3f} (weight decay "
+        f"{metrics[f'probe/{name}_weight_decay']:.3g})"
+        for name in names
+    ]
+
+
 def routing_lines(metrics: Mapping[str, float]) -> list[str]:
     """One line per MoE layer: how many experts take only image tokens, only text tokens,
     both, or (almost) none, at the last validation; and the tokens each modality dropped."""

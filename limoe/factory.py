@@ -37,6 +37,7 @@ from limoe.moe import ROUTERS
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 FORMAT = "limoe-export/1"
+RUN_CHECKPOINT = Path("checkpoints") / "last.ckpt"  # a limoe-train run folder's weights
 
 
 # Where each shape argument of the model config comes from in conf/: size/ (every arm
@@ -164,7 +165,7 @@ def _read_export(folder: Path) -> dict:
     if not (folder / WEIGHTS).is_file() or not config_path.is_file():
         raise ValueError(
             f"{folder} is not a limoe export: it needs {WEIGHTS} and {CONFIG} "
-            "(write one with limoe-export ckpt=... out=DIR)"
+            f"(write one with limoe-export ckpt=... out=DIR), or a run folder's {RUN_CHECKPOINT}"
         )
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -177,12 +178,15 @@ def _read_export(folder: Path) -> dict:
 
 def resolve(name_or_path: str | Path, overrides: list[str] | None = None):
     """``(model config, preprocessing, weights)`` of a config name (weights ``None``), a
-    checkpoint file (a state dict) or an export folder (the path of its safetensors)."""
+    checkpoint file or a ``limoe-train`` run folder (a state dict) or an export folder (the
+    path of its safetensors)."""
     path = Path(name_or_path)
     # A config name wins over a folder of that name (the package's own folder, in a checkout)
     # unless the folder is an export.
     if str(name_or_path) in config_options("model") and not (path / CONFIG).is_file():
         return _from_name(str(name_or_path), list(overrides or []))
+    if path.is_dir() and not (path / CONFIG).is_file() and (path / RUN_CHECKPOINT).is_file():
+        return _from_checkpoint(path / RUN_CHECKPOINT)  # a run folder: its last checkpoint
     if path.is_dir():
         config = _read_export(path)
         return config["model"], Preprocess.from_dict(config["preprocess"]), path / WEIGHTS
@@ -190,7 +194,7 @@ def resolve(name_or_path: str | Path, overrides: list[str] | None = None):
         return _from_checkpoint(path)
     raise ValueError(
         f"{name_or_path} is neither a model config ({', '.join(config_options('model'))}) nor "
-        "an existing checkpoint file or export folder"
+        "an existing checkpoint file, run folder or export folder"
     )
 
 
@@ -216,8 +220,8 @@ def create_model_and_transforms(
 ) -> tuple[nn.Module, Callable, Callable]:
     """``(model in eval mode, preprocess_train, preprocess_val)``, as open_clip's function:
     ``name_or_path`` is a model config (``limoe``, ``dense``, ``clip``; Hydra ``overrides``
-    such as ``["data=tabler"]`` apply), a ``.ckpt`` from ``limoe-train`` or a ``limoe-export``
-    folder."""
+    such as ``["data=tabler"]`` apply), a ``.ckpt`` from ``limoe-train`` (or its run folder,
+    which holds ``checkpoints/last.ckpt``) or a ``limoe-export`` folder."""
     model_cfg, preprocess, weights = resolve(name_or_path, overrides)
     return _build(model_cfg, weights, device), *preprocess.transforms()
 

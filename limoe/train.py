@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from limoe import probe
 from limoe.checkpoint import check_fits, read_checkpoint
 from limoe.config import compose_config
 from limoe.console import log, quiet_fresh_log_dir
@@ -213,15 +214,20 @@ def load_checkpoint(
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """``limoe-eval``: the test metrics of ``cfg.ckpt``, written to ``metrics.json`` in
-    ``cfg.out`` or the checkpoint's run directory. The run's record there keeps its arm,
+    """``limoe-eval``: the test metrics of ``cfg.ckpt`` (and a linear probe's, where
+    ``cfg.probe`` names one), written to ``metrics.json`` in ``cfg.out`` or the checkpoint's
+    run directory. The run's record there keeps its arm,
     config and training metrics; elsewhere the new file gets the arm and config."""
     module, datamodule, run_dir = load_checkpoint(cfg.ckpt, cfg.get("data"))
     datamodule.check(("test",))
     trainer = build_trainer(cfg, logger=False)
     metrics = _test(trainer, module, datamodule)
-    metrics.update(_data_counts(trainer, datamodule))
     out = Path(cfg.out) if cfg.get("out") else run_dir
+    if probe.wanted(cfg.get("probe")):
+        metrics.update(
+            probe.probe_metrics(module.model.eval(), datamodule, cfg.probe, cfg.ckpt, out)
+        )
+    metrics.update(_data_counts(trainer, datamodule))
     run = read_metrics(run_dir / "metrics.json")
     kept = run.metrics if out.resolve() == run_dir else {}
     written = write_metrics(out / "metrics.json", {**kept, **metrics}, run.arm, run.config)

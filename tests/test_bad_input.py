@@ -292,7 +292,7 @@ def test_an_error_from_a_loader_worker_is_told_in_its_own_words():
     wrapped = ValueError("Caught UnusableDataError in DataLoader worker process 0.\nOriginal "
                          "Traceback (most recent call last):\n  File ...\n"
                          "limoe.data.skips.UnusableDataError: shards: 1000 samples in a row")  # fmt: skip
-    assert cli._message(wrapped) == "shards: 1000 samples in a row"
+    assert cli.error_line(wrapped) == "shards: 1000 samples in a row"
 
 
 def test_the_console_script_exits_2_with_one_line(tmp_path):

@@ -1,6 +1,6 @@
 """``limoe-data export --format clip_benchmark``: data sets in LAION CLIP_benchmark's layout,
-read back as CLIP_benchmark's own loader reads them (``build_wds_dataset``: webdataset over
-``test/{0..n-1}.tar``, the first image extension found, ``txt`` split into lines or ``cls``)."""
+read back by CLIP_benchmark's own loader (``build_wds_dataset``: webdataset over
+``SPLIT/{0..n-1}.tar``, the first image extension found, ``txt`` split into lines or ``cls``)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import csv
 
 import numpy as np
 import pytest
-import webdataset as wds
 from PIL import Image
 
+from limoe.data import scenes
 from limoe.data.export import main
+from limoe.data.scenes import ScenesDataset
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200)]
 
@@ -21,15 +22,16 @@ def png(path, colour) -> None:
     Image.new("RGB", (8, 8), colour).save(path)
 
 
-def read_like_clip_benchmark(root, label: str) -> list[tuple[np.ndarray, object]]:
-    """CLIP_benchmark 1.6.2's ``build_wds_dataset``, without its transform."""
-    nshards = int((root / "test" / "nshards.txt").read_text())
-    urls = str(root / "test" / f"{{0..{nshards - 1}}}.tar")
-    dataset = wds.WebDataset(urls, shardshuffle=False).decode("pil")
-    rows = []
-    for sample in dataset:
-        image = next(sample[e] for e in ("webp", "png", "jpg", "jpeg") if e in sample)
-        rows.append((np.asarray(image), sample[label]))
+def read_like_clip_benchmark(
+    root, label: str, split: str = "test"
+) -> list[tuple[np.ndarray, object]]:
+    """The samples as CLIP_benchmark's own loader (``build_wds_dataset``) reads them, without a
+    transform."""
+    builder = pytest.importorskip("clip_benchmark.datasets.builder")
+    dataset = builder.build_wds_dataset(root.name, transform=None, split=split, data_dir=str(root))
+    rows = [(np.asarray(image), target) for image, target in dataset]
+    if label == "txt":
+        assert dataset.classes is None  # read as a retrieval set
     return rows
 
 
@@ -47,7 +49,7 @@ def test_a_csv_becomes_a_retrieval_set(tmp_path, capsys):
     assert (out / "dataset_type.txt").read_text() == "retrieval\n"
     assert sorted(p.name for p in (out / "test").glob("*.tar")) == ["0.tar", "1.tar", "2.tar"]
     read = read_like_clip_benchmark(out, "txt")
-    assert [text.splitlines() for _, text in read] == [[c] for _, c in rows]
+    assert [captions for _, captions in read] == [[c] for _, c in rows]  # one caption each
     for (pixels, _), colour in zip(read, COLOURS):
         assert (pixels == np.array(colour, dtype=np.uint8)).all()
 
@@ -98,3 +100,39 @@ def test_a_template_without_a_slot_is_named(tmp_path, capsys):
         main(["export", str(tmp_path / "tree"), "--format", "clip_benchmark", "--out",
               str(tmp_path / "out"), "--templates", str(tmp_path / "prompts.txt")])  # fmt: skip
     assert "'no slot here' must hold one '{}'" in capsys.readouterr().err
+
+
+def test_scenes_as_a_retrieval_set_and_a_zero_shot_task_with_a_train_split(tmp_path, capsys):
+    """The samples the scenes datamodule evaluates (full captions, its image size), as pairs,
+    and one caption slot as classes with the slot's prompts; ``--split train`` writes a
+    linear probe's train split beside the test split."""
+    out = tmp_path / "first_shape"
+    main(["export", "scenes", "--split", "test", "--size", "6", "--format", "clip_benchmark",
+          "--out", str(tmp_path / "pairs")])  # fmt: skip
+    for split in ("train", "test"):
+        main(["export", "scenes", "--split", split, "--size", "5", "--task", "first_shape",
+              "--format", "clip_benchmark", "--out", str(out)])  # fmt: skip
+    assert "wrote 5 images of" in capsys.readouterr().out
+    test = ScenesDataset("test", 6, return_labels=True)
+    read = read_like_clip_benchmark(tmp_path / "pairs", "txt")
+    assert [captions for _, captions in read] == [[test.caption(i)] for i in range(6)]
+    assert all((pixels == test.image_uint8(i)).all() for i, (pixels, _) in enumerate(read))
+    assert read[0][0].shape == (56, 56, 3)  # the scenes data's own image size
+    task = scenes.zeroshot_tasks()["first_shape"]
+    assert (out / "classnames.txt").read_text().splitlines() == task.classnames
+    prompts = (out / "zeroshot_classification_templates.txt").read_text().splitlines()
+    assert prompts == [t.replace("{}", "{c}") for t in task.templates]
+    column = ScenesDataset.task_names.index("first_shape")
+    for split in ("train", "test"):
+        samples = ScenesDataset(split, 5, return_labels=True)
+        read = read_like_clip_benchmark(out, "cls", split)
+        assert [label for _, label in read] == [int(samples.labels(i)[column]) for i in range(5)]
+        assert all((pixels == samples.image_uint8(i)).all() for i, (pixels, _) in enumerate(read))
+
+
+def test_an_unknown_task_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "scenes", "--task", "colour", "--format", "clip_benchmark", "--out",
+              str(tmp_path)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert "--task colour: scenes has the zero-shot tasks first_colour, first_shape" in err

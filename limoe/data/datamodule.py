@@ -109,6 +109,34 @@ class PairDataModule(L.LightningDataModule):
             ]
         return self._folder_sets
 
+    def probe_sets(self, probe: Mapping) -> tuple[Dataset, Dataset, int]:
+        """The train and test samples of a linear probe (dicts with ``image``, ``labels``,
+        ``valid``) and the column of ``labels`` that holds the class: ``probe.train`` and
+        ``probe.test``, ImageFolder trees with the same class folders."""
+        roots = {split: probe.get(split) for split in ("train", "test")}
+        if not all(roots.values()):
+            raise ValueError("probe: give probe.train and probe.test, ImageFolder trees "
+                             "(the embedded data also takes probe.task)")  # fmt: skip
+        sets = {
+            split: imagefolder_eval_set(
+                f"probe_{split}",
+                {"root": root},
+                self._eval_transform(),
+                self.image_size,
+                self.background,
+                self._counts(f"probe_{split}", f"probe.{split}={root}"),
+                self.check_images,
+                self.max_skipped_fraction,
+                key=f"probe.{split}",
+            )  # fmt: skip
+            for split, root in roots.items()
+        }
+        train, test = (sets[s].tasks[0].classnames for s in ("train", "test"))
+        if train != test:
+            raise ValueError(f"probe.train and probe.test must hold the same class folders: "
+                             f"{len(train)} and {len(test)} classes, {train[:3]} ...")  # fmt: skip
+        return sets["train"].samples, sets["test"].samples, 0
+
     def _counts(self, split: str, where: str) -> SkipCounts:
         if split not in self.counts:
             self.counts[split] = SkipCounts(where)

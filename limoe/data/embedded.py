@@ -145,6 +145,22 @@ class ShapesDataModule(PairDataModule):
             for split, prefix in SPLIT_PREFIXES[stage]
         ]
 
+    def probe_sets(self, probe: Mapping) -> tuple[IndexedSamples, IndexedSamples, int]:
+        """``probe.task``: the first ``probe.train_size`` images of the train split (i.i.d.,
+        without the hard-negative groups) and the test split, classed by that zero-shot
+        task's labels; else ImageFolder trees, as every datamodule."""
+        task = probe.get("task")
+        if not task:
+            return super().probe_sets(probe)
+        names = self.dataset_class.task_names
+        if task not in names:
+            raise ValueError(f"probe.task={task}: this data's tasks are {', '.join(names)}")
+        train = self.dataset_class(
+            "train", probe["train_size"], image_size=self.image_size, seed=self.seed,
+            tokenizer=self.tokenizer, return_labels=True,
+        )  # fmt: skip
+        return IndexedSamples(train), IndexedSamples(self.dataset("test")), names.index(task)
+
     def train_dataloader(self) -> DataLoader:
         self._warn_if_split_wraps()
         # Read in order: samples are i.i.d. draws already, and the order keeps the curriculum.

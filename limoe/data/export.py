@@ -1,15 +1,19 @@
 """``limoe-data``: write data as files that the ``csv`` and ``webdataset`` data configs (and
 open_clip itself) read: ``export`` the shapes data or any open_clip CSV, or prepare ``tabler``
 (Tabler Icons, from its two unpacked npm packages; see ``limoe.data.tabler``) or
-``openclipart`` (from Debian's two unpacked packages; see ``limoe.data.openclipart``).
+``openclipart`` (from Debian's two unpacked packages; see ``limoe.data.openclipart``) or
+``fashion-mnist`` (from Debian's unpacked package; see ``limoe.data.fashion_mnist``).
 
     limoe-data export shapes --split train --size 10000 --format webdataset --out data/shards
     limoe-data export shapes --split test --size 500 --format imagefolder --task shape --out data/zs
     limoe-data export data/train.csv --format webdataset --out data/shards
     limoe-data export data/test.csv --format clip_benchmark --out data/cb/test_retrieval
     limoe-data export data/zs/shape --format clip_benchmark --out data/cb/shape
+    limoe-data export scenes --split test --format clip_benchmark --out data/cb/scenes
+    limoe-data export scenes --task first_shape --format clip_benchmark --out data/cb/first_shape
     limoe-data tabler --icons tabler/icons --png tabler/png --out data/tabler
     limoe-data openclipart --src openclipart --out data/openclipart
+    limoe-data fashion-mnist --src fmnist --out data/fashion_mnist
 """
 
 from __future__ import annotations
@@ -23,24 +27,47 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
-from limoe.data.clip_benchmark import write_classification, write_retrieval
+from limoe.data import scenes, shapes
+from limoe.data.clip_benchmark import SPLIT, write_classification, write_retrieval
 from limoe.data.csv import read_csv
+from limoe.data.fashion_mnist import prepare_fashion_mnist
 from limoe.data.imagefolder import check_templates, imagefolder_task
 from limoe.data.images import IMAGE_EXTENSIONS
 from limoe.data.openclipart import prepare_openclipart
-from limoe.data.shapes import ATTRIBUTE_VALUES, SPLITS, export_csv, rendered_samples
+from limoe.data.procedural import ProceduralPairs
+from limoe.data.scenes import ScenesDataset
+from limoe.data.shapes import ATTRIBUTE_VALUES, SPLITS, ShapesDataset, export_csv, rendered_samples
 from limoe.data.tabler import prepare_tabler
 from limoe.data.webdataset import encode_image, write_shards
 
 FORMATS = ("webdataset", "csv", "imagefolder", "clip_benchmark")
+# The embedded data sets: their dataset class and zero-shot tasks (the evaluation splits'
+# samples, as the datamodules build them: full captions, no hard negatives).
+PROCEDURAL = {
+    "shapes": (ShapesDataset, shapes.zeroshot_tasks),
+    "scenes": (ScenesDataset, scenes.zeroshot_tasks),
+}
 
 
-def shapes_pairs(
-    split: str, size: int, image_size: int = 32, seed: int = 0
-) -> Iterator[tuple[bytes, str, str]]:
-    """``(png bytes, "png", caption)`` of the first ``size`` samples of a shapes split."""
-    for _, attrs, image in rendered_samples(split, size, image_size, seed):
-        yield encode_image(Image.fromarray(image)), "png", attrs.caption()
+def procedural_dataset(
+    name: str, split: str, size: int, image_size: int | None = None, seed: int = 0
+) -> ProceduralPairs:
+    """The first ``size`` samples of a split of ``shapes`` or ``scenes`` (``image_size``
+    None: the data set's own)."""
+    dataset_class, _ = PROCEDURAL[name]
+    sized = {"image_size": image_size} if image_size else {}
+    return dataset_class(split, size, seed=seed, return_labels=True, **sized)
+
+
+def procedural_samples(
+    dataset: ProceduralPairs, task: str | None = None
+) -> Iterator[tuple[bytes, str, object]]:
+    """``(png bytes, "png", caption)``, or the class index of zero-shot ``task``, per
+    sample."""
+    column = dataset.task_names.index(task) if task else None
+    for i in range(len(dataset)):
+        image = encode_image(Image.fromarray(dataset.image_uint8(i)))
+        yield image, "png", dataset.caption(i) if column is None else int(dataset.labels(i)[column])
 
 
 def csv_pairs(rows: list[tuple[str, object]]) -> Iterator[tuple[bytes, str, object]]:
@@ -71,25 +98,31 @@ def export_imagefolder(
 
 
 def source_pairs(args: argparse.Namespace) -> tuple[Iterator[tuple[bytes, str, str]], int]:
-    """The image-caption pairs of the ``shapes`` split or the CSV the command names, and how
-    many there are."""
-    if args.source == "shapes":
-        return shapes_pairs(args.split, args.size, args.image_size, args.seed), args.size
+    """The image-caption pairs of the ``shapes`` or ``scenes`` split or the CSV the command
+    names, and how many there are."""
+    if args.source in PROCEDURAL:
+        dataset = procedural_dataset(args.source, args.split, args.size, args.image_size, args.seed)
+        return procedural_samples(dataset), args.size
     rows = read_csv(args.source, args.csv_img_key, args.csv_caption_key, args.csv_separator)
     return csv_pairs(rows), len(rows)
 
 
 def export_clip_benchmark(args: argparse.Namespace) -> str:
-    """An ImageFolder tree as a zero-shot classification set, or the shapes data or a CSV as a
-    retrieval set, in CLIP_benchmark's layout (``limoe.data.clip_benchmark``)."""
+    """An ImageFolder tree or a zero-shot task of ``shapes``/``scenes`` (``--task``) as a
+    classification set, or the embedded data or a CSV as a retrieval set, in CLIP_benchmark's
+    layout (``limoe.data.clip_benchmark``), as the split ``--split`` names."""
+    where = {"out": args.out, "samples_per_shard": args.samples_per_shard, "split": args.split}
+    if args.source in PROCEDURAL and args.task:
+        task = _procedural_task(args.source, args.task)
+        dataset = procedural_dataset(args.source, args.split, args.size, args.image_size, args.seed)
+        samples = tqdm(procedural_samples(dataset, args.task), total=len(dataset),
+                       desc=f"export {args.task}", unit="image")  # fmt: skip
+        templates = _templates(args) or task.templates
+        write_classification(samples, task.classnames, templates, **where)
+        return f"wrote {samples.n} images of {len(task.classnames)} classes to {args.out}"
     source = Path(args.source)
-    if args.source != "shapes" and source.is_dir():
-        templates = None
-        if args.templates:
-            lines = Path(args.templates).read_text(encoding="utf-8").splitlines()
-            templates = check_templates(
-                [t for t in lines if t.strip()], f"--templates {args.templates}"
-            )
+    if args.source not in PROCEDURAL and source.is_dir():
+        templates = _templates(args)
         try:
             task, items, labels = imagefolder_task(source.name, source, templates)
         except (ValueError, FileNotFoundError):  # torchvision: no class folder at all
@@ -97,14 +130,27 @@ def export_clip_benchmark(args: argparse.Namespace) -> str:
                              "images (an ImageFolder tree)") from None  # fmt: skip
         rows = [(path, label) for (path, _), label in zip(items, labels)]
         samples = tqdm(csv_pairs(rows), total=len(rows), desc="export classes", unit="image")
-        write_classification(
-            samples, task.classnames, task.templates, args.out, args.samples_per_shard
-        )
+        write_classification(samples, task.classnames, task.templates, **where)
         return f"wrote {samples.n} images of {len(task.classnames)} classes to {args.out}"
     pairs, total = source_pairs(args)
     pairs = tqdm(pairs, total=total, desc="export pairs", unit="pair")
-    write_retrieval(pairs, args.out, args.samples_per_shard)
+    write_retrieval(pairs, **where)
     return f"wrote {pairs.n} image-caption pairs to {args.out}"
+
+
+def _procedural_task(source: str, name: str):
+    tasks = PROCEDURAL[source][1]()
+    if name not in tasks:
+        raise ValueError(f"--task {name}: {source} has the zero-shot tasks {', '.join(tasks)}")
+    return tasks[name]
+
+
+def _templates(args: argparse.Namespace) -> list[str] | None:
+    """The prompts of ``--templates FILE`` (one per line, each with one ``{}``), or None."""
+    if not args.templates:
+        return None
+    lines = Path(args.templates).read_text(encoding="utf-8").splitlines()
+    return check_templates([t for t in lines if t.strip()], f"--templates {args.templates}")
 
 
 def export(args: argparse.Namespace) -> str:
@@ -114,13 +160,15 @@ def export(args: argparse.Namespace) -> str:
         if args.source != "shapes":
             raise ValueError("--format imagefolder exports the shapes data only")
         root = export_imagefolder(
-            args.split, args.size, args.out, args.task, args.image_size, args.seed
+            args.split, args.size, args.out, args.task or "shape", args.image_size or 32, args.seed
         )
         return f"wrote {args.size} images in class folders under {root}"
     if args.format == "csv":
+        if args.source == "scenes":
+            raise ValueError("--format csv exports the shapes data or a CSV, not scenes")
         if args.source != "shapes":
             raise ValueError("a CSV source is a CSV already; export it with --format webdataset")
-        path = export_csv(args.split, args.size, args.out, args.image_size, args.seed)
+        path = export_csv(args.split, args.size, args.out, args.image_size or 32, args.seed)
         return f"wrote {args.size} samples to {path}"
     pairs, total = source_pairs(args)
     pattern = str(Path(args.out) / f"{args.prefix}%06d.tar")
@@ -158,19 +206,27 @@ def openclipart(args: argparse.Namespace) -> str:
     )
 
 
+def fashion_mnist(args: argparse.Namespace) -> str:
+    counts = prepare_fashion_mnist(args.src, args.out)
+    return (f"wrote {counts['train']} train and {counts['test']} test images in 10 class folders "
+            f"under {args.out} (templates: {args.out}/templates.txt)")  # fmt: skip
+
+
 def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="limoe-data", description=__doc__.split("\n\n")[0])
     commands = main.add_subparsers(dest="command", required=True)
     p = commands.add_parser("export", help="write shapes or a CSV as shards, CSV or folders")
-    p.add_argument("source", help="'shapes', the path of an open_clip CSV, or (clip_benchmark) "
-                   "an ImageFolder tree of class folders")  # fmt: skip
+    p.add_argument("source", help="'shapes', 'scenes', the path of an open_clip CSV, or "
+                   "(clip_benchmark) an ImageFolder tree of class folders")  # fmt: skip
     p.add_argument("--format", choices=FORMATS, default="webdataset")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--split", choices=SPLITS, default="train", help="shapes split")
-    p.add_argument("--size", type=int, default=1000, help="number of shapes samples")
-    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--split", choices=SPLITS, help="shapes/scenes split, and the clip_benchmark "
+                   "split folder (default: train; clip_benchmark: test)")  # fmt: skip
+    p.add_argument("--size", type=int, default=1000, help="number of shapes/scenes samples")
+    p.add_argument("--image-size", type=int, help="pixels (default: shapes 32, scenes 56)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--task", default="shape", help="imagefolder: the attribute as class")
+    p.add_argument("--task", help="imagefolder: the shapes attribute as class (default shape); "
+                   "clip_benchmark: a zero-shot task of shapes/scenes as class")  # fmt: skip
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--prefix", default="", help="shard file name prefix")
     p.add_argument("--csv-img-key", default="filepath")
@@ -194,6 +250,9 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--test-share", type=float, default=0.1, help="share of the rest tested")
     o.add_argument("--max-tags", type=int, default=4, help="keywords per caption")
     o.add_argument("--seed", type=int, default=0, help="seed of the held-out and test draws")
+    f = commands.add_parser("fashion-mnist", help="Fashion-MNIST as train/test class folders")
+    f.add_argument("--src", required=True, help="dataset-fashion-mnist unpacked (dpkg-deb -x)")
+    f.add_argument("--out", required=True, help="output folder")
     return main
 
 
@@ -201,11 +260,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="limoe: %(message)s")
     args = parser().parse_args(argv)
     try:
-        if args.command in ("tabler", "openclipart"):
-            print(tabler(args) if args.command == "tabler" else openclipart(args))
+        prepare = {"tabler": tabler, "openclipart": openclipart, "fashion-mnist": fashion_mnist}
+        if args.command in prepare:
+            print(prepare[args.command](args))
             return
         if args.size < 1 or args.samples_per_shard < 1:
             raise ValueError("--size and --samples-per-shard must be >= 1")
+        if args.split is None:
+            args.split = SPLIT if args.format == "clip_benchmark" else "train"
         print(export(args))
     except (ValueError, OSError) as error:
         print(f"limoe-data: error: {error}", file=sys.stderr)

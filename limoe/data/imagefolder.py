@@ -48,19 +48,22 @@ def imagefolder_task(
     templates: Sequence[str] | None = None,
     counts: SkipCounts | None = None,
     check_images: bool = True,
+    key: str | None = None,
 ) -> tuple[ZeroShotTask, list[tuple[str, None]], list[int]]:
     """The task (class names from the folders, in torchvision's sorted order), its images and
     their labels. Files without an image extension are ignored, as torchvision's ImageFolder
-    does; image files PIL cannot identify are counted in ``counts`` and left out."""
+    does; image files PIL cannot identify are counted in ``counts`` and left out. ``key``
+    names the config node in messages (default ``data.zeroshot.NAME``)."""
     root = Path(root)
+    key = key or f"data.zeroshot.{name}"
     if not root.is_dir():
-        raise ValueError(f"data.zeroshot.{name}.root={root} is not a directory")
-    templates = check_templates(templates, f"data.zeroshot.{name}.templates")
+        raise ValueError(f"{key}.root={root} is not a directory")
+    templates = check_templates(templates, f"{key}.templates")
     folders, class_to_idx = find_classes(str(root))
     extensions = tuple("." + e for e in IMAGE_EXTENSIONS)
     samples = make_dataset(str(root), class_to_idx, extensions=extensions, allow_empty=True)
     if not samples:
-        raise ValueError(f"data.zeroshot.{name}.root={root} holds no {'/'.join(extensions)} images")
+        raise ValueError(f"{key}.root={root} holds no {'/'.join(extensions)} images")
     counts = counts if counts is not None else SkipCounts(str(root))
     items = [(path, None) for path, _ in samples]
     kept = keep_readable(items, counts, need_caption=False, check_images=check_images)
@@ -78,11 +81,12 @@ def imagefolder_eval_set(
     counts: SkipCounts,
     check_images: bool = True,
     max_skipped_fraction: float = 0.5,
+    key: str | None = None,
 ) -> EvalSet:
     """The test loader's samples of the zero-shot task ``data.zeroshot.NAME`` (``spec``:
     ``root`` and optional ``templates``); stops when too few of its images are readable."""
     task, items, labels = imagefolder_task(
-        name, spec["root"], spec.get("templates"), counts, check_images
+        name, spec["root"], spec.get("templates"), counts, check_images, key
     )
     counts.check(max_skipped_fraction)
     dataset = PairDataset(

@@ -11,7 +11,7 @@ TEST_WORKERS ?= 2
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -e '.[dev,notebooks,tensorboard,benchmark]'
+	$(BIN)/pip install -e '.[dev,notebooks,tensorboard,benchmark,svg]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -2,7 +2,8 @@
 open_clip itself) read: ``export`` the shapes data or any open_clip CSV, or prepare ``tabler``
 (Tabler Icons, from its two unpacked npm packages; see ``limoe.data.tabler``) or
 ``openclipart`` (from Debian's two unpacked packages; see ``limoe.data.openclipart``) or
-``fashion-mnist`` (from Debian's unpacked package; see ``limoe.data.fashion_mnist``).
+``fashion-mnist`` and ``tuxpaint`` (from Debian's unpacked packages; see
+``limoe.data.fashion_mnist`` and ``limoe.data.tuxpaint``).
 
     limoe-data export shapes --split train --size 10000 --format webdataset --out data/shards
     limoe-data export shapes --split test --size 500 --format imagefolder --task shape --out data/zs
@@ -14,6 +15,7 @@ open_clip itself) read: ``export`` the shapes data or any open_clip CSV, or prep
     limoe-data tabler --icons tabler/icons --png tabler/png --out data/tabler
     limoe-data openclipart --src openclipart --out data/openclipart
     limoe-data fashion-mnist --src fmnist --out data/fashion_mnist
+    limoe-data tuxpaint --src tuxpaint --out data/tuxpaint
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from limoe.data.procedural import ProceduralPairs
 from limoe.data.scenes import ScenesDataset
 from limoe.data.shapes import ATTRIBUTE_VALUES, SPLITS, ShapesDataset, export_csv, rendered_samples
 from limoe.data.tabler import prepare_tabler
+from limoe.data.tuxpaint import prepare_tuxpaint
 from limoe.data.webdataset import encode_image, write_shards
 
 FORMATS = ("webdataset", "csv", "imagefolder", "clip_benchmark")
@@ -212,6 +215,15 @@ def fashion_mnist(args: argparse.Namespace) -> str:
             f"under {args.out} (templates: {args.out}/templates.txt)")  # fmt: skip
 
 
+def tuxpaint(args: argparse.Namespace) -> str:
+    counts = prepare_tuxpaint(args.src, args.out, args.image_size)
+    left_out = ", ".join(f"{n} {k.removeprefix('skipped_').replace('_', ' ')}"
+                         for k, n in sorted(counts.items()) if k.startswith("skipped_"))  # fmt: skip
+    return (f"wrote {counts['pairs']} stamps in {counts['categories']} categories to "
+            f"{args.out}/pairs.csv and {args.out}/zeroshot/category (left out: "
+            f"{left_out or 'none'})")  # fmt: skip
+
+
 def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="limoe-data", description=__doc__.split("\n\n")[0])
     commands = main.add_subparsers(dest="command", required=True)
@@ -253,6 +265,10 @@ def parser() -> argparse.ArgumentParser:
     f = commands.add_parser("fashion-mnist", help="Fashion-MNIST as train/test class folders")
     f.add_argument("--src", required=True, help="dataset-fashion-mnist unpacked (dpkg-deb -x)")
     f.add_argument("--out", required=True, help="output folder")
+    x = commands.add_parser("tuxpaint", help="Tux Paint's stamps as sentence pairs + categories")
+    x.add_argument("--src", required=True, help="tuxpaint-stamps-default unpacked (dpkg-deb -x)")
+    x.add_argument("--out", required=True, help="output folder")
+    x.add_argument("--image-size", type=int, default=64, help="pixels per side; 0: keep")
     return main
 
 
@@ -260,7 +276,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="limoe: %(message)s")
     args = parser().parse_args(argv)
     try:
-        prepare = {"tabler": tabler, "openclipart": openclipart, "fashion-mnist": fashion_mnist}
+        prepare = {"tabler": tabler, "openclipart": openclipart, "fashion-mnist": fashion_mnist,
+                   "tuxpaint": tuxpaint}  # fmt: skip
         if args.command in prepare:
             print(prepare[args.command](args))
             return

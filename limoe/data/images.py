@@ -9,6 +9,7 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image
 from tqdm.auto import tqdm
@@ -51,8 +52,8 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Imag
     return image.convert("RGB")
 
 
-def write_image(source: Path, target: Path, image_size: int) -> None:
-    """The image at ``source`` composited on white, padded to a centred square (drawings are
+def write_image(source: Path | BinaryIO, target: Path, image_size: int) -> None:
+    """The image at ``source`` (a path or an open file) composited on white, padded to a centred square (drawings are
     not all square; a square image is unchanged) and resized to ``image_size`` (0 keeps its
     size), saved at ``target``: what ``limoe-data`` writes once so loaders decode small files."""
     with Image.open(source) as image:

@@ -4,6 +4,7 @@ line. The data sets are written by ``limoe-data export --format clip_benchmark``
 
 from __future__ import annotations
 
+import csv
 import importlib
 import json
 import sys
@@ -92,6 +93,15 @@ def test_an_export_folder_gives_the_checkpoints_numbers(run_dir, datasets, tmp_p
     exported = benchmark(["--pretrained", str(tmp_path / "export"), *pairs], tmp_path / "e.json")
     trained = benchmark(["--pretrained", str(run_dir), *pairs], tmp_path / "r.json")
     assert exported["metrics"] == trained["metrics"]
+    # CLIP_benchmark's table of results
+    main(["build", str(tmp_path / "e.json"), str(tmp_path / "r.json"), "--output",
+          str(tmp_path / "table.csv")])  # fmt: skip
+    with (tmp_path / "table.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and {r["dataset"] for r in rows} == {"wds/pairs"}
+    assert {float(r["text_retrieval_recall@5"]) for r in rows} == {
+        trained["metrics"]["text_retrieval_recall@5"]
+    }
 
 
 def test_accuracy_is_clip_benchmarks_and_takes_numpy_2():

@@ -62,22 +62,38 @@ def cached(path: Path, key: dict, compute) -> tuple[Tensor, Tensor]:
     return features, labels
 
 
+def options(probe: Mapping) -> ProbeOptions:
+    return ProbeOptions(**{k: probe[k] for k in ProbeOptions.__dataclass_fields__})
+
+
+def probe_images(probe: Mapping, datamodule) -> tuple[Dataset, Dataset, int]:
+    """The probe's train and test samples and label column (``datamodule.probe_sets``), its
+    options checked: a bad probe stops ``limoe-eval`` before the test runs, not after."""
+    options(probe)
+    return datamodule.probe_sets(probe)
+
+
 def probe_metrics(
-    model: nn.Module, datamodule, probe: Mapping, ckpt: str | Path, out: Path
+    model: nn.Module,
+    images: tuple[Dataset, Dataset, int],
+    probe: Mapping,
+    ckpt: str | Path,
+    out: Path,
+    batch_size: int,
 ) -> dict[str, float]:
     """``probe/NAME_acc1``, ``_acc5``, ``_mean_per_class_recall``, ``_weight_decay`` of a
     probe trained on the train images' features and tested on the test images'."""
-    options = ProbeOptions(**{k: probe[k] for k in ProbeOptions.__dataclass_fields__})
     name = probe_name(probe)
-    train, test, column = datamodule.probe_sets(probe)
+    train, test, column = images
     stat = Path(ckpt).stat()
     key = {"ckpt": str(Path(ckpt).resolve()), "mtime_ns": stat.st_mtime_ns, "size": stat.st_size,
            **{k: probe.get(k) for k in FEATURE_KEYS}}  # fmt: skip
-    batch = datamodule.eval_batch_size
     found = {}
     for split, samples in (("train", train), ("test", test)):
         path = out / "probe" / f"{name}_{split}.pt"
-        compute = partial(image_features, model, samples, column, batch, f"probe {name} {split}")
+        compute = partial(
+            image_features, model, samples, column, batch_size, f"probe {name} {split}"
+        )
         found[split] = cached(path, key, compute) if probe.get("cache", True) else compute()
-    metrics = linear_probe(found["train"], found["test"], options)
+    metrics = linear_probe(found["train"], found["test"], options(probe))
     return {f"probe/{name}_{k}": float(v) for k, v in metrics.items()}

@@ -216,17 +216,17 @@ def load_checkpoint(
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """``limoe-eval``: the test metrics of ``cfg.ckpt`` (and a linear probe's, where
     ``cfg.probe`` names one), written to ``metrics.json`` in ``cfg.out`` or the checkpoint's
-    run directory. The run's record there keeps its arm,
-    config and training metrics; elsewhere the new file gets the arm and config."""
+    run directory. The run's record there keeps its arm, config and training metrics;
+    elsewhere the new file gets the arm and config."""
     module, datamodule, run_dir = load_checkpoint(cfg.ckpt, cfg.get("data"))
     datamodule.check(("test",))
+    images = probe.probe_images(cfg.probe, datamodule) if probe.wanted(cfg.get("probe")) else None
     trainer = build_trainer(cfg, logger=False)
     metrics = _test(trainer, module, datamodule)
     out = Path(cfg.out) if cfg.get("out") else run_dir
-    if probe.wanted(cfg.get("probe")):
-        metrics.update(
-            probe.probe_metrics(module.model.eval(), datamodule, cfg.probe, cfg.ckpt, out)
-        )
+    if images is not None:
+        model, batch_size = module.model.eval(), datamodule.eval_batch_size
+        metrics.update(probe.probe_metrics(model, images, cfg.probe, cfg.ckpt, out, batch_size))
     metrics.update(_data_counts(trainer, datamodule))
     run = read_metrics(run_dir / "metrics.json")
     kept = run.metrics if out.resolve() == run_dir else {}

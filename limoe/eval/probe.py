@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from limoe.eval.zeroshot import topk_accuracy
+
 # CLIP_benchmark's grid: 97 weight decays from 1e-6 to 100; the search starts at the 7 of
 # them that np.logspace(-6, 2, 7) also gives (compared as floats, as CLIP_benchmark does).
 WEIGHT_DECAYS: list[float] = np.logspace(-6, 2, num=97).tolist()
@@ -128,11 +130,10 @@ def linear_probe(
     probe = train_probe(features, labels, num_classes, weight_decay, options)
     with torch.no_grad():
         logits = probe(test[0])
-    ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    hit = ranked == test[1][:, None]
+    top = topk_accuracy(logits, test[1], ks=(1, 5))
     return {
-        "acc1": hit[:, :1].any(1).float().mean().item(),
-        "acc5": hit.any(1).float().mean().item() if int(test[1].max()) >= 5 else float("nan"),
-        "mean_per_class_recall": mean_per_class_recall(ranked[:, 0], test[1]),
+        "acc1": top[1],
+        "acc5": top[5] if int(test[1].max()) >= 5 else float("nan"),
+        "mean_per_class_recall": mean_per_class_recall(logits.argmax(1), test[1]),
         "weight_decay": weight_decay,
     }

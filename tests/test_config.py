@@ -33,7 +33,8 @@ BUILT = [
     (MoELayer, "model.moe", [], {"router", "experts", "losses", "shared_expert"}),
     (TopKRouter, "model.moe.router", [], {"dim", "num_experts"}),
     (ExpertChoiceRouter, "model.moe.router", ["router@model.moe.router=expert_choice"],
-     {"dim", "num_experts", "batch_priority", "renormalize_gates"}),  # read by top-k only
+     {"dim", "num_experts", "batch_priority", "renormalize_gates", "score", "balance",
+      "bias_step", "bias_per_modality"}),  # read by top-k only
     (SoftRouter, "model.moe.router", ["router@model.moe.router=soft"],
      {"dim", "num_experts", "eps"}),  # eps: a numerical guard, not a knob
     (Experts, "model.moe.experts", [], {"num_experts", "dim", "hidden_dim", "act_layer"}),

@@ -19,6 +19,9 @@ SAME_MATH = [
     "model.moe.losses.importance_weight=0", "model.moe.losses.load_weight=0", "model.moe.losses.vmoe_load_weight=0",
     "model.moe.losses.local_entropy_weight=0",
     "model.moe.losses.global_entropy_weight=0", "data.val_size=37", "data.eval_batch_size=8",
+    # Auxiliary-loss-free balancing: its bias starts at 0 (the first step's math is the same)
+    # and the step moves it from the counts of every process (checked below).
+    "model.moe.router.balance=bias", "model.moe.router.bias_per_modality=true",
 ]  # fmt: skip
 
 
@@ -78,6 +81,19 @@ def test_two_processes_give_the_single_process_gradients(runs):
         for name, grad in rank["grads"].items():
             torch.testing.assert_close(grad, reference[name], rtol=1e-4, atol=1e-6, msg=name)
     assert any("experts.w1" in name and reference[name].abs().sum() > 0 for name in reference)
+
+
+def test_two_processes_move_the_expert_bias_as_one_process(runs, expert_parallel, root):
+    """The bias update sums every process's counts (one all-reduce): data-parallel and
+    expert-parallel runs move each router's bias exactly as one process with the whole batch."""
+    one = torch.load(root / "single/last.ckpt", weights_only=False)["state_dict"]
+    biases = [name for name in one if name.endswith("router.expert_bias")]
+    assert len(biases) == 4 and all(one[name].shape == (2, 4) for name in biases)
+    for run in ("ddp", "ep"):
+        other = torch.load(root / run / "last.ckpt", weights_only=False)["state_dict"]
+        for name in biases:
+            assert one[name].abs().sum() > 0, name
+            assert torch.equal(other[name], one[name]), (run, name)
 
 
 def test_evaluation_over_uneven_shards_equals_one_process(runs):

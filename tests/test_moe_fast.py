@@ -14,7 +14,7 @@ from sync_counter import count_syncs
 from torch.profiler import ProfilerActivity, profile
 
 from limoe.models.limoe import Block, attention_bias, token_origin
-from limoe.moe import MoELayer
+from limoe.moe import MoELayer, update_expert_bias
 from limoe.train import build_datamodule, build_module, build_trainer, compose
 
 DIM, HIDDEN = 32, 64
@@ -60,6 +60,22 @@ def test_layer_forward_and_backward_never_wait_on_the_device(
     assert len(syncs) == 0, syncs.summary()
 
 
+@pytest.mark.parametrize(("gemm", "capacity_factor"), GPU_PATHS)
+def test_bias_balancing_and_sigmoid_scores_never_wait_on_the_device(gemm, capacity_factor):
+    """Counting each modality's tokens in the forward and the bias update after the step
+    (one-hot sums, a sign, no host read) add no synchronisation."""
+    torch.manual_seed(0)
+    layer = make_layer(DIM, HIDDEN, 8, top_k=2, capacity_factor=capacity_factor, gemm=gemm,
+                       balance="bias", bias_per_modality=True, score="sigmoid")  # fmt: skip
+    x = torch.randn(96, DIM, requires_grad=True)
+    modality, valid = modality_and_padding(96)
+    with count_syncs() as syncs:
+        layer_step(layer, x, modality, valid)
+        update_expert_bias(layer)
+    assert len(syncs) == 0, syncs.summary()
+    assert layer.router.expert_bias.abs().sum() > 0
+
+
 def test_the_counter_catches_what_the_old_layer_did():
     """The counter is not blind: the loop path reads the row counts on the host, and the
     boolean mask and ``nonzero`` of the old dispatch are caught too."""
@@ -100,8 +116,11 @@ TINY_B32 = ["model=limoe_b32", "model.width=32", "model.num_heads=2", "model.dep
             "data.context_length=16"]  # fmt: skip
 
 
-@pytest.mark.parametrize("model", [GROUPED, TINY_B32 + GROUPED],
-                         ids=["default", "limoe_b32-shaped"])  # fmt: skip
+BIAS = ["model.moe.router.balance=bias", "model.moe.router.bias_per_modality=true"]
+
+
+@pytest.mark.parametrize("model", [GROUPED, TINY_B32 + GROUPED, GROUPED + BIAS],
+                         ids=["default", "limoe_b32-shaped", "bias-balanced"])  # fmt: skip
 def test_a_training_step_never_waits_on_the_device(model, tmp_path):
     """Whole Lightning training steps of the default LIMoE (dropless) and of a small model
     shaped like LIMoE-B/32 (capacity 1.0, BPR, experts in every other block), with the run's
@@ -124,12 +143,18 @@ def test_a_training_step_never_waits_on_the_device(model, tmp_path):
     assert reads == ["lit/callbacks.py", "lit/module.py", "lit/module.py"]  # stats, norms, norm
 
 
-@pytest.mark.parametrize("capacity_factor", [None, 1.0])
-def test_the_layer_compiles_without_a_graph_break_in_bf16(capacity_factor):
+@pytest.mark.parametrize(
+    ("capacity_factor", "router"),
+    [(None, {}), (1.0, {}), (None, {"balance": "bias", "score": "sigmoid"})],
+    ids=["dropless", "capacity", "bias-sigmoid"],
+)
+def test_the_layer_compiles_without_a_graph_break_in_bf16(capacity_factor, router):
     """``torch.compile(fullgraph=True)`` of the layer in bf16, forward and backward, equals
-    eager (inductor's random numbers are eager's with ``fallback_random``)."""
+    eager (inductor's random numbers are eager's with ``fallback_random``); a bias-balanced
+    router's token counts (a buffer written in the forward) too."""
     torch.manual_seed(0)
-    layer = randomise(make_layer(DIM, HIDDEN, 8, top_k=2, capacity_factor=capacity_factor))
+    layer = randomise(make_layer(DIM, HIDDEN, 8, top_k=2, capacity_factor=capacity_factor,
+                                 **router))  # fmt: skip
     layer = layer.to(torch.bfloat16)
     x = torch.randn(64, DIM, dtype=torch.bfloat16)
     modality, valid = modality_and_padding(64)
@@ -148,6 +173,8 @@ def test_the_layer_compiles_without_a_graph_break_in_bf16(capacity_factor):
         compiled = step(torch.compile(layer, fullgraph=True))
     for got, want in zip(compiled, eager):
         assert_close_in_bf16(got, want)
+    if router:  # both steps counted their real tokens' 2 choices (224: exact in bf16)
+        assert layer.router.expert_tokens.sum().item() == 2 * 2 * valid.sum().item()
 
 
 def assert_close_in_bf16(got: torch.Tensor, want: torch.Tensor) -> None:

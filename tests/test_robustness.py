@@ -41,12 +41,15 @@ def logged_steps(metrics_csv: Path) -> set[int]:
 
 
 # Two gloo processes with the experts split between them: each rank's random stream, data
-# shard and block of expert optimiser state must come back.
+# shard and block of expert optimiser state must come back; and the expert bias of
+# auxiliary-loss-free balancing, moved after every step from both processes' counts.
 EXPERT_PARALLEL = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                   "data.batch_size=16", "model.moe.expert_parallel=true"]  # fmt: skip
+                   "data.batch_size=16", "model.moe.expert_parallel=true",
+                   "model.moe.router.balance=bias"]  # fmt: skip
 
 
-@pytest.mark.parametrize("processes", [[], EXPERT_PARALLEL], ids=["one-process", "ddp-experts"])
+@pytest.mark.parametrize("processes", [[], EXPERT_PARALLEL],
+                         ids=["one-process", "ddp-experts-bias"])  # fmt: skip
 def test_a_killed_run_resumed_from_last_ckpt_ends_as_an_uninterrupted_one(processes, tmp_path):
     whole = limoe_train(tmp_path / "whole", *processes)
     assert whole.returncode == 0, whole.stderr[-3000:]
@@ -68,6 +71,9 @@ def test_a_killed_run_resumed_from_last_ckpt_ends_as_an_uninterrupted_one(proces
                ["state_dict"] for run in ("whole", "resumed")]  # fmt: skip
     for name, value in weights[0].items():
         torch.testing.assert_close(weights[1][name], value, rtol=0, atol=1e-6, msg=name)
+    if "model.moe.router.balance=bias" in processes:  # the bias came back and moved on
+        bias = [n for n in weights[0] if n.endswith("expert_bias")]
+        assert bias and all(weights[1][n].abs().sum() > 0 for n in bias)
     # The checkpoint holds every expert, however many processes held them: it exports whole.
     exported = load_file(export_model(tmp_path / "whole/checkpoints/last.ckpt", tmp_path / "e")
                          / "model.safetensors")  # fmt: skip

@@ -10,6 +10,8 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor, nn
 
+from limoe.moe.balance import update_expert_bias
+
 
 def make_step(
     module: nn.Module, dtype: torch.dtype, lr: float = 1e-3
@@ -17,7 +19,8 @@ def make_step(
     """``step(images, tokens) -> loss``: one optimisation step of ``module`` (anything with
     ``compute_loss(images, tokens)``, such as ``ContrastiveModule``), under autocast when
     ``dtype`` is not float32; the loss comes back detached, on the device (no sync). The
-    optimiser is the one training builds (``build_optimizer``) where the module has one."""
+    optimiser is the one training builds (``build_optimizer``) where the module has one;
+    bias-balanced routers update their bias after it, as in training."""
     if hasattr(module, "build_optimizer"):
         optimizer = module.build_optimizer()
     else:
@@ -30,6 +33,7 @@ def make_step(
             loss = module.compute_loss(images, tokens)[0]
         loss.backward()
         optimizer.step()
+        update_expert_bias(module)  # bias-balanced routers, as training does
         return loss.detach()
 
     return step

@@ -24,6 +24,7 @@ from limoe.eval.plan import EvalPlan
 from limoe.factory import build_model
 from limoe.lit.parallel import ExpertParallel, grad_norm
 from limoe.models.upcycle import pop_upcycle
+from limoe.moe.balance import update_expert_bias
 from limoe.moe.statistics import routing_stats
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learned temperature at 1/100
@@ -264,6 +265,14 @@ class ContrastiveModule(L.LightningModule):
             ),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """Lightning's step, then the expert biases of bias-balanced routers
+        (``model.moe.router.balance=bias``) from the counts of every micro-batch of this step
+        on every process: Lightning calls this once per optimiser step, after the last
+        micro-batch's forward and backward (run inside the step, as its closure)."""
+        super().optimizer_step(*args, **kwargs)
+        update_expert_bias(self.model)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Watch the gradient norm for a non-finite value (``_watch_finite``; the norm is the

@@ -84,6 +84,8 @@ def _upcycled_layer(layer, dense: Mapping[str, Tensor], prefix: str, generator) 
     # Expanded views: load_state_dict copies each into the experts' own storage.
     return {
         f"{prefix}router.weight": noise,
+        # a bias-balanced router's bias and counts start at zero, as in a fresh model
+        **{f"{prefix}router.{name}": buf for name, buf in layer.router.named_buffers()},
         f"{prefix}experts.w1": fc1_w.t().expand(experts, -1, -1),
         f"{prefix}experts.b1": fc1_b.expand(experts, -1),
         f"{prefix}experts.w2": fc2_w.t().expand(experts, -1, -1),

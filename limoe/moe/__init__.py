@@ -13,9 +13,11 @@ dispatch, which the sorted path must equal. Each router is a class behind one in
 Soft MoE (weighted slots, ``soft``) and the modality router (``routers``). A ``MoELayer`` is
 built from a router, the ``Experts`` and the ``RouterLosses``.
 ``parallel`` spreads the experts over processes (expert parallelism, all-to-all);
+``balance`` moves the expert biases of auxiliary-loss-free balancing once per optimiser step;
 ``statistics`` turns routing records into counts, shares, entropies and expert kinds.
 """
 
+from .balance import bias_routers, update_expert_bias
 from .dispatch import MatchedGather, SortedChoices, combine, gather_tokens, sort_by_expert
 from .experts import Experts, ExpertShard
 from .layer import MoELayer
@@ -86,6 +88,8 @@ __all__ = [
     "SoftMixing",
     "TokenOrigin",
     "TopKRouter",
+    "bias_routers",
+    "update_expert_bias",
     "soft_apply",
     "soft_weights",
     "add_gating_noise",

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .routing import (
+    MODALITY_NAMES,
     Router,
     RouterOutput,
     RouterScores,
@@ -32,6 +33,9 @@ from .soft import SoftRouter
 # vmoe's 0.005, with which experts of the first blocks go unused when every block has experts
 # (docs/results.md, "Experts that earn their keep"); recipe=vmoe and recipe=limoe keep 0.005.
 TOPK_BALANCE_WEIGHT = 0.02
+# How a top-k router turns logits into affinities, and how its loads are balanced.
+SCORES = ("softmax", "sigmoid")
+BALANCES = ("aux", "bias")
 
 
 class TopKRouter(Router):
@@ -41,6 +45,15 @@ class TopKRouter(Router):
     ``weight [E, dim]`` is initialised with std ``init_std`` (None: LeCun normal, dim**-0.5,
     as vmoe's router: logits spread from the start, so the entropy losses have a gradient at
     once). With ``noisy_gating`` the logits get V-MoE's Gaussian noise of std 1/E in training.
+
+    ``score``: ``softmax`` affinities (LIMoE, V-MoE) or ``sigmoid`` ones (DeepSeek-V3, MoE-ViE;
+    ``route``); ``renormalize_gates`` None renormalises the gates over the top-k for sigmoid
+    scores only. ``balance``: ``aux`` balances loads by the auxiliary losses; ``bias`` by
+    DeepSeek-V3's auxiliary-loss-free rule: a bias per expert (``expert_bias``, a persistent
+    buffer; one row per modality with ``bias_per_modality``) is added to the affinities to
+    choose the top-k, never to the gates; training calls count each expert's tokens
+    (``expert_tokens``), and ``update_expert_bias`` moves the bias by ``bias_step`` towards
+    balance once per optimiser step. The balancing losses then default to 0.
     """
 
     name = "topk"
@@ -53,17 +66,29 @@ class TopKRouter(Router):
         num_experts: int,
         top_k: int = 1,
         batch_priority: bool = True,
-        renormalize_gates: bool = False,
+        renormalize_gates: bool | None = None,
         noisy_gating: bool = True,
         capacity_multiple: int = 4,
         init_std: float | None = None,
+        score: str = "softmax",
+        balance: str = "aux",
+        bias_step: float = 1e-3,
+        bias_per_modality: bool = False,
     ) -> None:
         super().__init__(num_experts)
         _check_int("top_k", top_k, 1, num_experts)
         _check_int("capacity_multiple", capacity_multiple, 1)
+        self.score = _check_choice("score", score, SCORES)
+        self.balance = _check_choice("balance", balance, BALANCES)
+        if self.experts_choose and (score, balance) != ("softmax", "aux"):
+            raise ValueError(f"router={self.name} balances by construction on softmax scores: "
+                             f"it takes score=softmax and balance=aux, got score={score!r}, "
+                             f"balance={balance!r}")  # fmt: skip
         self.top_k = top_k
         self.batch_priority = batch_priority
-        self.renormalize_gates = renormalize_gates
+        self.renormalize_gates = (
+            score == "sigmoid" if renormalize_gates is None else renormalize_gates
+        )
         self.noisy_gating = noisy_gating
         self.capacity_multiple = capacity_multiple
         self.init_std = dim**-0.5 if init_std is None else float(init_std)
@@ -73,10 +98,77 @@ class TopKRouter(Router):
         # parameter, so seeded runs reproduce their figures.
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         nn.init.trunc_normal_(self.weight, std=self.init_std)
+        if balance == "bias":
+            self.init_bias(bias_step, bias_per_modality)
+
+    def init_bias(self, bias_step: float, per_modality: bool) -> None:
+        """The buffers of auxiliary-loss-free balancing: ``expert_bias [M, E]`` and the tokens
+        each expert was chosen by since the last update, ``expert_tokens [M, E]`` (float32:
+        exact to 2**24 tokens an expert per optimiser step, and all-reduced as it is), with M
+        the modalities (``MODALITY_NAMES``) or 1. Both persist, so a resumed run continues
+        with the same bias. The balancing losses' default weight is 0 here."""
+        if isinstance(bias_step, bool) or not isinstance(bias_step, int | float) or bias_step < 0:
+            raise ValueError(f"model.moe.router.bias_step must be a number >= 0, got {bias_step!r}")
+        self.bias_step = float(bias_step)
+        self.bias_per_modality = bool(per_modality)
+        self.balance_weight = 0.0
+        rows = len(MODALITY_NAMES) if per_modality else 1
+        self.register_buffer("expert_bias", torch.zeros(rows, self.num_experts))
+        self.register_buffer("expert_tokens", torch.zeros(rows, self.num_experts))
+
+    def check(self, capacity_factor: float | None, modality_names: Sequence[str]) -> None:
+        super().check(capacity_factor, modality_names)
+        rows = len(getattr(self, "expert_bias", ()))
+        if self.balance == "bias" and self.bias_per_modality and rows != len(modality_names):
+            raise ValueError(
+                f"model.moe.router.bias_per_modality keeps one bias per modality of "
+                f"{MODALITY_NAMES}, but the layer routes {tuple(modality_names)}"
+            )
 
     def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, top_k={self.top_k}, "
-                f"batch_priority={self.batch_priority}, noisy_gating={self.noisy_gating}")  # fmt: skip
+        extra = "" if self.balance == "aux" else f", balance=bias, bias_step={self.bias_step}"
+        return (f"num_experts={self.num_experts}, top_k={self.top_k}, score={self.score}, "
+                f"batch_priority={self.batch_priority}, noisy_gating={self.noisy_gating}"
+                f"{extra}")  # fmt: skip
+
+    def bias_of(self, modality: Tensor | None) -> Tensor | None:
+        """The bias each token's choice adds ([N, E], or [1, E] when one row serves all);
+        None without bias balancing."""
+        if self.balance != "bias":
+            return None
+        if self.expert_bias.shape[0] == 1 or modality is None:
+            return self.expert_bias[:1]
+        return self.expert_bias.index_select(0, modality)
+
+    @torch.no_grad()
+    def count_tokens(self, expert_index: Tensor, modality: Tensor | None,
+                     valid: Tensor | None) -> None:  # fmt: skip
+        """Add this call's choices of the real tokens to ``expert_tokens`` (per modality
+        where the bias is): one-hot sums and a matmul, no scatter, so no atomics and the same
+        counts every run."""
+        chosen = one_hot(expert_index, self.num_experts).sum(dim=1)  # [N, E]
+        if valid is not None:
+            chosen = chosen * valid.unsqueeze(1)
+        rows = self.expert_tokens.shape[0]
+        if rows == 1:
+            counts = chosen.sum(dim=0, keepdim=True)
+        else:  # no modality ids: every token counts for the first row, whose bias it took
+            group = (
+                torch.zeros_like(chosen[:, 0], dtype=torch.long) if modality is None else modality
+            )
+            counts = one_hot(group, rows).t() @ chosen
+        self.expert_tokens.add_(counts)
+
+    @torch.no_grad()
+    def update_bias(self, counts: Tensor | None = None) -> None:
+        """One step of DeepSeek-V3's rule, as torchtitan's: each expert's bias moves by
+        ``bias_step`` up where it got fewer tokens than the mean of its row, down where it got
+        more (``sign``), centred so each row's bias keeps mean 0; then the counts restart.
+        ``counts`` (default ``expert_tokens``): the counts summed over every process."""
+        counts = self.expert_tokens if counts is None else counts
+        delta = self.bias_step * torch.sign(counts.mean(dim=-1, keepdim=True) - counts)
+        self.expert_bias.add_(delta - delta.mean(dim=-1, keepdim=True))
+        self.expert_tokens.zero_()
 
     def logits(self, x: Tensor) -> Tensor:
         """Router logits [N, E] in float32, outside autocast: routing is brittle in bf16."""
@@ -114,7 +206,12 @@ class TopKRouter(Router):
     ) -> RouterOutput:  # fmt: skip
         logits, clean, noise_std = self.noisy_logits(x)
         capacity = self.capacity_of(x.shape[0], capacity_factor)
-        probs, gates, expert_index = route(logits, self.top_k, self.renormalize_gates)
+        bias = self.bias_of(modality)
+        probs, gates, expert_index = route(
+            logits, self.top_k, self.renormalize_gates, self.score, bias
+        )
+        if bias is not None and self.training:
+            self.count_tokens(expert_index, modality, valid)
         slot = limit = None
         if capacity is None:
             # Dropless: nothing is dropped and the sorted dispatch needs no slot positions,
@@ -199,6 +296,13 @@ class ModalityRouter(Router):
 ROUTERS: dict[str, type[Router]] = {
     cls.name: cls for cls in (TopKRouter, ExpertChoiceRouter, SoftRouter, ModalityRouter)
 }
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"model.moe.router.{name} must be one of {', '.join(choices)}, "
+                         f"got {value!r}")  # fmt: skip
+    return value
 
 
 def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:

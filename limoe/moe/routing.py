@@ -220,12 +220,23 @@ def add_gating_noise(logits: Tensor, num_experts: int) -> Tensor:
     return logits + torch.randn_like(logits) / num_experts
 
 
-def route(logits: Tensor, top_k: int, renormalize: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def route(
+    logits: Tensor,
+    top_k: int,
+    renormalize: bool = False,
+    score: str = "softmax",
+    bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Router logits [N, E] -> (probs [N, E], gates [N, k], expert_index [N, k]), in float32.
 
-    Softmax then top-k (V-MoE order, so gates are probabilities over all E experts);
-    with ``renormalize`` the k gates of each token are rescaled to sum to 1, as in
-    Mixtral/ST-MoE top-2. Renormalisation ignores drops: a token whose second choice
+    ``score`` turns logits into affinities: ``softmax`` over the experts (V-MoE order,
+    softmax then top-k, so gates are probabilities over all E experts), or ``sigmoid`` of each
+    logit on its own (DeepSeek-V3, MoE-ViE), whose ``probs`` are the affinities normalised
+    to sum to 1 (what the auxiliary losses read). ``bias`` ([N, E] or [1, E]: auxiliary-loss-
+    free balancing) is added to the affinities only to choose the top-k: the gates are the
+    chosen experts' unbiased affinities, so the bias has no gradient and no part in the output
+    beyond the choice. With ``renormalize`` the k gates of each token are rescaled to sum to
+    1, as in Mixtral/ST-MoE top-2. Renormalisation ignores drops: a token whose second choice
     is dropped still weighs its first choice by its renormalised gate.
 
     A renormalised top-1 gate is p / p = 1 whatever the router says, which would leave the
@@ -233,8 +244,16 @@ def route(logits: Tensor, top_k: int, renormalize: bool = False) -> tuple[Tensor
     its value is exactly 1, and the router gets the gradient of the plain gate p scaled by
     1 / p, bounded at any sharpness (Switch's straight-through view of the gate).
     """
-    probs = torch.softmax(logits.float(), dim=-1)
-    gates, expert_index = top_choices(probs, top_k)
+    if score == "sigmoid":
+        affinity = torch.sigmoid(logits.float())
+        probs = affinity / affinity.sum(dim=-1, keepdim=True)
+    else:
+        affinity = probs = torch.softmax(logits.float(), dim=-1)
+    if bias is None:
+        gates, expert_index = top_choices(affinity, top_k)
+    else:
+        expert_index = top_choices(affinity + bias, top_k)[1]
+        gates = affinity.gather(1, expert_index)
     if renormalize:
         total = gates.sum(dim=-1, keepdim=True)
         gates = gates / (total.detach() if top_k == 1 else total)

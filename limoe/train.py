@@ -81,9 +81,9 @@ def build_module(
     """The LightningModule of ``cfg``, evaluating what ``datamodule`` plans (its
     ``eval_plan``) where given."""
     plans = getattr(datamodule, "eval_plan", None)
-    return ContrastiveModule(
-        model=plain(cfg.model), optim=plain(cfg.optim), data=plain(cfg.data), eval_plans=plans
-    )
+    loss = plain(cfg.loss) if cfg.get("loss") else None
+    return ContrastiveModule(model=plain(cfg.model), optim=plain(cfg.optim),
+                             data=plain(cfg.data), eval_plans=plans, loss=loss)  # fmt: skip
 
 
 def _instantiate_all(node: DictConfig | None) -> list:

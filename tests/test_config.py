@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 from omegaconf import OmegaConf
+from open_clip.loss import ClipLoss, SigLipLoss
 
 from limoe.data import ImageTextDataModule, ScenesDataModule, ShapesDataModule
 from limoe.factory import create_model
@@ -55,6 +56,11 @@ BUILT = [
         },
     ),  # fmt: skip
     (build_clip, "model", ["model=clip"], set()),
+    # open_clip's losses: rank, world size and gathering follow the process layout
+    # (build_loss); cache_labels is set as open_clip's training sets it, not as its default.
+    (ClipLoss, "loss", [], {"local_loss", "gather_with_grad", "rank", "world_size",
+                            "use_horovod", "cache_labels"}),
+    (SigLipLoss, "loss", ["loss=siglip"], {"rank", "world_size"}),
     (ShapesDataModule, "data", ["data=shapes"], set()),
     (ScenesDataModule, "data", ["data=scenes"], set()),
     (ImageTextDataModule, "data", ["data=csv"], set()),

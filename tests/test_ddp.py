@@ -56,6 +56,12 @@ def expert_parallel(root, single) -> tuple[list[dict], list[dict]]:
     return single, one_step(root / "ep", [*TWO_PROCESSES, "model.moe.expert_parallel=true"])
 
 
+@pytest.fixture(scope="module")
+def siglip(root) -> tuple[list[dict], list[dict]]:
+    return (one_step(root / "siglip_single", ["trainer=cpu", "data.batch_size=16", "loss=siglip"]),
+            one_step(root / "siglip_ddp", [*TWO_PROCESSES, "loss=siglip"]))  # fmt: skip
+
+
 def test_two_processes_see_half_the_global_batch_each(runs):
     single, ddp = runs
     assert len(single) == 1 and len(ddp) == 2
@@ -94,6 +100,22 @@ def test_two_processes_move_the_expert_bias_as_one_process(runs, expert_parallel
         for name in biases:
             assert one[name].abs().sum() > 0, name
             assert torch.equal(other[name], one[name]), (run, name)
+
+
+def test_siglip_over_two_processes_gives_the_single_process_loss_and_gradients(siglip):
+    """open_clip's SigLipLoss passes the captions round the processes: each rank scores its
+    images against all captions, over its own batch size, so the mean over the ranks is the
+    whole batch's loss and DDP's mean gradient its gradient."""
+    single, ddp = siglip
+    local = [r["local_loss"] for r in ddp]
+    assert sum(local) / 2 == pytest.approx(single[0]["local_loss"], rel=1e-5)
+    assert local[0] != pytest.approx(local[1], rel=1e-3)
+    reference = single[0]["grads"]
+    assert "logit_bias" in reference
+    for rank in ddp:
+        assert rank["logged_loss"] == pytest.approx(single[0]["logged_loss"], rel=1e-5)
+        for name, grad in rank["grads"].items():
+            torch.testing.assert_close(grad, reference[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_evaluation_over_uneven_shards_equals_one_process(runs):

@@ -15,9 +15,10 @@ from collections.abc import Callable, Mapping
 
 import lightning as L
 import torch
-from open_clip.loss import ClipLoss
+from hydra.utils import get_class, instantiate
+from open_clip.loss import ClipLoss, SigLipLoss
 from timm.optim import param_groups_weight_decay
-from torch import Tensor
+from torch import Tensor, nn
 
 from limoe.eval import Evaluation
 from limoe.eval.plan import EvalPlan
@@ -31,6 +32,25 @@ MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learned temperature at 1/100
 # Not decayed besides timm's 1-D weights and biases (as open_clip): the experts' batched biases
 # ([E, hidden], 2-D) and the temperature.
 NO_WEIGHT_DECAY = ("*.b1", "*.b2", "*logit_scale")
+# The loss where none is given (conf/loss/clip.yaml).
+CLIP_LOSS = {"_target_": "open_clip.loss.ClipLoss", "cache_labels": True}
+
+
+def build_loss(loss: Mapping, rank: int = 0, world_size: int = 1) -> nn.Module:
+    """open_clip's contrastive loss of the ``loss`` node (``_target_``: ``ClipLoss`` or
+    ``SigLipLoss``) for this process of ``world_size``, set up as open_clip's training sets it
+    up: ``ClipLoss`` gathers the features with their gradients and scores this process's rows
+    against all columns (``--local-loss --gather-with-grad``); ``SigLipLoss`` exchanges the
+    captions between neighbours. Either way the mean over the processes is the one-process
+    loss of the whole batch, and DDP's mean gradient its gradient."""
+    cls = get_class(loss["_target_"])
+    if not issubclass(cls, (ClipLoss, SigLipLoss)):
+        raise ValueError(f"loss._target_ must be open_clip.loss.ClipLoss or SigLipLoss, got "
+                         f"{loss['_target_']!r}")  # fmt: skip
+    distributed = {"rank": rank, "world_size": world_size}
+    if issubclass(cls, ClipLoss):
+        distributed |= {"local_loss": world_size > 1, "gather_with_grad": world_size > 1}
+    return instantiate(dict(loss), **distributed)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -56,18 +76,28 @@ class ContrastiveModule(L.LightningModule):
         optim: Mapping,
         data: Mapping | None = None,
         eval_plans: Callable[[str], EvalPlan] | None = None,
+        loss: Mapping | None = None,
     ) -> None:
         """``eval_plans(stage)``: what to evaluate at validation and test (``limoe.train``
         hands over its datamodule's ``eval_plan``); None: a module that only trains (a
-        validation or test then stops with a one-line error)."""
+        validation or test then stops with a one-line error). ``loss``: the config's ``loss``
+        node (None: CLIP's, ``CLIP_LOSS``)."""
         super().__init__()
+        loss = dict(loss or CLIP_LOSS)
         # upcycle_from names where the first weights come from: used once, here, and kept out
         # of the hyperparameters, so the checkpoint reloads without the dense one.
-        self.save_hyperparameters({"model": pop_upcycle(model)[0], "optim": optim, "data": data})
+        self.save_hyperparameters(
+            {"model": pop_upcycle(model)[0], "optim": optim, "data": data, "loss": loss}
+        )
         self.model = build_model(model)
         self.optim = dict(optim)
         self.eval_plans = eval_plans
-        self.clip_loss = ClipLoss()
+        self.loss_config = loss
+        self.clip_loss = build_loss(loss)
+        self.takes_bias = isinstance(self.clip_loss, SigLipLoss)
+        if self.takes_bias and getattr(self.model, "logit_bias", None) is None:
+            raise ValueError("loss=siglip needs a model with a logit bias: set "
+                             "model.init_logit_bias (conf/loss/siglip.yaml sets -10)")  # fmt: skip
         self._evaluation: Evaluation | None = None
         self._grad_norm: Tensor | None = None  # this step's, for clipping
         self._nonfinite: Tensor | None = None  # the first non-finite loss or norm (on device)
@@ -79,30 +109,22 @@ class ContrastiveModule(L.LightningModule):
         return [ExpertParallel()]
 
     def setup(self, stage: str) -> None:
-        world_size = self.trainer.world_size
-        self.clip_loss = ClipLoss(
-            local_loss=world_size > 1,
-            gather_with_grad=world_size > 1,
-            cache_labels=True,
-            rank=self.global_rank,
-            world_size=world_size,
-        )
+        self.clip_loss = build_loss(self.loss_config, self.global_rank, self.trainer.world_size)
 
     # --- the loss and its logging ---------------------------------------------------------
 
     def forward(self, images: Tensor, tokens: Tensor) -> dict:
         out = self.model(images, tokens)
         if not isinstance(out, dict):
-            out = dict(zip(("image_features", "text_features", "logit_scale"), out))
+            out = dict(zip(("image_features", "text_features", "logit_scale", "logit_bias"), out))
         return out
 
     def compute_loss(self, images: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor, dict]:
         """``(loss, contrastive, aux, model outputs)`` of one batch: what a training step
         optimises (``limoe-bench`` times it without a Trainer)."""
         out = self(images, tokens)
-        contrastive = self.clip_loss(
-            out["image_features"], out["text_features"], out["logit_scale"]
-        )
+        scores = [out["image_features"], out["text_features"], out["logit_scale"]]
+        contrastive = self.clip_loss(*scores, *([out["logit_bias"]] if self.takes_bias else []))
         aux = out.get("aux_loss", contrastive.new_zeros(()))
         return contrastive + aux, contrastive, aux, out
 

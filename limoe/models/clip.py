@@ -41,6 +41,7 @@ def build_clip(
     text_pool: str = "eot",
     text_causal_mask: bool = True,
     init_logit_scale: float = math.log(1 / 0.07),
+    init_logit_bias: float | None = None,
     output_dict: bool = True,
 ) -> CLIP:
     """Build ``open_clip.model.CLIP`` with both towers ``depth`` blocks of ``width``.
@@ -73,19 +74,22 @@ def build_clip(
         "no_causal_mask": not text_causal_mask,
     }
     return CLIP(embed_dim, vision_cfg, text_cfg, init_logit_scale=init_logit_scale,
-                output_dict=output_dict)  # fmt: skip
+                init_logit_bias=init_logit_bias, output_dict=output_dict)  # fmt: skip
 
 
 def build_open_clip(
     name: str = "ViT-B-32",
     image_size: int | None = None,
     context_length: int | None = None,
+    init_logit_scale: float | None = None,
+    init_logit_bias: float | None = None,
     output_dict: bool = True,
 ) -> CLIP:
     """open_clip's own model config ``name`` (``ViT-B-32``, ``ViT-B-16``, ``ViT-L-14``, ...)
     as ``open_clip.create_model(name)`` builds it, without pretrained weights: the paper-size
     CLIP arms. ``image_size`` and ``context_length`` replace the config's (224 and 77 for
-    those three) when given, so the arm reads the data's sizes as the others do."""
+    those three) when given, so the arm reads the data's sizes as the others do; so do
+    ``init_logit_scale`` and ``init_logit_bias`` (``loss=siglip`` sets both)."""
     config = open_clip.get_model_config(name)
     if config is None:
         raise ValueError(f"model.name={name!r} is not an open_clip model config; "
@@ -94,4 +98,10 @@ def build_open_clip(
         config["vision_cfg"]["image_size"] = image_size
     if context_length is not None:
         config["text_cfg"]["context_length"] = context_length
+    for key, value in (
+        ("init_logit_scale", init_logit_scale),
+        ("init_logit_bias", init_logit_bias),
+    ):
+        if value is not None:
+            config[key] = value
     return CLIP(**config, output_dict=output_dict)

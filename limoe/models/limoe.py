@@ -215,6 +215,7 @@ class LIMoE(nn.Module):
         drop_path_rate: float = 0.0,
         weight_init: str = "clip",
         init_logit_scale: float = math.log(1 / 0.07),
+        init_logit_bias: float | None = None,
         output_dict: bool = True,
     ) -> None:
         super().__init__()
@@ -262,6 +263,11 @@ class LIMoE(nn.Module):
         self.image_proj = nn.Linear(width, embed_dim, bias=False)
         self.text_proj = nn.Linear(width, embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        # SigLIP's learned bias of the pair logits (open_clip's CLIP has the same); None: CLIP's
+        # softmax loss, which needs none.
+        self.logit_bias = None
+        if init_logit_bias is not None:
+            self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
         self.init_weights(weight_init)
 
     def init_weights(self, mode: str = "clip") -> None:
@@ -375,12 +381,16 @@ class LIMoE(nn.Module):
         text_features = F.normalize(self.pool_text(text, tokens), dim=-1)
         logit_scale = self.logit_scale.exp()
         if not self.output_dict:
-            return image_features, text_features, logit_scale
+            out = image_features, text_features, logit_scale
+            return out if self.logit_bias is None else (*out, self.logit_bias)
         aux_loss = sum((r.aux_loss for r in routings), image_features.new_zeros(()))
-        return {
+        out = {
             "image_features": image_features,
             "text_features": text_features,
             "logit_scale": logit_scale,
             "aux_loss": aux_loss,
             "routing": routings,
         }
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
+        return out

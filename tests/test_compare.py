@@ -166,7 +166,7 @@ def test_clip_arm_rejects_what_open_clip_cannot_build(kwargs, message):
 
 
 def test_clip_arm_takes_only_what_clip_uses():
-    for limoe_only in ("moe_layers", "moe", "drop_path_rate", "weight_init"):
+    for limoe_only in ("drop_path_rate", "weight_init", "modality_norms"):
         with pytest.raises(TypeError, match=limoe_only):
             build_clip(**SIZE, **{limoe_only: None})
 

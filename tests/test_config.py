@@ -56,6 +56,8 @@ BUILT = [
         },
     ),  # fmt: skip
     (build_clip, "model", ["model=clip"], set()),
+    # model=clip with experts: its moe_layers and the moe node (model=limoe's) set apart
+    (build_clip, "model", ["model=clip_moe"], {"moe", "moe_layers"}),
     # open_clip's losses: rank, world size and gathering follow the process layout
     # (build_loss); cache_labels is set as open_clip's training sets it, not as its default.
     (ClipLoss, "loss", [], {"local_loss", "gather_with_grad", "rank", "world_size",

@@ -264,6 +264,16 @@ def plot_word_routing(
     return fig
 
 
+def plot_message(title: str, message: str) -> Figure:
+    """A figure that says why there is nothing to draw, in the place of the one expected."""
+    fig = Figure(figsize=(6, 1.6), layout="constrained")
+    ax = fig.subplots()
+    ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=10, wrap=True)
+    ax.axis("off")
+    fig.suptitle(title)
+    return fig
+
+
 def plot_pair_routing(image: np.ndarray, words: Sequence[str], routed, num_experts: int) -> Figure:
     """One pair at one MoE layer (``routed``: a ``PairRouting``): each patch by its expert,
     each patch's gate, each caption token by its expert with its gate and that expert's image

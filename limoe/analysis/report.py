@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from limoe.analysis import plots
 from limoe.analysis.routing import (
     CONTENT_GROUPS,
+    TEXT,
     PairRouting,
     RoutingRecord,
     content_groups,
@@ -143,7 +144,14 @@ def patch_routing_figure(record: RoutingRecord, dataset, pairs: Sequence[int]) -
 
 
 def word_routing_figure(record: RoutingRecord, dataset, pairs: Sequence[int]) -> Figure:
-    """``plot_word_routing`` of the given pairs' captions, one row per MoE layer."""
+    """``plot_word_routing`` of the given pairs' captions, one row per MoE layer; a figure
+    that says so where no caption token is routed (``model=clip_moe``: experts in the image
+    tower only)."""
+    if not bool((record.modality == TEXT).any()):
+        return plots.plot_message(
+            "Expert of each caption token (first choice)",
+            "no caption token is routed: this model's experts are in its image tower only",
+        )
     captions, words = [], {layer: [] for layer in record.layers}
     for p in pairs:
         for layer in record.layers:

@@ -116,8 +116,8 @@ def collect_routing(
         pair=first.sequence,
         position=first.position,
         token_id=torch.cat(token_ids),
-        grid_size=tuple(model.patch_embed.grid_size),
-        patch_size=model.patch_embed.patch_size[0],
+        grid_size=tuple(model.grid_size),
+        patch_size=model.patch_size,
     )
 
 

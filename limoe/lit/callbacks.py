@@ -95,7 +95,7 @@ class RoutingHistory(L.Callback):
             summary = layer_summary(routing, MODALITY_NAMES, self.threshold, self.min_share)
             summary.update(
                 self._switched(str(layer), routing),
-                expert_norm=model.blocks[layer].mlp.weight_norms(),
+                expert_norm=model.moe_layer(layer).weight_norms(),
             )
             layers[str(layer)] = summary
         self.last = layers
@@ -120,7 +120,7 @@ class RoutingHistory(L.Callback):
             return
         norms = {}
         for layer in model.moe_layers:
-            norm = model.blocks[layer].mlp.router_grad_norm()
+            norm = model.moe_layer(layer).router_grad_norm()
             if norm is not None:
                 norms[f"router/layer{layer}_grad_norm"] = norm
         if norms:  # to the host in one transfer

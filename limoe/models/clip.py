@@ -10,9 +10,12 @@ open_clip's.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import open_clip
 from open_clip.model import CLIP
+
+from limoe.models.clip_moe import CLIPMoE
 
 _POS_EMBED = {"sincos": "sin_cos_2d", "learned": "learnable"}
 _IMAGE_POOL = {"mean": "avg", "tok": "tok", "attn": "tok"}  # attn: open_clip's attention pooler
@@ -43,8 +46,12 @@ def build_clip(
     init_logit_scale: float = math.log(1 / 0.07),
     init_logit_bias: float | None = None,
     output_dict: bool = True,
+    moe_layers: Sequence[int] = (),
+    moe: dict | None = None,
 ) -> CLIP:
-    """Build ``open_clip.model.CLIP`` with both towers ``depth`` blocks of ``width``.
+    """Build ``open_clip.model.CLIP`` with both towers ``depth`` blocks of ``width``; with
+    ``moe_layers``, a ``CLIPMoE`` whose image blocks of those indices have a MoE MLP (``moe``:
+    the ``model.moe`` node; ``model=clip_moe``).
 
     open_clip's text tower has no mean pooling: the arm pools the end-of-text token
     (``argmax`` of the token ids) behind a causal mask, as CLIP does. The tower's shape is
@@ -73,8 +80,11 @@ def build_clip(
         "pool_type": _choice("text_pool", text_pool, _TEXT_POOL),
         "no_causal_mask": not text_causal_mask,
     }
-    return CLIP(embed_dim, vision_cfg, text_cfg, init_logit_scale=init_logit_scale,
-                init_logit_bias=init_logit_bias, output_dict=output_dict)  # fmt: skip
+    scale = {"init_logit_scale": init_logit_scale, "init_logit_bias": init_logit_bias}
+    if moe_layers:
+        return CLIPMoE(embed_dim, vision_cfg, text_cfg, moe_layers, moe, **scale,
+                       output_dict=output_dict)  # fmt: skip
+    return CLIP(embed_dim, vision_cfg, text_cfg, **scale, output_dict=output_dict)
 
 
 def build_open_clip(

@@ -270,6 +270,19 @@ class LIMoE(nn.Module):
             self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
         self.init_weights(weight_init)
 
+    def moe_layer(self, index: int) -> MoELayer:
+        """The ``MoELayer`` of block ``index`` (one of ``moe_layers``)."""
+        return self.blocks[index].mlp
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """The patch grid (rows, columns), as the routing analyses read it."""
+        return tuple(self.patch_embed.grid_size)
+
+    @property
+    def patch_size(self) -> int:
+        return self.patch_embed.patch_size[0]
+
     def init_weights(self, mode: str = "clip") -> None:
         """The model's one initialisation. timm's ViT init first: trunc normal of std 0.02 for
         the embeddings, positions and every ``nn.Linear`` (zero biases), each router with its own std

@@ -14,6 +14,7 @@ from matplotlib.colors import to_rgba
 from limoe import create_model
 from limoe.analysis import plots
 from limoe.analysis.explorer import RoutingExplorer
+from limoe.analysis.report import pair_routing_figure
 from limoe.analysis.routing import (
     RoutingRecord,
     collect_routing,
@@ -24,6 +25,7 @@ from limoe.analysis.routing import (
     patch_experts,
     word_experts,
 )
+from limoe.data.scenes import ScenesDataset
 from limoe.data.shapes import CAPTION_TEMPLATES, COLOURS, Attributes, ShapesDataset, caption_roles
 from limoe.lit.callbacks import read_history
 from limoe.models.limoe import IMAGE, TEXT, LIMoE
@@ -272,8 +274,75 @@ def test_routing_explorer_draws_what_the_record_holds():
     assert overlay.tolist() == (shown.patch_expert + 1).tolist()
     assert np.asarray(gates_ax.get_images()[0].get_array()) == pytest.approx(shown.patch_gate)
     heights = [b.get_height() for b in share_ax.patches]
-    assert heights == pytest.approx([math.nan if f is None else f for f in fraction], nan_ok=True)
+    experts = len(fraction)
+    assert heights[:experts] == pytest.approx([0.0 if f is None else f for f in fraction])
+    assert heights[experts : 2 * experts] == pytest.approx(
+        [0.0 if f is None else 1 - f for f in fraction]
+    )  # the text share on top: every expert with tokens stands at 1
     assert figure.get_suptitle().startswith("pair 3, MoE layer 1")
+    label, value = explorer.pair.options[3]
+    assert value == 3 and label.startswith("3: a photo")  # each pair by its caption
+    assert dataset.caption(3).startswith(label[3:].rstrip("…")) and len(label) <= 3 + 80
+
+
+def drawn(figure):
+    """Lay the figure out as saving it would (an Agg canvas), and return its renderer."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def _overlap(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def sixteen_experts() -> tuple:
+    """A record of a 16-expert LIMoE on scenes pairs, and its summaries."""
+    torch.manual_seed(0)
+    model = create_model("limoe", overrides=["model.moe.num_experts=16"]).eval()
+    dataset = ScenesDataset("test", 12)
+    record = collect_routing(model, dataset, num_pairs=12, batch_size=12, progress=False)
+    return record, dataset, record.summaries()
+
+
+def test_routing_figures_read_well_at_sixteen_experts():
+    """What a person saw in notebook 02: expert numbers that ran together from 10 up, text-only
+    experts with bars of no height, 5 px gate numbers, legends over the bars and curves."""
+    record, dataset, summaries = sixteen_experts()
+    layer = record.layers[1]
+    share = summaries[layer]["modality_fraction"]["image"]
+    figure, routed = pair_routing_figure(record, dataset, layer, 3, share)
+    renderer = drawn(figure)
+    share_ax, gates_ax = figure.axes[2], figure.axes[1]
+    labels = [t.get_window_extent(renderer) for t in share_ax.get_xticklabels()]
+    assert len(labels) == 16 and not any(_overlap(a, b) for a, b in zip(labels, labels[1:]))
+    bars = share_ax.patches
+    for e, f in enumerate(share):  # every expert with tokens stands at 1, text-only ones too
+        assert bars[e].get_height() + bars[16 + e].get_height() == pytest.approx(
+            0.0 if f is None else 1.0
+        )
+    assert any(f == 0.0 for f in share)  # a text-only expert is there to be seen
+    pixels = [t.get_fontsize() * figure.dpi / 72 for t in gates_ax.texts]
+    words = figure.axes[-1].texts
+    pixels += [t.get_fontsize() * figure.dpi / 72 for t in words]
+    assert min(pixels) >= 11
+    shares = plots.plot_expert_shares(summaries)
+    renderer = drawn(shares)
+    legend = shares.legends[0].get_window_extent(renderer)
+    for ax in shares.axes:
+        top = max(p.get_y() + p.get_height() for p in ax.patches)
+        assert top < ax.get_ylim()[1]  # the tallest bar keeps clear of the frame
+        for p in ax.patches:
+            assert not _overlap(legend, p.get_window_extent(renderer))
+    quality = plots.plot_routing_quality(summaries)
+    renderer = drawn(quality)
+    for ax in quality.axes:
+        box = ax.get_legend().get_window_extent(renderer)
+        for line in ax.get_lines():
+            points = ax.transData.transform(line.get_xydata())
+            assert not any(box.contains(x, y) for x, y in points), line.get_label()
 
 
 def test_collect_routing_refuses_a_model_without_experts():

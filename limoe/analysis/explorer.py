@@ -23,9 +23,19 @@ def _widgets():
     return ipywidgets
 
 
+def pair_label(dataset, pair: int, width: int = 80) -> str:
+    """``"12: a red circle left of a blue square"``: the pair's number and caption, cut to
+    ``width`` characters, as the pair drop-down lists them."""
+    caption = dataset.caption(pair)
+    if len(caption) > width:
+        caption = caption[: width - 1] + "…"
+    return f"{pair}: {caption}"
+
+
 class RoutingExplorer:
     """``display(RoutingExplorer(record, dataset))`` in a notebook: two drop-downs (the pair,
-    the MoE layer) above the pair's routing figure, redrawn on every change.
+    listed by its caption, and the MoE layer) above the pair's routing figure, redrawn on
+    every change.
 
     ``record`` comes from ``collect_routing``, ``dataset`` is the one it routed (it gives the
     images and the tokenizer). ``shown`` holds the routing drawn last, ``figure`` its figure.
@@ -38,7 +48,10 @@ class RoutingExplorer:
         self.image_share = {
             layer: summary["modality_fraction"]["image"] for layer, summary in summaries.items()
         }
-        self.pair = widgets.Dropdown(options=record.pairs, description="pair")
+        self.pair = widgets.Dropdown(
+            options=[(pair_label(dataset, p), p) for p in record.pairs], description="pair",
+            layout=widgets.Layout(width="48em"),
+        )  # fmt: skip
         self.layer = widgets.Dropdown(
             options=[(f"layer {layer}", layer) for layer in record.layers], description="MoE"
         )

@@ -43,6 +43,16 @@ def save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
+def expert_ticks(ax, num_experts: int) -> None:
+    """Expert numbers under the bars, in the experts' colours, small enough not to run
+    together (every second one from 25 experts on)."""
+    step = 1 if num_experts <= 24 else 2
+    ticks = list(range(0, num_experts, step))
+    ax.set_xticks(ticks, [str(e) for e in ticks], fontsize=8 if num_experts <= 12 else 7)
+    ax.set_xlim(-0.6, num_experts - 0.4)
+    _colour_ticks(ax, [expert_colours(num_experts)[e] for e in ticks])
+
+
 def _colour_ticks(ax, colours) -> None:
     for label, colour in zip(ax.get_xticklabels(), colours):
         label.set_color(colour)
@@ -68,15 +78,15 @@ def plot_expert_shares(summaries: Mapping[int, dict]) -> Figure:
         kinds = s["specialised"]
         ax.set_title(f"layer {layer}: {kinds['image']} image-only, {kinds['text']} text-only, "
                      f"{kinds['shared']} shared, {kinds['unused']} unused experts")  # fmt: skip
-        ax.set_xticks(x, [str(e) for e in x])
-        _colour_ticks(ax, colours)
+        expert_ticks(ax, num_experts)
+        ax.set_ylim(0, 1.15 * max(float((image + text).max()), 1e-6))  # room above the tallest
         ax.set_ylabel("share of routed tokens")
     axes[-1].set_xlabel("expert")
-    axes[0].legend(
+    fig.legend(
         handles=[Patch(facecolor="grey", edgecolor="black", label="image patches"),
                  Patch(facecolor=to_rgba("grey", 0.35), edgecolor="black", hatch="//",
                        label="text tokens")],
-        loc="upper right",
+        loc="outside upper right", ncol=2, fontsize=8,
     )  # fmt: skip
     fig.suptitle("Token share per expert, split by modality")
     return fig
@@ -145,7 +155,7 @@ def plot_routing_quality(summaries: Mapping[int, dict]) -> Figure:
     """Per modality and layer: routing entropy (per token and of the mean), first-choice
     router probability (gate confidence) and dropped share."""
     layers = list(summaries)
-    fig = Figure(figsize=(12, 3.4), layout="constrained")
+    fig = Figure(figsize=(12, 4.4), layout="constrained")
     axes = fig.subplots(1, 3)
     x = np.arange(len(layers))
     num_experts = summaries[layers[0]]["num_experts"]
@@ -163,7 +173,8 @@ def plot_routing_quality(summaries: Mapping[int, dict]) -> Figure:
         ax.set_xlabel("MoE layer")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
-        ax.legend(fontsize=7)
+        # under the panel, so no legend hides a curve
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2)
     axes[1].set_ylim(0, 1.02)
     axes[2].set_ylim(bottom=0)
     return fig
@@ -219,20 +230,24 @@ def _expert_legend(fig: Figure, num_experts: int) -> None:
     fig.legend(handles=handles, loc="outside lower center", ncol=min(9, len(handles)), fontsize=7)
 
 
+NOTE_FONTSIZE = 8  # the gates and shares written on a figure: 11 px at the figures' 100 dpi
+
+
 def draw_word_experts(
     ax, words: Sequence[str], experts: Sequence[int], num_experts: int, y: float, x: float,
     notes: Sequence[Sequence[str]] = (),
 ) -> float:  # fmt: skip
     """Caption tokens from ``x`` on line ``y``, each boxed in its expert's colour (-1 =
-    dropped), with ``notes[i]`` (lines of small text) under token i; returns where the
-    line ends."""
+    dropped), with ``notes[i]`` (lines of text) under token i; returns where the line
+    ends."""
     colours = [DROPPED_COLOUR, *expert_colours(num_experts)]
     for i, (word, e) in enumerate(zip(words, experts)):
-        ax.text(x, y, word, family="monospace", fontsize=8, va="center",
+        ax.text(x, y, word, family="monospace", fontsize=9, va="center",
                 bbox={"facecolor": colours[e + 1], "edgecolor": "none", "pad": 1.5})  # fmt: skip
         lines = notes[i] if i < len(notes) else ()
         for k, line in enumerate(lines, start=1):
-            ax.text(x, y + 0.55 * k, line, family="monospace", fontsize=6, va="center")
+            ax.text(x, y + 0.6 * k, line, family="monospace", fontsize=NOTE_FONTSIZE,
+                    va="center")  # fmt: skip
         x += max([len(word), *(len(line) for line in lines)]) + 1.5
     return x
 
@@ -277,31 +292,24 @@ def plot_message(title: str, message: str) -> Figure:
 def plot_pair_routing(image: np.ndarray, words: Sequence[str], routed, num_experts: int) -> Figure:
     """One pair at one MoE layer (``routed``: a ``PairRouting``): each patch by its expert,
     each patch's gate, each caption token by its expert with its gate and that expert's image
-    share, and every expert's image share (the pair's experts outlined)."""
-    fig = Figure(figsize=(11, 5.2), layout="constrained")
-    grid = fig.add_gridspec(2, 3, height_ratios=[3, 1.2])
+    share, and every expert's tokens split into image and text (the pair's experts
+    outlined), so text-only experts stand as tall as the others."""
+    fig = Figure(figsize=(12, 6.4), dpi=100, layout="constrained")
+    grid = fig.add_gridspec(2, 3, height_ratios=[3, 1.3])
     experts_ax, gates_ax, share_ax = (fig.add_subplot(grid[0, i]) for i in range(3))
     draw_patch_experts(experts_ax, image, routed.patch_expert, num_experts)
     experts_ax.set_title("expert of each patch")
     shown = gates_ax.imshow(routed.patch_gate, cmap="Greys", vmin=0, vmax=1)
+    size = min(NOTE_FONTSIZE, 56 / max(routed.patch_gate.shape))  # a 7 x 7 grid: 8 pt
     for (r, c), g in np.ndenumerate(routed.patch_gate):
-        gates_ax.text(c, r, f"{g:.2f}", ha="center", va="center", fontsize=5,
+        gates_ax.text(c, r, f"{g:.2f}", ha="center", va="center", fontsize=size,
                       color="white" if g > 0.6 else "black")  # fmt: skip
     gates_ax.set_xticks([])
     gates_ax.set_yticks([])
     gates_ax.set_title("gate of each patch")
     fig.colorbar(shown, ax=gates_ax, shrink=0.8)
     share = [np.nan if s is None else s for s in routed.image_share]
-    used = set(routed.patch_expert.ravel().tolist()) | set(routed.word_expert)
-    colours = expert_colours(num_experts)
-    bars = share_ax.bar(range(num_experts), share, color=colours)
-    for e, bar in enumerate(bars):
-        bar.set_edgecolor("black" if e in used else "none")
-        bar.set_linewidth(1.5)
-    share_ax.set_ylim(0, 1)
-    share_ax.set_xticks(range(num_experts))
-    share_ax.set_xlabel("expert (outlined: used by this pair)")
-    share_ax.set_title("image share of each expert's tokens")
+    draw_modality_shares(share_ax, share, routed, num_experts)
     words_ax = fig.add_subplot(grid[1, :])
     notes = [
         (f"g{g:.2f}", "img -" if e < 0 or share[e] != share[e] else f"img{share[e]:.0%}")
@@ -309,11 +317,33 @@ def plot_pair_routing(image: np.ndarray, words: Sequence[str], routed, num_exper
     ]
     end = draw_word_experts(words_ax, words, routed.word_expert, num_experts, 0.0, 0.0, notes)
     words_ax.set_xlim(-0.5, max(end, 20))
-    words_ax.set_ylim(1.6, -0.8)
+    words_ax.set_ylim(1.8, -0.8)
     words_ax.axis("off")
-    words_ax.set_title("expert of each caption token (gate, expert's image share)", fontsize=9)
+    words_ax.set_title("expert of each caption token (gate g, the expert's image share)",
+                       fontsize=10)  # fmt: skip
     fig.suptitle(f"pair {routed.pair}, MoE layer {routed.layer} (first choices; × = dropped)")
     return fig
+
+
+def draw_modality_shares(ax, image_share: Sequence[float], routed, num_experts: int) -> None:
+    """Each expert's tokens as one bar of height 1, image share solid below and text share
+    hatched above (none for an expert without tokens), outlined where this pair's tokens
+    went."""
+    colours = expert_colours(num_experts)
+    image = np.nan_to_num(np.asarray(image_share, dtype=float), nan=0.0)
+    text = np.where(np.isnan(image_share), 0.0, 1.0 - image)
+    used = set(routed.patch_expert.ravel().tolist()) | set(routed.word_expert)
+    x = np.arange(num_experts)
+    ax.bar(x, image, color=colours, edgecolor="none")
+    ax.bar(x, text, bottom=image, color=[to_rgba(c, 0.35) for c in colours], hatch="//",
+           edgecolor="none")  # fmt: skip
+    outlined = [e for e in x if e in used and image_share[e] == image_share[e]]
+    ax.bar(outlined, 1.0, fill=False, edgecolor="black", linewidth=1.5)
+    ax.set_ylim(0, 1.0)
+    expert_ticks(ax, num_experts)
+    ax.set_xlabel("expert (outlined: used by this pair)")
+    ax.set_ylabel("share of the expert's tokens")
+    ax.set_title("image (solid) and text (hatched) share of each expert", fontsize=10)
 
 
 def plot_content_routing(

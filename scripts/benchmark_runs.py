@@ -10,8 +10,9 @@ their metrics added to the run's ``metrics.json`` as ``clip_benchmark/NAME/METRI
 
 Each data set is a folder in CLIP_benchmark's layout (``limoe-data export --format
 clip_benchmark``); the task follows from it. The model runs in float32 (``--no_amp``), as
-``limoe-eval`` on a CPU; retrieval reports recall at 1, 5 and 10. A result already there is
-kept (CLIP_benchmark's ``--skip_existing``).
+``limoe-eval`` on a CPU; retrieval reports recall at 1, 5 and 10. The split is ``test``, or a
+set's only split (``novel``). A result already there is kept (CLIP_benchmark's
+``--skip_existing``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ def run_folders(sweep: Path) -> list[Path]:
     return sorted(p.parent.parent for p in sweep.rglob("checkpoints/last.ckpt"))
 
 
+def split_of(root: Path) -> str:
+    """The split a data set is evaluated on: ``test``, or its only split (``limoe-data export
+    scenes --split novel`` writes ``novel/``)."""
+    splits = sorted(p.parent.name for p in root.glob("*/nshards.txt"))
+    return splits[0] if len(splits) == 1 and not (root / "test").is_dir() else "test"
+
+
 def benchmark_run(run: Path, datasets: dict[str, Path]) -> dict[str, float]:
     """CLIP_benchmark's metrics of one run on each data set, by ``clip_benchmark/NAME/``."""
     record = read_metrics(run / "metrics.json")
@@ -37,8 +45,8 @@ def benchmark_run(run: Path, datasets: dict[str, Path]) -> dict[str, float]:
         output.parent.mkdir(exist_ok=True)
         limoe_benchmark(["--pretrained", str(run), "--model", record.arm or "limoe",
                          "--dataset", f"wds/{name}", "--dataset_root", str(root),
-                         "--recall_k", "1", "5", "10", "--no_amp", "--quiet",
-                         "--skip_existing", "--output", str(output)])  # fmt: skip
+                         "--split", split_of(root), "--recall_k", "1", "5", "10", "--no_amp",
+                         "--quiet", "--skip_existing", "--output", str(output)])  # fmt: skip
         metrics = json.loads(output.read_text())["metrics"]
         found.update({f"clip_benchmark/{name}/{k}": float(v) for k, v in metrics.items()})
     write_metrics(run / "metrics.json", {**record.metrics, **found}, record.arm, record.config)

@@ -130,6 +130,22 @@ def test_expert_modality_analysis_notebook(run_notebook):
         assert summary["layers"][str(layer)]["counts"] == expected["counts"]
 
 
+def test_expert_modality_analysis_notebook_on_experts_in_clips_image_tower(tmp_path, monkeypatch):
+    """Notebook 02 on model=clip_moe: its experts see image tokens only, and every figure
+    says so rather than break."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setitem(PARAMETERS["02_expert_modality_analysis.ipynb"], "train_overrides",
+                        [*SMOKE, "model=clip_moe"])  # fmt: skip
+    out, executed = _execute("02_expert_modality_analysis.ipynb", tmp_path)
+    summary = json.loads((out / "routing" / "summary.json").read_text())
+    for layer in summary["layers"].values():
+        assert layer["specialised"]["text"] == layer["specialised"]["shared"] == 0
+        assert sum(layer["counts"]["text"]) == 0 and sum(layer["counts"]["image"]) > 0
+    printed = "".join(o.get("text", "") for c in executed["cells"] if c["cell_type"] == "code"
+                      for o in c["outputs"])  # fmt: skip
+    assert "MoELayer" in printed and widget_outputs(executed, "RoutingExplorer(") == 1
+
+
 def test_limoe_vs_clip_notebook(run_notebook):
     out, executed = run_notebook("03_limoe_vs_clip.ipynb")
     table = (out / "comparison" / "comparison.md").read_text()

@@ -316,6 +316,9 @@ def plot_pair_routing(image: np.ndarray, words: Sequence[str], routed, num_exper
         for e, g in zip(routed.word_expert, routed.word_gate)
     ]
     end = draw_word_experts(words_ax, words, routed.word_expert, num_experts, 0.0, 0.0, notes)
+    if not words:  # model=clip_moe: the text tower has no experts
+        words_ax.text(0.0, 0.0, "no caption token is routed: this model's experts are in its "
+                      "image tower only", fontsize=10, va="center")  # fmt: skip
     words_ax.set_xlim(-0.5, max(end, 20))
     words_ax.set_ylim(1.8, -0.8)
     words_ax.axis("off")

@@ -102,7 +102,7 @@ def test_bad_sources_fail_with_one_line_naming_them(tmp_path, console):
     cases = {
         tmp_path
         / "nope": "model config (clip, clip_b16, clip_b32, clip_l14, clip_moe, dense, dense_b16, dense_b32, "
-        "dense_l16, limoe, limoe_b16, limoe_b32, limoe_l16, multiway) nor an",
+        "dense_l16, limoe, limoe_b16, limoe_b32, limoe_bias, limoe_bias_only, limoe_l16, multiway) nor an",
         tmp_path / "empty": "is not a limoe export: it needs model.safetensors and config.json",
         tmp_path / "bad": "config.json is not a limoe export config",
         tmp_path / "notes.ckpt": "is not a limoe checkpoint",

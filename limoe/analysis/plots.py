@@ -230,6 +230,8 @@ def _expert_legend(fig: Figure, num_experts: int) -> None:
     fig.legend(handles=handles, loc="outside lower center", ncol=min(9, len(handles)), fontsize=7)
 
 
+# What a caption figure says of a model whose text has no experts (model=clip_moe).
+NO_ROUTED_CAPTION = "no caption token is routed: this model's experts are in its image tower only"
 NOTE_FONTSIZE = 8  # the gates and shares written on a figure: 11 px at the figures' 100 dpi
 
 
@@ -317,8 +319,7 @@ def plot_pair_routing(image: np.ndarray, words: Sequence[str], routed, num_exper
     ]
     end = draw_word_experts(words_ax, words, routed.word_expert, num_experts, 0.0, 0.0, notes)
     if not words:  # model=clip_moe: the text tower has no experts
-        words_ax.text(0.0, 0.0, "no caption token is routed: this model's experts are in its "
-                      "image tower only", fontsize=10, va="center")  # fmt: skip
+        words_ax.text(0.0, 0.0, NO_ROUTED_CAPTION, fontsize=10, va="center")
     words_ax.set_xlim(-0.5, max(end, 20))
     words_ax.set_ylim(1.8, -0.8)
     words_ax.axis("off")

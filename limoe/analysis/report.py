@@ -149,8 +149,7 @@ def word_routing_figure(record: RoutingRecord, dataset, pairs: Sequence[int]) ->
     tower only)."""
     if not bool((record.modality == TEXT).any()):
         return plots.plot_message(
-            "Expert of each caption token (first choice)",
-            "no caption token is routed: this model's experts are in its image tower only",
+            "Expert of each caption token (first choice)", plots.NO_ROUTED_CAPTION
         )
     captions, words = [], {layer: [] for layer in record.layers}
     for p in pairs:

@@ -110,7 +110,6 @@ class TopKRouter(Router):
         if isinstance(bias_step, bool) or not isinstance(bias_step, int | float) or bias_step < 0:
             raise ValueError(f"model.moe.router.bias_step must be a number >= 0, got {bias_step!r}")
         self.bias_step = float(bias_step)
-        self.bias_per_modality = bool(per_modality)
         self.balance_weight = 0.0
         rows = len(MODALITY_NAMES) if per_modality else 1
         self.register_buffer("expert_bias", torch.zeros(rows, self.num_experts))
@@ -119,7 +118,7 @@ class TopKRouter(Router):
     def check(self, capacity_factor: float | None, modality_names: Sequence[str]) -> None:
         super().check(capacity_factor, modality_names)
         rows = len(getattr(self, "expert_bias", ()))
-        if self.balance == "bias" and self.bias_per_modality and rows != len(modality_names):
+        if rows > 1 and rows != len(modality_names):  # one bias row per modality
             raise ValueError(
                 f"model.moe.router.bias_per_modality keeps one bias per modality of "
                 f"{MODALITY_NAMES}, but the layer routes {tuple(modality_names)}"
@@ -150,14 +149,10 @@ class TopKRouter(Router):
         if valid is not None:
             chosen = chosen * valid.unsqueeze(1)
         rows = self.expert_tokens.shape[0]
-        if rows == 1:
-            counts = chosen.sum(dim=0, keepdim=True)
-        else:  # no modality ids: every token counts for the first row, whose bias it took
-            group = (
-                torch.zeros_like(chosen[:, 0], dtype=torch.long) if modality is None else modality
-            )
-            counts = one_hot(group, rows).t() @ chosen
-        self.expert_tokens.add_(counts)
+        if rows == 1 or modality is None:  # no modality ids: the first row's bias was taken
+            self.expert_tokens[0].add_(chosen.sum(dim=0))
+        else:
+            self.expert_tokens.add_(one_hot(modality, rows).t() @ chosen)
 
     @torch.no_grad()
     def update_bias(self, counts: Tensor | None = None) -> None:

@@ -70,7 +70,19 @@ def test_layer_summary_by_hand():
     assert s["entropy_local"]["text"] == pytest.approx(math.log(3))
     assert s["entropy_global"]["text"] == pytest.approx(math.log(3))
     assert s["top1_prob"] == pytest.approx({"image": 1.0, "text": 1 / 3})
+    assert s["gate"] == pytest.approx({"image": 1.0, "text": 1.0})
     json.dumps(s)  # plain numbers only
+
+
+def test_layer_summary_gate_is_the_mean_kept_gate_not_the_top_probability():
+    """A bias may pick an expert the router gives little probability: the gate then parts from
+    ``top1_prob``. The dropped image choice (gate 0.2) is left out."""
+    r = hand_routing()
+    gates = torch.tensor([[0.5], [0.7], [0.9], [0.2], [0.3], [0.3], [0.6]])
+    s = layer_summary(Routing(r.expert_index, gates, r.dropped, r.probs, r.modality, 2, {},
+                              r.aux_loss))  # fmt: skip
+    assert s["gate"] == pytest.approx({"image": (0.5 + 0.7 + 0.9) / 3, "text": 0.4})
+    assert s["top1_prob"] == pytest.approx({"image": 1.0, "text": 1 / 3})
 
 
 def test_layer_summary_of_an_empty_modality_is_zero_not_nan():
@@ -80,6 +92,7 @@ def test_layer_summary_of_an_empty_modality_is_zero_not_nan():
     s = layer_summary(image_only)
     assert s["tokens"]["text"] == 0
     assert s["dropped"]["text"] == s["entropy_local"]["text"] == s["top1_prob"]["text"] == 0.0
+    assert s["gate"]["text"] == 0.0
     assert s["kind"] == ["image", "image", "unused", "unused"]
 
 

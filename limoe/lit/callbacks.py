@@ -132,7 +132,8 @@ def routing_metrics(layers: dict[str, dict], names: tuple[str, ...] = MODALITY_N
     """One history record's layers (``layer_summary`` per layer) as flat metrics for
     ``metrics.json``, so ``limoe-compare`` tabulates routing beside accuracy:
     ``routing/layer{l}/{kind}_experts`` (image, text, shared, unused) and, per modality,
-    ``routing/layer{l}/{modality}_{busiest_share, entropy_global, entropy_local, dropped}``;
+    ``routing/layer{l}/{modality}_{busiest_share, entropy_global, entropy_local, dropped,
+    gate}``;
     ``routing/{modality}_busiest_share`` is the largest over layers: one expert taking half
     of a modality or more is LIMoE's collapse."""
     metrics: dict[str, float] = {}
@@ -142,8 +143,9 @@ def routing_metrics(layers: dict[str, dict], names: tuple[str, ...] = MODALITY_N
             metrics[f"{prefix}/{kind}_experts"] = float(count)
         for name in names:
             metrics[f"{prefix}/{name}_busiest_share"] = max(summary["share"][name])
-            for key in ("entropy_global", "entropy_local", "dropped"):
-                metrics[f"{prefix}/{name}_{key}"] = float(summary[key][name])
+            for key in ("entropy_global", "entropy_local", "dropped", "gate"):
+                if key in summary:  # records written before "gate" was kept lack it
+                    metrics[f"{prefix}/{name}_{key}"] = float(summary[key][name])
     for name in names:
         shares = [v for k, v in metrics.items() if k.endswith(f"/{name}_busiest_share")]
         if shares:

@@ -140,6 +140,12 @@ def _finite_or_none(values: Tensor) -> list[float | None]:
     return [float(v) if torch.isfinite(v) else None for v in values]
 
 
+def _mean_gate(routing: Routing, rows: Tensor) -> float:
+    """Mean gate of the kept choices of the tokens in ``rows`` (0 where there are none)."""
+    kept = (~routing.dropped[rows]).float()
+    return float((routing.gates[rows].float() * kept).sum() / kept.sum().clamp(min=1))
+
+
 def expert_kinds(
     counts: Tensor, names: Sequence[str], threshold: float = 0.9, min_share: float = 0.0
 ) -> list[str]:
@@ -192,7 +198,9 @@ def layer_summary(
     ``entropy_local`` (mean entropy of a token's router distribution, nats: low = confident
     routing, what LIMoE's local loss lowers) and ``entropy_global`` (entropy of the modality's
     mean router distribution: high = many experts in use, what the global loss keeps up);
-    ``top1_prob`` (mean router probability of the first choice, the gate confidence).
+    ``top1_prob`` (mean router probability of the first choice, the router's confidence);
+    ``gate`` (mean gate of the kept choices: what the chosen experts' outputs are scaled by,
+    which parts from ``top1_prob`` where a bias, not the probabilities, picks the expert).
     Per expert: ``modality_fraction`` (share of its tokens from each modality; None if unused)
     and ``kind`` (see ``expert_kinds``: below ``min_share`` of the layer's tokens is "unused"),
     counted in ``specialised``.
@@ -217,6 +225,7 @@ def layer_summary(
         "entropy_local": {},
         "entropy_global": {},
         "top1_prob": {},
+        "gate": {},
         "modality_fraction": {},
         "kind": kinds,
         "specialised": {kind: kinds.count(kind) for kind in (*names, "shared", "unused")},
@@ -232,5 +241,6 @@ def layer_summary(
         summary["entropy_local"][name] = 0.0 if empty else float(entropy(probs).mean())
         summary["entropy_global"][name] = 0.0 if empty else float(entropy(probs.mean(0)))
         summary["top1_prob"][name] = 0.0 if empty else float(probs.amax(-1).mean())
+        summary["gate"][name] = _mean_gate(routing, modality == i)
         summary["modality_fraction"][name] = _finite_or_none(fraction[:, i])
     return summary

@@ -356,6 +356,13 @@ def test_routing_figures_read_well_at_sixteen_experts():
         for line in ax.get_lines():
             points = ax.transData.transform(line.get_xydata())
             assert not any(box.contains(x, y) for x, y in points), line.get_label()
+    tables = {layer: np.full((3, 16), 0.3) for layer in (0, 1, 2, 3)}
+    content = plots.plot_content_routing(tables, ["image/shape", "image/edge", "text/colour"],
+                                         [10, 20, 30])  # fmt: skip
+    renderer = drawn(content)
+    bars = [ax for ax in content.axes if ax.get_label() == "<colorbar>"]
+    assert len(bars) == 1  # one scale, so no colour-bar label runs into the next panel's
+    assert min(t.get_fontsize() * content.dpi / 72 for ax in content.axes for t in ax.texts) >= 11
 
 
 def test_collect_routing_refuses_a_model_without_experts():

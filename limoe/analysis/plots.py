@@ -366,12 +366,15 @@ def plot_content_routing(
         for (g, e), value in np.ndenumerate(tables[layer]):
             if value >= 0.05:
                 colour = "white" if value > 0.6 else "black"
-                ax.text(e, g, f"{value:.2f}", ha="center", va="center", fontsize=6, color=colour)
+                ax.text(e, g, f"{value:.2f}", ha="center", va="center", fontsize=NOTE_FONTSIZE,
+                        color=colour)  # fmt: skip
         ax.set_yticks(range(len(groups)), labels, fontsize=8)
         ax.set_xticks(range(num_experts), [str(e) for e in range(num_experts)])
         _colour_ticks(ax, expert_colours(num_experts))
         ax.set_title(f"layer {layer}")
-        fig.colorbar(image, ax=ax, label="share of the group's tokens")
+    # One bar for every panel (the scale is the same): one per panel wrote its label over the
+    # next panel's.
+    fig.colorbar(image, ax=list(axes), label="share of the group's tokens", shrink=0.6)
     axes[-1].set_xlabel("expert")
     fig.suptitle("Which experts take which content")
     return fig
